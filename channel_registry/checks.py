@@ -1,0 +1,126 @@
+"""System checks: misconfigurations reported in words a user can act on."""
+
+from __future__ import annotations
+
+from urllib.parse import parse_qs, urlparse
+
+from django.conf import settings
+from django.core import checks
+from django.utils.module_loading import import_string
+
+from .conf import OPTION_NAMES, SETTINGS_NAME, registry_settings, user_options
+
+REDIS_LAYER = "channels_redis.core.RedisChannelLayer"
+# channels_redis's blocking read (RedisChannelLayer.brpop_timeout).
+BLOCKING_READ = 5
+
+
+@checks.register()
+def check_options(app_configs=None, **kwargs) -> list[checks.CheckMessage]:
+    errors = []
+    unknown = sorted(set(user_options()) - OPTION_NAMES)
+    if unknown:
+        errors.append(checks.Error(
+            f"{SETTINGS_NAME} has unknown option(s): {', '.join(unknown)}.",
+            hint=f"Valid options: {', '.join(sorted(OPTION_NAMES))}.",
+            id="channel_registry.E001",
+        ))
+    try:
+        options = registry_settings()
+    except TypeError as error:
+        return [*errors, checks.Error(f"{SETTINGS_NAME} is not a valid dict: {error}", id="channel_registry.E002")]
+    if options.STALE_AFTER <= options.HEARTBEAT_INTERVAL:
+        errors.append(checks.Error(
+            f"STALE_AFTER ({options.STALE_AFTER}) must be larger than HEARTBEAT_INTERVAL "
+            f"({options.HEARTBEAT_INTERVAL}), or live connections are treated as stale.",
+            hint="Use at least three heartbeats, e.g. HEARTBEAT_INTERVAL=30, STALE_AFTER=90.",
+            id="channel_registry.E003",
+        ))
+    rate = options.RATE_LIMIT
+    if rate is not None and not (
+        isinstance(rate, tuple) and len(rate) == 2 and all(isinstance(n, (int, float)) and n > 0 for n in rate)
+    ):
+        errors.append(checks.Error(
+            f"RATE_LIMIT must be None or (messages, seconds) with two positive numbers, not {rate!r}.",
+            id="channel_registry.E004",
+        ))
+    if options.ON_LIMIT not in ("close_newest", "close_oldest"):
+        errors.append(checks.Error(
+            f"ON_LIMIT must be 'close_newest' or 'close_oldest', not {options.ON_LIMIT!r}.",
+            id="channel_registry.E005",
+        ))
+    if options.CAN_MESSAGE is not None:
+        try:
+            import_string(options.CAN_MESSAGE)
+        except ImportError as error:
+            errors.append(checks.Error(f"CAN_MESSAGE cannot be imported: {error}", id="channel_registry.E006"))
+    return errors
+
+
+def _configured_timeout(host) -> object:
+    """The host's socket_timeout, or ``...`` when it leaves redis-py's default."""
+    if isinstance(host, dict):
+        if "socket_timeout" in host:
+            return host["socket_timeout"]
+        url = host.get("address", "")
+    else:
+        url = host if isinstance(host, str) else ""
+    query = parse_qs(urlparse(url).query)
+    return float(query["socket_timeout"][0]) if "socket_timeout" in query else ...
+
+
+def _redis_py_major() -> int:
+    import redis
+
+    return int(redis.__version__.split(".")[0])
+
+
+@checks.register()
+def check_channel_layer(app_configs=None, **kwargs) -> list[checks.CheckMessage]:
+    alias = registry_settings().CHANNEL_LAYER
+    layer = getattr(settings, "CHANNEL_LAYERS", {}).get(alias)
+    if layer is None:
+        return [checks.Error(
+            f"CHANNEL_LAYERS has no {alias!r} layer; channel_registry cannot deliver anything.",
+            hint="Add CHANNEL_LAYERS = {'default': channel_registry.layers.redis_layer(REDIS_URL)} "
+            "(or the in-memory layer for a single process).",
+            id="channel_registry.E010",
+        )]
+    if layer.get("BACKEND") != REDIS_LAYER:
+        return []
+    hosts = layer.get("CONFIG", {}).get("hosts") or ["redis://localhost:6379"]
+    messages = []
+    for host in hosts:
+        timeout = _configured_timeout(host)
+        too_short = timeout is not None and timeout is not ... and timeout <= BLOCKING_READ
+        if too_short or (timeout is ... and _redis_py_major() >= 8):
+            messages.append(checks.Error(
+                f"Redis host {host!r} keeps redis-py's 5 s socket_timeout: idle consumers are "
+                "disconnected with 1011 after ~5.8 s (redis/redis-py#4091).",
+                hint="Use channel_registry.layers.redis_layer(url), or give the host as "
+                "{'address': url, 'socket_timeout': 15}.",
+                id="channel_registry.E011",
+            ))
+    if len(hosts) > 1:
+        messages.append(checks.Info(
+            "Sharded RedisChannelLayer: channel_registry delivers to the right shard, but your own "
+            "channel_layer.send() to a specific channel loses about half the messages "
+            "(channels_redis#221). Use send_to_user() or group_send() instead.",
+            id="channel_registry.I012",
+        ))
+    return messages
+
+
+@checks.register()
+def check_persistent_connections(app_configs=None, **kwargs) -> list[checks.CheckMessage]:
+    database = settings.DATABASES.get("default", {})
+    pooled = bool(database.get("OPTIONS", {}).get("pool"))
+    if database.get("CONN_MAX_AGE", 0) == 0 and not pooled:
+        return [checks.Warning(
+            "DATABASES['default'] has CONN_MAX_AGE=0: Channels closes the connection before every "
+            "consumer handler, so each registry lookup opens a new database connection (~3 ms).",
+            hint="Set CONN_MAX_AGE=None (with CONN_HEALTH_CHECKS=True) or use Django's psycopg pool "
+            "(OPTIONS={'pool': True}, Django ≥ 5.1).",
+            id="channel_registry.W020",
+        )]
+    return []

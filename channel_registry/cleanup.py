@@ -1,0 +1,57 @@
+"""Deleting rows that crashed or restarted server processes left behind.
+
+Rows go in batches of ``PRUNE_BATCH_SIZE`` so a million stale rows never hold
+long locks; each batch re-checks ``last_seen`` so a row refreshed by a heartbeat
+between the SELECT and the DELETE survives.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from channels.db import database_sync_to_async
+from django.contrib.auth import get_user_model
+from django.db import transaction
+
+from .conf import registry_settings
+from .models import UserChannel, stale_cutoff
+from .signals import user_offline
+
+
+def count_stale(older_than: float | None = None) -> int:
+    return UserChannel.objects.stale(older_than).count()
+
+
+def _prune_batch(cutoff: datetime, size: int) -> tuple[int, int, list]:
+    """Delete up to ``size`` stale rows: (rows seen, rows deleted, users now without rows)."""
+    with transaction.atomic():
+        rows = list(UserChannel.objects.filter(last_seen__lt=cutoff).values_list("pk", "user_id")[:size])
+        if not rows:
+            return 0, 0, []
+        user_ids = sorted({user_id for _, user_id in rows})
+        # Same lock as connect/disconnect, in pk order: presence signals stay exact.
+        list(get_user_model().objects.select_for_update().filter(pk__in=user_ids).order_by("pk").values_list("pk"))
+        deleted, _ = UserChannel.objects.filter(pk__in=[pk for pk, _ in rows], last_seen__lt=cutoff).delete()
+        still_connected = set(UserChannel.objects.filter(user_id__in=user_ids).values_list("user_id", flat=True))
+    return len(rows), deleted, [u for u in user_ids if u not in still_connected]
+
+
+def prune_stale(older_than: float | None = None) -> int:
+    """Delete rows not refreshed for ``older_than`` seconds (default ``STALE_AFTER``).
+
+    Returns the number of rows deleted and sends ``user_offline`` for every user
+    left without any row.
+    """
+    cutoff = stale_cutoff(older_than)
+    size = registry_settings().PRUNE_BATCH_SIZE
+    total = 0
+    while True:
+        seen, deleted, offline = _prune_batch(cutoff, size)
+        total += deleted
+        for user_id in offline:
+            user_offline.send(sender=UserChannel, user_id=user_id)
+        if seen < size:
+            return total
+
+
+aprune_stale = database_sync_to_async(prune_stale)

@@ -1,0 +1,78 @@
+"""The ``CHANNEL_REGISTRY`` settings dict: defaults, validation and typed access.
+
+Nothing else in the library reads ``django.conf.settings`` for its own options;
+everything goes through :func:`registry_settings`, which is cached and reset when
+tests change settings (``override_settings``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from functools import cache
+
+from django.conf import settings
+from django.core.signals import setting_changed
+from django.dispatch import receiver
+
+SETTINGS_NAME = "CHANNEL_REGISTRY"
+
+
+@dataclass(frozen=True)
+class RegistrySettings:
+    """Every option with its default. The README's settings table mirrors this."""
+
+    #: Alias in ``CHANNEL_LAYERS`` the registry sends through.
+    CHANNEL_LAYER: str = "default"
+    #: Seconds between two heartbeats of a server process (one UPDATE each).
+    HEARTBEAT_INTERVAL: float = 30
+    #: A row whose ``last_seen`` is older than this many seconds is stale:
+    #: dispatch skips it, ``prune_channels`` deletes it.
+    STALE_AFTER: float = 90
+    #: Rows deleted per statement by ``prune_stale``.
+    PRUNE_BATCH_SIZE: int = 5000
+    #: Most layer commands in flight during one fan-out (redis-py 8 refuses the
+    #: 101st concurrent command of its default pool).
+    SEND_CONCURRENCY: int = 50
+    #: Largest text frame a consumer accepts, in bytes of UTF-8.
+    MAX_MESSAGE_BYTES: int = 16 * 1024
+    #: ``(messages, seconds)``: token bucket per connection for direct messages.
+    #: ``None`` disables the limit.
+    RATE_LIMIT: tuple[int, float] | None = (20, 10)
+    #: Dotted path to ``callable(sender, recipient_id) -> bool`` (sync or async)
+    #: deciding whether a direct message is allowed. ``None``: any active user.
+    CAN_MESSAGE: str | None = None
+    #: Whether the default policy lets a user message themself.
+    ALLOW_SELF_MESSAGE: bool = False
+    #: Prefix of the per-user group names used by the group strategy.
+    GROUP_PREFIX: str = "registry.user."
+    #: Seconds between two comment heartbeats on a Server-Sent Events stream.
+    SSE_HEARTBEAT: float = 15
+    #: Most live connections per user, counted over all processes. ``None``: no limit.
+    MAX_CONNECTIONS_PER_USER: int | None = None
+    #: Over the limit: ``"close_newest"`` (4429 to the new one) or ``"close_oldest"``.
+    ON_LIMIT: str = "close_newest"
+    #: Close every connection of a user when they log out (``user_logged_out``).
+    DISCONNECT_ON_LOGOUT: bool = True
+
+
+OPTION_NAMES = frozenset(f.name for f in fields(RegistrySettings))
+
+
+def user_options() -> dict:
+    """The raw dict from the project's settings (empty when it has none)."""
+    return dict(getattr(settings, SETTINGS_NAME, None) or {})
+
+
+@cache
+def registry_settings() -> RegistrySettings:
+    """The effective settings; unknown keys are reported by the system check."""
+    options = {k: v for k, v in user_options().items() if k in OPTION_NAMES}
+    if isinstance(options.get("RATE_LIMIT"), list):
+        options["RATE_LIMIT"] = tuple(options["RATE_LIMIT"])
+    return RegistrySettings(**options)
+
+
+@receiver(setting_changed)
+def _reset_on_change(*, setting: str, **kwargs) -> None:
+    if setting == SETTINGS_NAME:
+        registry_settings.cache_clear()

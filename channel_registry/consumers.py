@@ -1,0 +1,175 @@
+"""Consumers: glue between a socket, the wire protocol and a delivery strategy."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+from channels.db import database_sync_to_async
+from channels.generic.websocket import AsyncJsonWebsocketConsumer
+from django.contrib.auth import get_user_model
+from django.db import DatabaseError, DataError
+from django.utils.module_loading import import_string
+
+from . import protocol
+from .conf import registry_settings
+from .exceptions import ChannelLayerUnavailable
+from .protocol import ProtocolError
+from .registry import MappingStrategy
+from .strategy import DeliveryStrategy
+
+logger = logging.getLogger(__name__)
+
+#: Close codes a client can act on (the JS client does not reconnect after 4401/4403).
+CLOSE_UNAUTHENTICATED = 4401
+CLOSE_FORBIDDEN = 4403
+CLOSE_TOO_MANY = 4429
+CLOSE_INTERNAL_ERROR = 1011
+
+
+class RegistryConsumerMixin:
+    """Registers an authenticated socket on connect and forgets it when the consumer ends.
+
+    Put it before ``AsyncWebsocketConsumer`` (or the JSON variant) in the bases.
+    A refused socket is accepted, then closed with a code: closing before
+    ``accept()`` makes daphne answer a bare HTTP 403, which the browser only
+    reports as 1006 — indistinguishable from a network drop.
+    """
+
+    strategy: DeliveryStrategy = MappingStrategy()
+    #: The registered user's primary key; ``None`` until registration succeeded.
+    user_id = None
+
+    async def connect(self) -> None:
+        user = self.scope.get("user")
+        if user is None or not user.is_authenticated:
+            await self.refuse(CLOSE_UNAUTHENTICATED)
+            return
+        try:
+            await self.strategy.register(user.pk, self.channel_name)
+        except (DatabaseError, ChannelLayerUnavailable):
+            logger.exception("channel_registry: could not register %s", self.channel_name)
+            await self.refuse(CLOSE_INTERNAL_ERROR)
+            return
+        self.user_id = user.pk
+        # Accepted only once registered: a client that sees "open" is reachable.
+        await self.accept()
+
+    async def refuse(self, code: int) -> None:
+        await self.accept()
+        await self.close(code=code)
+
+    async def __call__(self, scope, receive, send):
+        # The one exit every consumer takes — clean close, dropped TCP connection,
+        # an exception in a handler, or cancellation — so the row goes in all cases.
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            await self._unregister()
+
+    async def _unregister(self) -> None:
+        user_id, self.user_id = self.user_id, None
+        if user_id is None:
+            return
+        try:
+            await self.strategy.unregister(user_id, self.channel_name)
+        except (DatabaseError, ChannelLayerUnavailable):
+            # The row turns stale and prune_channels removes it.
+            logger.warning("channel_registry: could not unregister %s", self.channel_name, exc_info=True)
+
+    async def registry_disconnect(self, event) -> None:
+        """Sent by ``disconnect_user``: close this connection with the given code."""
+        await self.close(code=event.get("code", CLOSE_FORBIDDEN))
+
+
+class RegistryConsumer(RegistryConsumerMixin, AsyncJsonWebsocketConsumer):
+    """A ready JSON consumer: notifications and direct messages between users.
+
+    Extension points (override in a subclass): ``frame_types`` (add your own
+    client frame types), ``get_recipient``, ``can_message``,
+    ``build_direct_message``.
+    """
+
+    #: Client frame ``type`` → name of the method that answers it.
+    frame_types = {"direct": "receive_direct", "ping": "receive_ping"}
+
+    async def connect(self) -> None:
+        await super().connect()
+        limit = registry_settings().RATE_LIMIT
+        self.rate_limit = limit and protocol.TokenBucket(*limit, clock=time.monotonic)
+
+    async def receive(self, text_data=None, bytes_data=None, **kwargs) -> None:
+        """Answer one client frame; a bad frame gets an ``error`` frame, never a crash."""
+        if self.user_id is None:
+            return
+        try:
+            payload = protocol.decode_frame(text_data, registry_settings().MAX_MESSAGE_BYTES)
+            reply = await self.handle_frame(payload)
+        except ProtocolError as error:
+            reply = error.frame()
+        if reply is not None:
+            await self.send_json(reply)
+
+    async def handle_frame(self, payload: dict) -> dict | None:
+        handler = self.frame_types.get(payload.get("type"))
+        if handler is None:
+            raise ProtocolError(
+                protocol.UNKNOWN_TYPE,
+                f"unknown frame type; expected one of {sorted(self.frame_types)}",
+                protocol.read_client_id(payload),
+            )
+        try:
+            return await getattr(self, handler)(payload)
+        except (DatabaseError, ChannelLayerUnavailable) as error:
+            logger.warning("channel_registry: %s failed: %s", handler, error)
+            raise ProtocolError(
+                protocol.UNAVAILABLE,
+                "the server cannot deliver messages right now; try again shortly",
+                protocol.read_client_id(payload),
+            ) from error
+
+    async def receive_ping(self, payload: dict) -> dict:
+        return protocol.PONG
+
+    async def receive_direct(self, payload: dict) -> dict:
+        direct = protocol.parse_direct(payload)
+        if self.rate_limit and not self.rate_limit.take():
+            raise ProtocolError(protocol.RATE_LIMITED, "too many messages; slow down", direct.id)
+        recipient_id = await self.get_recipient(direct.to)
+        if recipient_id is None:
+            raise ProtocolError(protocol.UNKNOWN_RECIPIENT, f"no active user with id {direct.to}", direct.id)
+        if not await self.can_message(recipient_id):
+            raise ProtocolError(protocol.FORBIDDEN, "you may not message this user", direct.id)
+        event = {"type": "registry.direct", "frame": self.build_direct_message(direct)}
+        delivery = await self.strategy.deliver([recipient_id], event)
+        return protocol.ack_frame(direct.id, delivery.sent)
+
+    async def get_recipient(self, user_id: int):
+        """The recipient's primary key if they may receive messages, else ``None``."""
+        try:
+            exists = await get_user_model().objects.filter(pk=user_id, is_active=True).aexists()
+        except DataError:  # an id outside the column's range on Django 4.2
+            return None
+        return user_id if exists else None
+
+    async def can_message(self, recipient_id) -> bool:
+        settings = registry_settings()
+        if recipient_id == self.user_id and not settings.ALLOW_SELF_MESSAGE:
+            return False
+        if settings.CAN_MESSAGE is None:
+            return True
+        policy = import_string(settings.CAN_MESSAGE)
+        if not asyncio.iscoroutinefunction(policy):
+            policy = database_sync_to_async(policy)
+        return bool(await policy(self.scope["user"], recipient_id))
+
+    def build_direct_message(self, direct: protocol.Direct) -> dict:
+        """The frame every tab of the recipient receives."""
+        return protocol.direct_frame(self.user_id, direct)
+
+    async def registry_direct(self, event) -> None:
+        await self.send_json(event["frame"])
+
+    async def registry_notify(self, event) -> None:
+        await self.send_json(protocol.notification_frame(event["data"]))

@@ -1,0 +1,181 @@
+"""Getting one event onto many channels fast, per channel layer type.
+
+``send_many`` picks the cheapest correct way for the layer it is given:
+
+* ``channels_redis.core.RedisChannelLayer``: one Lua script per Redis shard (in
+  chunks of ``CHUNK_KEYS`` keys) doing exactly what the layer's own ``send`` does
+  for each key, with process-local channels coalesced the way ``group_send`` does.
+* Anything else, ``RedisPubSubChannelLayer`` included: the layer's own ``send``
+  per channel, with a bounded number in flight (see ``_send_each``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import defaultdict
+from collections.abc import Awaitable, Callable, Sequence
+from typing import TypeVar
+
+from channels.exceptions import ChannelFull
+
+from .exceptions import ChannelLayerUnavailable
+
+try:  # channels_redis is optional: the generic path serves every other layer.
+    from channels_redis.core import RedisChannelLayer
+    from redis.exceptions import ConnectionError as RedisConnectionError
+    from redis.exceptions import TimeoutError as RedisTimeoutError
+
+    TRANSPORT_ERRORS: tuple[type[BaseException], ...] = (
+        OSError,
+        RedisConnectionError,
+        RedisTimeoutError,
+    )
+except ImportError:  # pragma: no cover
+    RedisChannelLayer = None
+    TRANSPORT_ERRORS = (OSError,)
+
+T = TypeVar("T")
+
+#: Keys per EVAL: bounds how long one script holds Redis and its argument list.
+CHUNK_KEYS = 1000
+
+#: Per key, the same steps as ``RedisChannelLayer.send``: trim expired messages,
+#: refuse when at capacity, else add with the current time and refresh the TTL.
+#: KEYS: n channel keys. ARGV: n messages, n capacities, trim_before, now, expiry.
+#: Returns the 1-based positions of the keys that were full.
+SEND_SCRIPT = """
+local n = #KEYS
+local trim_before, now, expiry = ARGV[2 * n + 1], ARGV[2 * n + 2], ARGV[2 * n + 3]
+local full = {}
+for i = 1, n do
+    redis.call('ZREMRANGEBYSCORE', KEYS[i], 0, trim_before)
+    if redis.call('ZCOUNT', KEYS[i], '-inf', '+inf') >= tonumber(ARGV[n + i]) then
+        full[#full + 1] = i
+    else
+        redis.call('ZADD', KEYS[i], now, ARGV[i])
+        redis.call('EXPIRE', KEYS[i], expiry)
+    end
+end
+return full
+"""
+
+
+async def send_many(
+    layer, channel_names: Sequence[str], message: dict, *, concurrency: int = 50
+) -> list[str]:
+    """Send ``message`` to every channel in ``channel_names``.
+
+    Returns the names the layer refused as full (``ChannelFull``), in input
+    order. A name given twice is sent once. At most ``concurrency`` layer
+    commands are in flight: redis-py 8's pool refuses the 101st instead of
+    waiting, and the rest of the process shares that pool.
+
+    Raises ``ChannelLayerUnavailable`` (chained) when the layer cannot be reached.
+    """
+    if concurrency < 1:
+        raise ValueError("concurrency must be at least 1")
+    if "__asgi_channel__" in message:
+        raise ValueError("'__asgi_channel__' is reserved by the channel layer")
+    channels = list(dict.fromkeys(channel_names))
+    if RedisChannelLayer is not None and isinstance(layer, RedisChannelLayer):
+        sender = _send_batched
+    else:
+        sender = _send_each
+    try:
+        full = await sender(layer, channels, message, concurrency)
+    except TRANSPORT_ERRORS as error:
+        # The class name, not str(layer): channels_redis's includes host URLs and passwords.
+        raise ChannelLayerUnavailable(f"{type(layer).__name__} is unreachable: {error}") from error
+    return [channel for channel in channels if channel in full]
+
+
+async def _send_each(layer, channels: list[str], message: dict, concurrency: int) -> set[str]:
+    """Generic path: the layer's own ``send``, ``concurrency`` at a time.
+
+    ``RedisPubSubChannelLayer`` takes this path on purpose. Its ``send`` is one
+    PUBLISH on the shard of the full channel name (where ``new_channel``
+    subscribed, so it is correct on several hosts) and each shard serialises
+    publishes behind its own lock, so the bound never threatens the pool.
+    Pipelining would mean reaching into four private names of its per-loop
+    shard objects for a fire-and-forget command that can never report full.
+    """
+    full = set()
+
+    async def send_one(channel: str) -> None:
+        try:
+            await layer.send(channel, message)
+        except ChannelFull:
+            full.add(channel)
+
+    await _run_bounded(channels, send_one, concurrency)
+    return full
+
+
+async def _send_batched(layer, channels: list[str], message: dict, concurrency: int) -> set[str]:
+    """Redis fast path: one EVAL per chunk of keys per shard.
+
+    Process-local channels ("specific.<client_prefix>!<id>") share one key per
+    process, ``prefix + non_local_name``; that key gets ONE message listing them
+    all in ``__asgi_channel__``, exactly as ``group_send`` writes it, so a full
+    key reports every channel in it. The shard is ``consistent_hash`` of the
+    non-local name, which is where ``receive`` reads (plain ``send`` hashes the
+    full name and misses it on several hosts: channels_redis#221). General
+    channels get their own key, the message as ``send`` writes it, and the shard
+    of their name (``receive`` polls every shard in turn for them).
+    """
+    by_name: dict[str, list[str]] = defaultdict(list)
+    for channel in channels:
+        layer.require_valid_channel_name(channel)
+        by_name[layer.non_local_name(channel)].append(channel)
+
+    keys_by_shard: dict[int, list[str]] = defaultdict(list)
+    payloads: dict[str, tuple[bytes, int]] = {}
+    members: dict[str, list[str]] = {}
+    for name, targets in by_name.items():
+        key = layer.prefix + name
+        body = {**message, "__asgi_channel__": targets} if "!" in name else message
+        payloads[key] = (layer.serialize(body), layer.get_capacity(targets[0]))
+        members[key] = targets
+        keys_by_shard[layer.consistent_hash(name)].append(key)
+
+    now = time.time()
+    tail = [int(now) - int(layer.expiry), now, int(layer.expiry)]
+    full: set[str] = set()
+
+    async def send_chunk(chunk: tuple[int, list[str]]) -> None:
+        shard, keys = chunk
+        connection = layer.connection(shard)
+        script = connection.register_script(SEND_SCRIPT)
+        args = [payloads[key][0] for key in keys] + [payloads[key][1] for key in keys]
+        for position in await script(keys=keys, args=args + tail):
+            full.update(members[keys[position - 1]])
+
+    chunks = [
+        (shard, keys[start : start + CHUNK_KEYS])
+        for shard, keys in keys_by_shard.items()
+        for start in range(0, len(keys), CHUNK_KEYS)
+    ]
+    await _run_bounded(chunks, send_chunk, concurrency)
+    return full
+
+
+async def _run_bounded(items: Sequence[T], work: Callable[[T], Awaitable[None]], limit: int) -> None:
+    """Run ``work`` over ``items`` with at most ``limit`` calls in flight.
+
+    ``limit`` workers share one iterator, so a large fan-out costs ``limit``
+    tasks, not one per item. The first error cancels the other workers and is
+    raised, so nothing keeps sending after the caller has been told it failed.
+    """
+    pending = iter(items)
+
+    async def worker() -> None:
+        for item in pending:
+            await work(item)
+
+    workers = [asyncio.ensure_future(worker()) for _ in range(min(limit, len(items)))]
+    try:
+        await asyncio.gather(*workers)
+    finally:
+        for task in workers:
+            task.cancel()

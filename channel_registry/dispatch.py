@@ -1,0 +1,71 @@
+"""The public entry points for sending to users: async first, sync wrappers on top.
+
+``asend_to_user`` and friends use the explicit registry; :mod:`channel_registry.groups`
+exposes the same functions bound to the group strategy.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from asgiref.sync import async_to_sync
+
+from .models import user_pk
+from .registry import MappingStrategy
+from .strategy import Delivery, DeliveryStrategy
+
+NOTIFY_EVENT = "registry.notify"
+
+
+def check_event(event) -> dict:
+    """Refuse what the channel layer would reject later, far from the caller."""
+    if not isinstance(event, dict):
+        raise TypeError(f"event must be a dict with a 'type' key, not {type(event).__name__}")
+    event_type = event.get("type")
+    if not isinstance(event_type, str) or not event_type:
+        raise ValueError("event needs a 'type' key holding a non-empty string, e.g. 'chat.message'")
+    if "__asgi_channel__" in event:
+        raise ValueError("'__asgi_channel__' is reserved by the channel layer")
+    return event
+
+
+class Dispatcher:
+    """``send_to_user``, ``send_to_users`` and ``notify_user`` over one strategy."""
+
+    def __init__(self, strategy: DeliveryStrategy) -> None:
+        self.strategy = strategy
+
+    async def asend_to_user(self, user, event: dict) -> Delivery:
+        """Send a Channels event to every live connection of ``user`` (instance or pk)."""
+        return await self.strategy.deliver([user_pk(user)], check_event(event))
+
+    async def asend_to_users(self, users: Iterable, event: dict) -> Delivery:
+        """Send one event to many users with one registry lookup; one ``Delivery`` for all."""
+        user_ids = {user_pk(u) for u in users}
+        if not user_ids:
+            return Delivery(channels=0, sent=0, failed=[])
+        return await self.strategy.deliver(user_ids, check_event(event))
+
+    async def anotify_user(self, user, data) -> Delivery:
+        """Send ``data`` as a ``{"type": "notification"}`` frame to ``user``'s sockets."""
+        return await self.asend_to_user(user, {"type": NOTIFY_EVENT, "data": data})
+
+    def send_to_user(self, user, event: dict) -> Delivery:
+        """Sync wrapper for views, management commands and Celery tasks."""
+        return async_to_sync(self.asend_to_user)(user, event)
+
+    def send_to_users(self, users: Iterable, event: dict) -> Delivery:
+        return async_to_sync(self.asend_to_users)(users, event)
+
+    def notify_user(self, user, data) -> Delivery:
+        return async_to_sync(self.anotify_user)(user, data)
+
+
+mapping = Dispatcher(MappingStrategy())
+
+asend_to_user = mapping.asend_to_user
+asend_to_users = mapping.asend_to_users
+anotify_user = mapping.anotify_user
+send_to_user = mapping.send_to_user
+send_to_users = mapping.send_to_users
+notify_user = mapping.notify_user

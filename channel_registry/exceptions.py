@@ -1,0 +1,23 @@
+"""Exceptions raised by channel_registry's public API."""
+
+
+class ChannelLayerUnavailable(Exception):
+    """The channel layer (usually Redis) could not be reached.
+
+    Raised instead of the transport's own error (redis-py's ``ConnectionError``,
+    ``TimeoutError``, ``OSError`` …) so callers have one documented exception to
+    catch whatever layer backend they run.
+    """
+
+
+def _transport_errors() -> tuple[type[BaseException], ...]:
+    errors: tuple[type[BaseException], ...] = (OSError,)  # includes ConnectionError, TimeoutError
+    try:
+        from redis import exceptions as redis_errors
+    except ImportError:
+        return errors
+    return (*errors, redis_errors.ConnectionError, redis_errors.TimeoutError)
+
+
+#: What a channel layer raises when its server cannot be reached.
+LAYER_TRANSPORT_ERRORS = _transport_errors()

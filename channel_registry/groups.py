@@ -1,0 +1,69 @@
+"""The per-user group strategy: Channels' usual recipe behind the registry's interface.
+
+A connection joins the group ``GROUP_PREFIX + <user pk>``; delivery is one
+``group_send`` per user. Groups cannot be listed, so this strategy cannot say
+how many channels an event reached (``Delivery.channels`` and ``sent`` are
+``None``, the ``ack`` frame's ``delivered`` is ``null``), cannot answer presence,
+and keeps a dead member until the layer's ``group_expiry``. It exists so both
+approaches can be compared on the same workload, with the same protocol.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Collection
+
+from .conf import registry_settings
+from .consumers import RegistryConsumer
+from .dispatch import Dispatcher
+from .exceptions import LAYER_TRANSPORT_ERRORS, ChannelLayerUnavailable
+from .strategy import Delivery, DeliveryStrategy, channel_layer
+
+
+def group_name(user_id) -> str:
+    return f"{registry_settings().GROUP_PREFIX}{user_id}"
+
+
+async def _layer_call(method: str, *args) -> None:
+    try:
+        await getattr(channel_layer(), method)(*args)
+    except LAYER_TRANSPORT_ERRORS as error:
+        raise ChannelLayerUnavailable(str(error)) from error
+
+
+class GroupStrategy(DeliveryStrategy):
+    name = "groups"
+    counts_channels = False
+
+    async def register(self, user_id, channel_name: str) -> None:
+        await _layer_call("group_add", group_name(user_id), channel_name)
+
+    async def unregister(self, user_id, channel_name: str) -> None:
+        await _layer_call("group_discard", group_name(user_id), channel_name)
+
+    async def deliver(self, user_ids: Collection, event: dict) -> Delivery:
+        # One group_send per user, bounded: redis-py 8 refuses the 101st concurrent command.
+        limit = asyncio.Semaphore(registry_settings().SEND_CONCURRENCY)
+
+        async def send(user_id) -> None:
+            async with limit:
+                await _layer_call("group_send", group_name(user_id), event)
+
+        await asyncio.gather(*(send(user_id) for user_id in user_ids))
+        return Delivery(channels=None, sent=None, failed=[])
+
+
+class GroupConsumer(RegistryConsumer):
+    """:class:`RegistryConsumer`'s protocol, delivered through per-user groups."""
+
+    strategy = GroupStrategy()
+
+
+groups = Dispatcher(GroupStrategy())
+
+asend_to_user = groups.asend_to_user
+asend_to_users = groups.asend_to_users
+anotify_user = groups.anotify_user
+send_to_user = groups.send_to_user
+send_to_users = groups.send_to_users
+notify_user = groups.notify_user

@@ -1,0 +1,38 @@
+"""Safe ``CHANNEL_LAYERS`` entries for channels_redis.
+
+redis-py 8 gives every connection a 5 s ``socket_timeout``, exactly as long as
+channels_redis's blocking read, so an idle consumer's ``receive()`` times out
+and daphne closes every quiet WebSocket with 1011 after ~5.8 s
+(redis/redis-py#4091). These helpers set the timeouts explicitly.
+"""
+
+from __future__ import annotations
+
+#: Above channels_redis's 5 s blocking read, yet bounded: a dead server is noticed.
+SOCKET_TIMEOUT = 15
+#: A down Redis is reported within this many seconds instead of hanging a send.
+CONNECT_TIMEOUT = 3
+
+
+def redis_host(url: str, **options) -> dict:
+    """One channels_redis host entry with timeouts that survive idle sockets."""
+    return {
+        "address": url,
+        "socket_timeout": SOCKET_TIMEOUT,
+        "socket_connect_timeout": CONNECT_TIMEOUT,
+        **options,
+    }
+
+
+def redis_layer(*urls: str, **config) -> dict:
+    """A ``CHANNEL_LAYERS`` entry for ``RedisChannelLayer`` over one or more Redis URLs.
+
+    Several URLs shard the layer; channel_registry's delivery picks the shard the
+    receiving process reads, so direct sends are not lost (channels_redis#221).
+    """
+    if not urls:
+        raise ValueError("redis_layer() needs at least one Redis URL")
+    return {
+        "BACKEND": "channels_redis.core.RedisChannelLayer",
+        "CONFIG": {"hosts": [redis_host(url) for url in urls], **config},
+    }

@@ -1,0 +1,75 @@
+"""The registry table: one row per live connection (socket or event stream)."""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta
+
+from django.conf import settings
+from django.db import models
+from django.utils import timezone
+
+from .conf import registry_settings
+
+
+def stale_cutoff(older_than: float | None = None) -> datetime:
+    """The instant before which a row's ``last_seen`` makes it stale."""
+    seconds = registry_settings().STALE_AFTER if older_than is None else older_than
+    return timezone.now() - timedelta(seconds=seconds)
+
+
+def user_pk(user) -> object:
+    """Accept a user instance or a primary key, as every public function does."""
+    return getattr(user, "pk", user)
+
+
+class UserChannelQuerySet(models.QuerySet):
+    def for_user(self, user) -> UserChannelQuerySet:
+        return self.filter(user_id=user_pk(user))
+
+    def for_users(self, users) -> UserChannelQuerySet:
+        return self.filter(user_id__in={user_pk(u) for u in users})
+
+    def live(self) -> UserChannelQuerySet:
+        """Rows refreshed within ``STALE_AFTER``: connections that can be reached."""
+        return self.filter(last_seen__gte=stale_cutoff())
+
+    def stale(self, older_than: float | None = None) -> UserChannelQuerySet:
+        """Rows whose process stopped refreshing them: left by a crash or a restart."""
+        return self.filter(last_seen__lt=stale_cutoff(older_than))
+
+    def channel_names(self) -> UserChannelQuerySet:
+        return self.values_list("channel_name", flat=True)
+
+
+class UserChannel(models.Model):
+    """A live consumer's channel name, and the user it belongs to.
+
+    A user has as many rows as open tabs, devices and event streams; every
+    lookup returns all of them, never ``get()`` one.
+    """
+
+    user = models.ForeignKey(
+        settings.AUTH_USER_MODEL,
+        on_delete=models.CASCADE,
+        related_name="live_channels",
+    )
+    # 100 is the channel layer's own limit on channel names.
+    channel_name = models.CharField(max_length=100, unique=True)
+    # Identifies the server process that serves the connection, so a dead
+    # process's rows can be found (and removed) as a whole.
+    server = models.CharField(max_length=100, db_index=True)
+    connected_at = models.DateTimeField(default=timezone.now)
+    last_seen = models.DateTimeField(default=timezone.now, db_index=True)
+
+    objects = UserChannelQuerySet.as_manager()
+
+    class Meta:
+        verbose_name = "user channel"
+        ordering = ["user_id", "connected_at"]
+
+    def __str__(self) -> str:
+        return f"{self.channel_name} (user {self.user_id})"
+
+    @property
+    def is_stale(self) -> bool:
+        return self.last_seen < stale_cutoff()

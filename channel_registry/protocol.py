@@ -1,0 +1,181 @@
+"""The wire protocol of the registry consumers: parsing client frames, building server frames.
+
+Pure functions, no I/O: everything a client can send is validated here, and every
+problem becomes a :class:`ProtocolError` carrying the code the client receives.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Any
+
+MAX_ID_LENGTH = 64
+# channels_redis's msgpack refuses deeper structures; refuse them here, politely.
+MAX_DEPTH = 32
+# JSON numbers outside this range lose precision in browsers.
+MAX_SAFE_INTEGER = 2**53 - 1
+
+# Error codes, as documented in the README.
+INVALID_JSON = "invalid_json"
+INVALID_PAYLOAD = "invalid_payload"
+UNKNOWN_TYPE = "unknown_type"
+TOO_LARGE = "too_large"
+UNKNOWN_RECIPIENT = "unknown_recipient"
+FORBIDDEN = "forbidden"
+RATE_LIMITED = "rate_limited"
+UNAVAILABLE = "unavailable"
+
+
+class ProtocolError(Exception):
+    """A frame the server refuses; becomes an ``error`` frame, never a closed socket."""
+
+    def __init__(self, code: str, detail: str, client_id: Any = None) -> None:
+        super().__init__(detail)
+        self.code = code
+        self.detail = detail
+        self.client_id = client_id
+
+    def frame(self) -> dict:
+        return error_frame(self.code, self.detail, self.client_id)
+
+
+@dataclass(frozen=True)
+class Direct:
+    """A validated ``direct`` frame from a client."""
+
+    to: int
+    message: Any
+    id: str | int | None = None
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _reject_constant(name: str):
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):  # 1e999 parses to inf, which JSON cannot carry back out
+        raise ValueError(text)
+    return value
+
+
+def _message_problem(value) -> str | None:
+    """What the channel layer's serializer (msgpack) could not carry, if anything."""
+    depth, level = 0, [value]
+    while level:
+        depth += 1
+        if depth > MAX_DEPTH:
+            return f"'message' is nested deeper than {MAX_DEPTH} levels"
+        if any(_is_int(v) and not -(2**63) <= v < 2**64 for v in level):
+            return "'message' holds an integer outside the 64-bit range"
+        level = [
+            child
+            for item in level
+            if isinstance(item, (dict, list))
+            for child in (item.values() if isinstance(item, dict) else item)
+        ]
+    return None
+
+
+def decode_frame(text: str | None, max_bytes: int) -> dict:
+    """Turn one WebSocket frame into a JSON object, or raise the matching error."""
+    if text is None:
+        raise ProtocolError(INVALID_PAYLOAD, "binary frames are not accepted; send JSON text")
+    if len(text) > max_bytes or len(text.encode("utf-8", "surrogatepass")) > max_bytes:
+        raise ProtocolError(TOO_LARGE, f"frame larger than {max_bytes} bytes")
+    try:
+        payload = json.loads(text, parse_constant=_reject_constant, parse_float=_finite_float)
+    except (ValueError, RecursionError):
+        raise ProtocolError(INVALID_JSON, "frame is not valid JSON") from None
+    if not isinstance(payload, dict):
+        raise ProtocolError(INVALID_JSON, "frame must be a JSON object")
+    try:  # "\ud800" escapes decode to lone surrogates that no serializer can encode
+        json.dumps(payload, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        raise ProtocolError(INVALID_JSON, "frame holds an unpaired UTF-16 surrogate") from None
+    return payload
+
+
+def read_client_id(payload: dict):
+    """The optional client ``id``; ``None`` when absent or unusable (it is echoed back)."""
+    client_id = payload.get("id")
+    if _is_int(client_id) and abs(client_id) <= MAX_SAFE_INTEGER:
+        return client_id
+    if isinstance(client_id, str) and len(client_id) <= MAX_ID_LENGTH:
+        return client_id
+    return None
+
+
+def parse_direct(payload: dict) -> Direct:
+    client_id = read_client_id(payload)
+    if "id" in payload and payload["id"] is not None and client_id is None:
+        raise ProtocolError(
+            INVALID_PAYLOAD,
+            f"'id' must be a string of at most {MAX_ID_LENGTH} characters or an integer",
+        )
+    to = payload.get("to")
+    if not _is_int(to) or not 0 < to <= MAX_SAFE_INTEGER:
+        raise ProtocolError(INVALID_PAYLOAD, "'to' must be a positive integer user id", client_id)
+    if "message" not in payload:
+        raise ProtocolError(INVALID_PAYLOAD, "'message' is required", client_id)
+    problem = _message_problem(payload["message"])
+    if problem:
+        raise ProtocolError(INVALID_PAYLOAD, problem, client_id)
+    return Direct(to=to, message=payload["message"], id=client_id)
+
+
+def error_frame(code: str, detail: str, client_id=None) -> dict:
+    frame = {"type": "error", "code": code, "detail": detail}
+    if client_id is not None:
+        frame["id"] = client_id
+    return frame
+
+
+def ack_frame(client_id, delivered: int | None) -> dict:
+    return {"type": "ack", "id": client_id, "delivered": delivered}
+
+
+def direct_frame(sender_id, direct: Direct) -> dict:
+    """What every tab of the recipient receives; the sender comes from the scope."""
+    return {
+        "type": "direct",
+        "from": sender_id,
+        "message": direct.message,
+        "id": direct.id,
+        "sent_at": datetime.now(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z"),
+    }
+
+
+def notification_frame(data) -> dict:
+    return {"type": "notification", "data": data}
+
+
+PONG = {"type": "pong"}
+
+
+class TokenBucket:
+    """``rate`` tokens per ``per`` seconds, refilled continuously; in memory, per connection."""
+
+    def __init__(self, rate: int, per: float, clock) -> None:
+        self.capacity = rate
+        self.refill = rate / per
+        self.clock = clock
+        self.tokens = float(rate)
+        self.stamp = clock()
+
+    def take(self) -> bool:
+        now = self.clock()
+        self.tokens = min(self.capacity, self.tokens + (now - self.stamp) * self.refill)
+        self.stamp = now
+        if self.tokens < 1:
+            return False
+        self.tokens -= 1
+        return True
+

@@ -1,0 +1,189 @@
+"""The mapping strategy: a ``UserChannel`` row per connection, and this process's share.
+
+Each server process keeps the channel names it serves in memory. One heartbeat
+task per process refreshes ``last_seen`` for all of them with a single UPDATE,
+so liveness costs one statement per interval however many sockets are open.
+Rows of a process that died stop being refreshed, turn stale after
+``STALE_AFTER`` and are skipped by dispatch until ``prune_channels`` deletes them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import secrets
+import socket
+from collections.abc import Collection
+
+from channels.db import database_sync_to_async
+from django.contrib.auth import get_user_model
+from django.db import DatabaseError, transaction
+from django.db.models import Exists, OuterRef
+from django.utils import timezone
+
+from .conf import registry_settings
+from .delivery import send_many
+from .models import UserChannel
+from .signals import user_offline, user_online
+from .strategy import Delivery, DeliveryStrategy, channel_layer
+
+logger = logging.getLogger(__name__)
+
+
+class ProcessChannels:
+    """The connections this server process serves, keyed by channel name.
+
+    The server id changes after a fork, so workers forked from one parent never
+    share (and never delete) each other's rows.
+    """
+
+    def __init__(self) -> None:
+        self._pid = None
+        self._server = ""
+        self._users: dict[str, object] = {}
+
+    def _check_fork(self) -> None:
+        if self._pid != os.getpid():
+            self._pid = os.getpid()
+            self._server = f"{socket.gethostname()}:{self._pid}:{secrets.token_hex(4)}"[-100:]
+            self._users = {}
+
+    @property
+    def server(self) -> str:
+        self._check_fork()
+        return self._server
+
+    @property
+    def users(self) -> dict[str, object]:
+        self._check_fork()
+        return self._users
+
+
+process = ProcessChannels()
+
+
+def _lock_user(user_id, other_rows):
+    """Lock the user's row and tell whether ``other_rows`` has any row for them.
+
+    The lock serialises connect, disconnect and prune of one user, so the
+    presence signals fire exactly once per transition even when two tabs
+    connect or close at the same moment.
+    """
+    rows = (
+        get_user_model()
+        .objects.select_for_update(of=("self",))
+        .filter(pk=user_id)
+        .annotate(has_rows=Exists(other_rows.filter(user_id=OuterRef("pk"))))
+        .values_list("has_rows", flat=True)
+    )
+    return next(iter(rows), False)
+
+
+def insert_row(user_id, channel_name: str) -> None:
+    with transaction.atomic():
+        had_rows = _lock_user(user_id, UserChannel.objects.all())
+        UserChannel.objects.create(
+            user_id=user_id, channel_name=channel_name, server=process.server
+        )
+    if not had_rows:
+        user_online.send(sender=UserChannel, user_id=user_id)
+
+
+def delete_row(user_id, channel_name: str) -> None:
+    with transaction.atomic():
+        others = UserChannel.objects.exclude(channel_name=channel_name)
+        has_others = _lock_user(user_id, others)
+        deleted, _ = UserChannel.objects.filter(channel_name=channel_name).delete()
+    if deleted and not has_others:
+        user_offline.send(sender=UserChannel, user_id=user_id)
+
+
+def live_channel_names(user_ids: Collection) -> list[str]:
+    return list(UserChannel.objects.live().filter(user_id__in=user_ids).channel_names())
+
+
+def beat() -> int:
+    """Refresh every row of this process in one UPDATE; restore rows pruned meanwhile.
+
+    A process stalled past ``STALE_AFTER`` (a long GC pause, a suspended VM) may
+    find its rows pruned while its sockets are still open: they are inserted
+    again so those connections become reachable again.
+    """
+    users = dict(process.users)
+    refreshed = UserChannel.objects.filter(server=process.server).update(
+        last_seen=timezone.now()
+    )
+    if refreshed < len(users):
+        UserChannel.objects.bulk_create(
+            [UserChannel(user_id=u, channel_name=c, server=process.server) for c, u in users.items()],
+            ignore_conflicts=True,
+        )
+    return refreshed
+
+
+def forget_process() -> int:
+    """Delete this process's rows; called at interpreter exit (daphne's SIGTERM/SIGINT).
+
+    daphne cancels consumers on shutdown, so their ``disconnect()`` never runs.
+    """
+    if not process.users:
+        return 0
+    deleted, _ = UserChannel.objects.filter(server=process.server).delete()
+    process.users.clear()
+    return deleted
+
+
+class Heartbeat:
+    """The one periodic task per process and event loop."""
+
+    def __init__(self) -> None:
+        self._task: asyncio.Task | None = None
+
+    def ensure_running(self) -> None:
+        if self._task is None or self._task.done() or self._task.get_loop() is not asyncio.get_running_loop():
+            self._task = asyncio.get_running_loop().create_task(self._run(), name="channel_registry heartbeat")
+
+    def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            self._task = None
+
+    async def _run(self) -> None:
+        while True:
+            await asyncio.sleep(registry_settings().HEARTBEAT_INTERVAL)
+            try:
+                await database_sync_to_async(beat)()
+            except DatabaseError:
+                logger.warning("channel_registry heartbeat failed; retrying next interval", exc_info=True)
+
+
+heartbeat = Heartbeat()
+
+
+class MappingStrategy(DeliveryStrategy):
+    """Explicit mapping: one row per connection, ``send`` to each live channel."""
+
+    name = "mapping"
+    counts_channels = True
+
+    async def register(self, user_id, channel_name: str) -> None:
+        await database_sync_to_async(insert_row)(user_id, channel_name)
+        process.users[channel_name] = user_id
+        heartbeat.ensure_running()
+
+    async def unregister(self, user_id, channel_name: str) -> None:
+        if process.users.pop(channel_name, None) is None:
+            return
+        if not process.users:
+            heartbeat.stop()
+        await database_sync_to_async(delete_row)(user_id, channel_name)
+
+    async def deliver(self, user_ids: Collection, event: dict) -> Delivery:
+        names = await database_sync_to_async(live_channel_names)(user_ids)
+        if not names:
+            return Delivery(channels=0, sent=0, failed=[])
+        failed = await send_many(
+            channel_layer(), names, event, concurrency=registry_settings().SEND_CONCURRENCY
+        )
+        return Delivery(channels=len(names), sent=len(names) - len(failed), failed=failed)

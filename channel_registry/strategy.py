@@ -1,0 +1,65 @@
+"""One interface for the two ways of reaching a user.
+
+The explicit registry (:class:`channel_registry.registry.MappingStrategy`) and
+per-user groups (:class:`channel_registry.groups.GroupStrategy`) answer the same
+questions — how a connection is registered and unregistered, how an event
+reaches a set of users — so the consumer, the wire protocol, the event stream
+view and the benchmark are written once against this class.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection
+from dataclasses import dataclass, field
+
+from channels.layers import get_channel_layer
+from django.core.exceptions import ImproperlyConfigured
+
+from .conf import registry_settings
+
+
+@dataclass(frozen=True)
+class Delivery:
+    """What happened to one event.
+
+    ``channels``: live channels targeted; ``sent``: accepted by the layer;
+    ``failed``: channel names the layer refused (``ChannelFull``). The group
+    strategy cannot know how many channels a group holds: there ``channels``
+    and ``sent`` are ``None``.
+    """
+
+    channels: int | None
+    sent: int | None
+    failed: list[str] = field(default_factory=list)
+
+
+def channel_layer():
+    """The layer named by the ``CHANNEL_LAYER`` option, or a clear error."""
+    alias = registry_settings().CHANNEL_LAYER
+    layer = get_channel_layer(alias)
+    if layer is None:
+        raise ImproperlyConfigured(
+            f"channel_registry needs a channel layer: CHANNEL_LAYERS has no {alias!r} entry."
+        )
+    return layer
+
+
+class DeliveryStrategy:
+    """How connections are recorded and how events reach their users."""
+
+    #: Short name used in settings, routes and benchmark tables.
+    name = ""
+    #: Whether :meth:`deliver` can count the channels it reaches.
+    counts_channels = False
+
+    async def register(self, user_id, channel_name: str) -> None:
+        """Make ``channel_name`` reachable as one of ``user_id``'s connections."""
+        raise NotImplementedError
+
+    async def unregister(self, user_id, channel_name: str) -> None:
+        """Forget the connection; safe to call for one that is already gone."""
+        raise NotImplementedError
+
+    async def deliver(self, user_ids: Collection, event: dict) -> Delivery:
+        """Send ``event`` to every live connection of every user in ``user_ids``."""
+        raise NotImplementedError

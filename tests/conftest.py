@@ -1,0 +1,134 @@
+import asyncio
+import contextlib
+import itertools
+import socket
+
+import pytest
+from asgiref.sync import sync_to_async
+from channels.layers import get_channel_layer
+from channels.testing import WebsocketCommunicator
+from django.contrib.auth import get_user_model
+from django.contrib.auth.models import AnonymousUser
+from django.db import connections
+
+from channel_registry.consumers import RegistryConsumer
+from channel_registry.models import UserChannel
+from channel_registry.registry import process
+from channel_registry.signals import user_offline, user_online
+
+_names = itertools.count()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def close_async_connections(django_db_setup, django_db_blocker):
+    """Close the connection of asgiref's database thread, or the test database cannot be dropped."""
+    yield
+    with django_db_blocker.unblock():
+        asyncio.run(sync_to_async(connections.close_all)())
+
+
+@pytest.fixture
+def make_user(transactional_db):
+    """A sync factory; call it before entering async code, or through ``sync_to_async``."""
+
+    def make(username=None, **fields):
+        username = username or f"user{next(_names)}"
+        return get_user_model().objects.create_user(username=username, password="pw", **fields)
+
+    return make
+
+
+@pytest.fixture
+def alice(make_user):
+    return make_user("alice")
+
+
+@pytest.fixture
+def bob(make_user):
+    return make_user("bob")
+
+
+@pytest.fixture
+def carol(make_user):
+    return make_user("carol")
+
+
+@pytest.fixture
+async def connect(transactional_db):
+    """Open a WebSocket to a consumer as ``user``; every socket is closed after the test."""
+    opened = []
+
+    async def open_socket(user, consumer=RegistryConsumer, expect_accept=True):
+        communicator = WebsocketCommunicator(consumer.as_asgi(), "/ws/")
+        communicator.scope["user"] = user if user is not None else AnonymousUser()
+        before = set(process.users)
+        connected, _ = await communicator.connect()
+        assert connected is expect_accept
+        # The mapping strategy's new channel, for tests that need to name it.
+        communicator.channel_name = next(iter(set(process.users) - before), None)
+        opened.append(communicator)
+        return communicator
+
+    yield open_socket
+    for communicator in opened:
+        with contextlib.suppress(Exception):
+            await communicator.disconnect()
+
+
+@pytest.fixture
+def layer():
+    return get_channel_layer()
+
+
+@pytest.fixture
+def presence_events():
+    """Every presence signal sent during the test, as ("online"|"offline", user_id)."""
+    events = []
+
+    def online(user_id, **kwargs):
+        events.append(("online", user_id))
+
+    def offline(user_id, **kwargs):
+        events.append(("offline", user_id))
+
+    user_online.connect(online, weak=False)
+    user_offline.connect(offline, weak=False)
+    yield events
+    user_online.disconnect(online)
+    user_offline.disconnect(offline)
+
+
+def closed_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.fixture
+def database_unreachable():
+    """Point the default database at a closed port (or a missing file) until the block ends.
+
+    The database server keeps running; new connections simply cannot reach it,
+    which is what a consumer sees during an outage.
+    """
+    settings_dict = connections.settings["default"]
+
+    @contextlib.asynccontextmanager
+    async def unreachable():
+        saved = dict(settings_dict)
+        if settings_dict["ENGINE"].endswith("sqlite3"):
+            settings_dict["NAME"] = "/nonexistent/channel_registry.sqlite3"
+        else:
+            settings_dict["PORT"] = str(closed_port())
+        await sync_to_async(connections.close_all)()
+        try:
+            yield
+        finally:
+            settings_dict.update(saved)
+            await sync_to_async(connections.close_all)()
+
+    return unreachable
+
+
+async def rows(**filters) -> list[UserChannel]:
+    return [row async for row in UserChannel.objects.filter(**filters)]

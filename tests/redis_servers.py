@@ -1,0 +1,117 @@
+"""Private, throw-away ``redis-server`` processes for tests.
+
+Each server listens on its own free loopback port, keeps nothing on disk
+(``--save "" --appendonly no``) and can be stopped and started again on the
+same port, so fault tests can take a shard away and bring it back. The shared
+Redis on 6379 is never touched here.
+
+    with RedisServer() as server:       # or: with running_redis() as url:
+        layer = RedisChannelLayer(hosts=[server.url])
+        server.stop()                   # connections now fail
+        server.start()                  # same port, empty data set
+"""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator
+
+REDIS_SERVER = "/usr/bin/redis-server"
+
+
+def free_port() -> int:
+    """A loopback port nobody listens on right now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def answers_ping(port: int, timeout: float = 0.2) -> bool:
+    """Whether a Redis server on ``port`` answers PING (raw RESP, no client)."""
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
+            sock.sendall(b"PING\r\n")
+            return sock.recv(64).startswith(b"+PONG")
+    except OSError:
+        return False
+
+
+class RedisServer:
+    """One private ``redis-server``; a context manager that stops it on exit."""
+
+    def __init__(self, port: int | None = None) -> None:
+        self.port = port or free_port()
+        self.process: subprocess.Popen | None = None
+        self._workdir = tempfile.TemporaryDirectory(prefix="redis-test-")
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}"
+
+    @property
+    def running(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def start(self, timeout: float = 5.0) -> None:
+        """Start the server (again) on ``self.port`` and wait until it answers PING."""
+        if self.running:
+            return
+        self.process = subprocess.Popen(
+            [
+                REDIS_SERVER,
+                "--port", str(self.port),
+                "--bind", "127.0.0.1",
+                "--save", "",
+                "--appendonly", "no",
+                "--dir", self._workdir.name,
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+        deadline = time.monotonic() + timeout
+        while not answers_ping(self.port):
+            if self.process.poll() is not None:
+                raise RuntimeError(f"redis-server on port {self.port} exited at start")
+            if time.monotonic() > deadline:
+                self.stop(kill=True)
+                raise TimeoutError(f"redis-server on port {self.port} did not start")
+            time.sleep(0.02)
+
+    def stop(self, kill: bool = False) -> None:
+        """Stop the server: SIGTERM, or SIGKILL (a crash) with ``kill=True``."""
+        if self.process is None:
+            return
+        if kill:
+            self.process.kill()
+        else:
+            self.process.terminate()
+        try:
+            self.process.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+        self.process = None
+
+    def restart(self) -> None:
+        """Stop and start on the same port; the data set comes back empty."""
+        self.stop()
+        self.start()
+
+    def __enter__(self) -> RedisServer:
+        self.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
+        self._workdir.cleanup()
+
+
+@contextlib.contextmanager
+def running_redis() -> Iterator[str]:
+    """Start a private server and yield its URL, ``redis://127.0.0.1:<port>``."""
+    with RedisServer() as server:
+        yield server.url
