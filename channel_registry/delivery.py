@@ -19,21 +19,12 @@ from typing import TypeVar
 
 from channels.exceptions import ChannelFull
 
-from .exceptions import ChannelLayerUnavailable
+from .exceptions import LAYER_TRANSPORT_ERRORS, ChannelLayerUnavailable
 
 try:  # channels_redis is optional: the generic path serves every other layer.
     from channels_redis.core import RedisChannelLayer
-    from redis.exceptions import ConnectionError as RedisConnectionError
-    from redis.exceptions import TimeoutError as RedisTimeoutError
-
-    TRANSPORT_ERRORS: tuple[type[BaseException], ...] = (
-        OSError,
-        RedisConnectionError,
-        RedisTimeoutError,
-    )
 except ImportError:  # pragma: no cover
     RedisChannelLayer = None
-    TRANSPORT_ERRORS = (OSError,)
 
 T = TypeVar("T")
 
@@ -84,7 +75,7 @@ async def send_many(
         sender = _send_each
     try:
         full = await sender(layer, channels, message, concurrency)
-    except TRANSPORT_ERRORS as error:
+    except LAYER_TRANSPORT_ERRORS as error:
         # The class name, not str(layer): channels_redis's includes host URLs and passwords.
         raise ChannelLayerUnavailable(f"{type(layer).__name__} is unreachable: {error}") from error
     return [channel for channel in channels if channel in full]
@@ -108,7 +99,7 @@ async def _send_each(layer, channels: list[str], message: dict, concurrency: int
         except ChannelFull:
             full.add(channel)
 
-    await _run_bounded(channels, send_one, concurrency)
+    await run_bounded(channels, send_one, concurrency)
     return full
 
 
@@ -156,11 +147,11 @@ async def _send_batched(layer, channels: list[str], message: dict, concurrency: 
         for shard, keys in keys_by_shard.items()
         for start in range(0, len(keys), CHUNK_KEYS)
     ]
-    await _run_bounded(chunks, send_chunk, concurrency)
+    await run_bounded(chunks, send_chunk, concurrency)
     return full
 
 
-async def _run_bounded(items: Sequence[T], work: Callable[[T], Awaitable[None]], limit: int) -> None:
+async def run_bounded(items: Sequence[T], work: Callable[[T], Awaitable[None]], limit: int) -> None:
     """Run ``work`` over ``items`` with at most ``limit`` calls in flight.
 
     ``limit`` workers share one iterator, so a large fan-out costs ``limit``

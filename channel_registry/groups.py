@@ -10,11 +10,11 @@ approaches can be compared on the same workload, with the same protocol.
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Collection
 
 from .conf import registry_settings
 from .consumers import RegistryConsumer
+from .delivery import run_bounded
 from .dispatch import Dispatcher
 from .exceptions import LAYER_TRANSPORT_ERRORS, ChannelLayerUnavailable
 from .strategy import Delivery, DeliveryStrategy, channel_layer
@@ -42,14 +42,11 @@ class GroupStrategy(DeliveryStrategy):
         await _layer_call("group_discard", group_name(user_id), channel_name)
 
     async def deliver(self, user_ids: Collection, event: dict) -> Delivery:
-        # One group_send per user, bounded: redis-py 8 refuses the 101st concurrent command.
-        limit = asyncio.Semaphore(registry_settings().SEND_CONCURRENCY)
-
         async def send(user_id) -> None:
-            async with limit:
-                await _layer_call("group_send", group_name(user_id), event)
+            await _layer_call("group_send", group_name(user_id), event)
 
-        await asyncio.gather(*(send(user_id) for user_id in user_ids))
+        # One group_send per user, bounded: redis-py 8 refuses the 101st concurrent command.
+        await run_bounded(list(user_ids), send, registry_settings().SEND_CONCURRENCY)
         return Delivery(channels=None, sent=None, failed=[])
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 MAX_ID_LENGTH = 64
@@ -149,7 +149,7 @@ def direct_frame(sender_id, direct: Direct) -> dict:
         "from": sender_id,
         "message": direct.message,
         "id": direct.id,
-        "sent_at": datetime.now(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z"),
+        "sent_at": datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z"),
     }
 
 

@@ -12,9 +12,9 @@ from django.utils import timezone
 
 from channel_registry import (
     Delivery,
+    anotify_user,
     asend_to_user,
     asend_to_users,
-    anotify_user,
     is_online,
     online_user_ids,
     prune_stale,
