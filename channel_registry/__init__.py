@@ -16,6 +16,8 @@ _PUBLIC = {
     "send_to_user": "dispatch",
     "send_to_users": "dispatch",
     "notify_user": "dispatch",
+    "adisconnect_user": "dispatch",
+    "disconnect_user": "dispatch",
     "is_online": "presence",
     "ais_online": "presence",
     "online_user_ids": "presence",

@@ -14,18 +14,14 @@ from django.utils.module_loading import import_string
 
 from . import protocol
 from .conf import registry_settings
-from .exceptions import ChannelLayerUnavailable
-from .protocol import ProtocolError
+from .exceptions import LAYER_TRANSPORT_ERRORS, ChannelLayerUnavailable, ConnectionLimitExceeded
+from .protocol import CLOSE_FORBIDDEN, CLOSE_INTERNAL_ERROR, CLOSE_TOO_MANY, CLOSE_UNAUTHENTICATED, ProtocolError
 from .registry import MappingStrategy
 from .strategy import DeliveryStrategy
 
 logger = logging.getLogger(__name__)
 
-#: Close codes a client can act on (the JS client does not reconnect after 4401/4403).
-CLOSE_UNAUTHENTICATED = 4401
-CLOSE_FORBIDDEN = 4403
-CLOSE_TOO_MANY = 4429
-CLOSE_INTERNAL_ERROR = 1011
+RECEIVE_RETRY_MAX = 10.0
 
 
 class RegistryConsumerMixin:
@@ -48,6 +44,9 @@ class RegistryConsumerMixin:
             return
         try:
             await self.strategy.register(user.pk, self.channel_name)
+        except ConnectionLimitExceeded:
+            await self.refuse(CLOSE_TOO_MANY)
+            return
         except (DatabaseError, ChannelLayerUnavailable):
             logger.exception("channel_registry: could not register %s", self.channel_name)
             await self.refuse(CLOSE_INTERNAL_ERROR)
@@ -59,6 +58,27 @@ class RegistryConsumerMixin:
     async def refuse(self, code: int) -> None:
         await self.accept()
         await self.close(code=code)
+
+    @property
+    def channel_receive(self):
+        return self._receive_until_reachable
+
+    @channel_receive.setter
+    def channel_receive(self, layer_receive) -> None:
+        # AsyncConsumer.__call__ assigns the layer's receive here and awaits it in
+        # its dispatch loop; an error there would kill the consumer and close the
+        # socket with 1011. Wrapping it lets open sockets ride out a Redis outage.
+        self._layer_receive = layer_receive
+
+    async def _receive_until_reachable(self) -> dict:
+        delay = 0.5
+        while True:
+            try:
+                return await self._layer_receive()
+            except LAYER_TRANSPORT_ERRORS as error:
+                logger.warning("channel_registry: channel layer unreachable (%s); retrying in %.1f s", error, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, RECEIVE_RETRY_MAX)
 
     async def __call__(self, scope, receive, send):
         # The one exit every consumer takes — clean close, dropped TCP connection,
@@ -141,7 +161,7 @@ class RegistryConsumer(RegistryConsumerMixin, AsyncJsonWebsocketConsumer):
             raise ProtocolError(protocol.UNKNOWN_RECIPIENT, f"no active user with id {direct.to}", direct.id)
         if not await self.can_message(recipient_id):
             raise ProtocolError(protocol.FORBIDDEN, "you may not message this user", direct.id)
-        event = {"type": "registry.direct", "frame": self.build_direct_message(direct)}
+        event = {"type": protocol.DIRECT_EVENT, "frame": self.build_direct_message(direct)}
         delivery = await self.strategy.deliver([recipient_id], event)
         return protocol.ack_frame(direct.id, delivery.sent)
 

@@ -11,10 +11,9 @@ from collections.abc import Iterable
 from asgiref.sync import async_to_sync
 
 from .models import user_pk
+from .protocol import CLOSE_FORBIDDEN, DISCONNECT_EVENT, NOTIFY_EVENT
 from .registry import MappingStrategy
 from .strategy import Delivery, DeliveryStrategy
-
-NOTIFY_EVENT = "registry.notify"
 
 
 def check_event(event) -> dict:
@@ -50,6 +49,15 @@ class Dispatcher:
         """Send ``data`` as a ``{"type": "notification"}`` frame to ``user``'s sockets."""
         return await self.asend_to_user(user, {"type": NOTIFY_EVENT, "data": data})
 
+    async def adisconnect_user(self, user, code: int = CLOSE_FORBIDDEN) -> int | None:
+        """Close every live connection of ``user``, on every process; returns how many were reached.
+
+        Sockets close with ``code``; event streams end. ``None`` when the strategy
+        cannot count (groups).
+        """
+        delivery = await self.asend_to_user(user, {"type": DISCONNECT_EVENT, "code": code})
+        return delivery.sent
+
     def send_to_user(self, user, event: dict) -> Delivery:
         """Sync wrapper for views, management commands and Celery tasks."""
         return async_to_sync(self.asend_to_user)(user, event)
@@ -60,6 +68,9 @@ class Dispatcher:
     def notify_user(self, user, data) -> Delivery:
         return async_to_sync(self.anotify_user)(user, data)
 
+    def disconnect_user(self, user, code: int = CLOSE_FORBIDDEN) -> int | None:
+        return async_to_sync(self.adisconnect_user)(user, code)
+
 
 mapping = Dispatcher(MappingStrategy())
 
@@ -69,3 +80,5 @@ anotify_user = mapping.anotify_user
 send_to_user = mapping.send_to_user
 send_to_users = mapping.send_to_users
 notify_user = mapping.notify_user
+adisconnect_user = mapping.adisconnect_user
+disconnect_user = mapping.disconnect_user

@@ -21,3 +21,7 @@ def _transport_errors() -> tuple[type[BaseException], ...]:
 
 #: What a channel layer raises when its server cannot be reached.
 LAYER_TRANSPORT_ERRORS = _transport_errors()
+
+
+class ConnectionLimitExceeded(Exception):
+    """The user already has ``MAX_CONNECTIONS_PER_USER`` live connections."""

@@ -64,3 +64,5 @@ anotify_user = groups.anotify_user
 send_to_user = groups.send_to_user
 send_to_users = groups.send_to_users
 notify_user = groups.notify_user
+adisconnect_user = groups.adisconnect_user
+disconnect_user = groups.disconnect_user

@@ -18,6 +18,12 @@ MAX_DEPTH = 32
 # JSON numbers outside this range lose precision in browsers.
 MAX_SAFE_INTEGER = 2**53 - 1
 
+# Close codes a client can act on; the JS client does not reconnect after 4401, 4403, 4429.
+CLOSE_UNAUTHENTICATED = 4401
+CLOSE_FORBIDDEN = 4403
+CLOSE_TOO_MANY = 4429
+CLOSE_INTERNAL_ERROR = 1011
+
 # Error codes, as documented in the README.
 INVALID_JSON = "invalid_json"
 INVALID_PAYLOAD = "invalid_payload"
@@ -158,6 +164,11 @@ def notification_frame(data) -> dict:
 
 
 PONG = {"type": "pong"}
+
+#: Channels events the registry consumers handle.
+NOTIFY_EVENT = "registry.notify"
+DIRECT_EVENT = "registry.direct"
+DISCONNECT_EVENT = "registry.disconnect"
 
 
 class TokenBucket:

@@ -22,9 +22,12 @@ from django.db import DatabaseError, transaction
 from django.db.models import Exists, OuterRef
 from django.utils import timezone
 
+from .cleanup import prune_dead_servers
 from .conf import registry_settings
 from .delivery import send_many
+from .exceptions import ConnectionLimitExceeded
 from .models import UserChannel
+from .protocol import CLOSE_TOO_MANY, DISCONNECT_EVENT
 from .signals import user_offline, user_online
 from .strategy import Delivery, DeliveryStrategy, channel_layer
 
@@ -80,14 +83,33 @@ def _lock_user(user_id, other_rows):
     return next(iter(rows), False)
 
 
-def insert_row(user_id, channel_name: str) -> None:
+def _over_limit(user_id) -> list[str]:
+    """Live channels to close so one more connection fits, oldest first.
+
+    Raises ``ConnectionLimitExceeded`` when the policy refuses the newcomer.
+    Counted from the registry, so the limit holds across every server process.
+    """
+    options = registry_settings()
+    if options.MAX_CONNECTIONS_PER_USER is None:
+        return []
+    live = list(UserChannel.objects.live().for_user(user_id).order_by("connected_at").channel_names())
+    excess = len(live) + 1 - options.MAX_CONNECTIONS_PER_USER
+    if excess <= 0:
+        return []
+    if options.ON_LIMIT != "close_oldest":
+        raise ConnectionLimitExceeded(f"user {user_id} already has {len(live)} live connections")
+    return live[:excess]
+
+
+def insert_row(user_id, channel_name: str) -> list[str]:
+    """Record the connection; returns the channels the connection limit evicts."""
     with transaction.atomic():
         had_rows = _lock_user(user_id, UserChannel.objects.all())
-        UserChannel.objects.create(
-            user_id=user_id, channel_name=channel_name, server=process.server
-        )
+        evicted = _over_limit(user_id)
+        UserChannel.objects.create(user_id=user_id, channel_name=channel_name, server=process.server)
     if not had_rows:
         user_online.send(sender=UserChannel, user_id=user_id)
+    return evicted
 
 
 def delete_row(user_id, channel_name: str) -> None:
@@ -168,9 +190,11 @@ class MappingStrategy(DeliveryStrategy):
     counts_channels = True
 
     async def register(self, user_id, channel_name: str) -> None:
-        await database_sync_to_async(insert_row)(user_id, channel_name)
+        evicted = await database_sync_to_async(insert_row)(user_id, channel_name)
         process.users[channel_name] = user_id
         heartbeat.ensure_running()
+        if evicted:
+            await self.send(evicted, {"type": DISCONNECT_EVENT, "code": CLOSE_TOO_MANY})
 
     async def unregister(self, user_id, channel_name: str) -> None:
         if process.users.pop(channel_name, None) is None:
@@ -183,7 +207,10 @@ class MappingStrategy(DeliveryStrategy):
         names = await database_sync_to_async(live_channel_names)(user_ids)
         if not names:
             return Delivery(channels=0, sent=0, failed=[])
-        failed = await send_many(
-            channel_layer(), names, event, concurrency=registry_settings().SEND_CONCURRENCY
-        )
+        failed = await self.send(names, event)
+        if failed:
+            await database_sync_to_async(prune_dead_servers)(failed)
         return Delivery(channels=len(names), sent=len(names) - len(failed), failed=failed)
+
+    async def send(self, names: list[str], event: dict) -> list[str]:
+        return await send_many(channel_layer(), names, event, concurrency=registry_settings().SEND_CONCURRENCY)

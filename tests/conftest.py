@@ -1,7 +1,6 @@
 import asyncio
 import contextlib
 import itertools
-import socket
 
 import pytest
 from asgiref.sync import sync_to_async
@@ -15,6 +14,8 @@ from channel_registry.consumers import RegistryConsumer
 from channel_registry.models import UserChannel
 from channel_registry.registry import process
 from channel_registry.signals import user_offline, user_online
+
+from .redis_servers import free_port
 
 _names = itertools.count()
 
@@ -71,7 +72,7 @@ async def connect(transactional_db):
 
     yield open_socket
     for communicator in opened:
-        with contextlib.suppress(Exception):
+        with contextlib.suppress(Exception, asyncio.CancelledError):
             await communicator.disconnect()
 
 
@@ -98,12 +99,6 @@ def presence_events():
     user_offline.disconnect(offline)
 
 
-def closed_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 @pytest.fixture
 def database_unreachable():
     """Point the default database at a closed port (or a missing file) until the block ends.
@@ -119,7 +114,7 @@ def database_unreachable():
         if settings_dict["ENGINE"].endswith("sqlite3"):
             settings_dict["NAME"] = "/nonexistent/channel_registry.sqlite3"
         else:
-            settings_dict["PORT"] = str(closed_port())
+            settings_dict["PORT"] = str(free_port())
         await sync_to_async(connections.close_all)()
         try:
             yield
