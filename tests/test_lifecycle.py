@@ -28,7 +28,11 @@ EVENT = {"type": "registry.notify", "data": "x"}
 
 
 async def closed_with(socket, code) -> bool:
-    return await socket.receive_output(timeout=3) == {"type": "websocket.close", "code": code}
+    """Whether the consumer closed the socket with ``code``; then finish the close handshake as daphne would."""
+    closed = await socket.receive_output(timeout=3) == {"type": "websocket.close", "code": code}
+    await socket.send_input({"type": "websocket.disconnect", "code": code})
+    await socket.wait(timeout=2)
+    return closed
 
 
 @pytest.mark.parametrize("consumer", ["mapping", "groups"])
@@ -59,7 +63,6 @@ async def test_logout_closes_every_tab_with_4403(connect, alice):
     await sync_to_async(client.logout)()
     for tab in tabs:
         assert await closed_with(tab, 4403)
-        await tab.wait(timeout=2)
     assert await rows(user=alice) == []
 
 
@@ -86,7 +89,6 @@ async def test_connection_limit_close_oldest_keeps_the_newest(connect, alice, se
     old = await connect(alice)
     new = await connect(alice)
     assert await closed_with(old, 4429)
-    await old.wait(timeout=2)
     assert [r.channel_name for r in await rows(user=alice)] == [new.channel_name]
     assert (await asend_to_user(alice, EVENT)).sent == 1
     assert await new.receive_json_from() == {"type": "notification", "data": "x"}
