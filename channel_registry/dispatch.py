@@ -10,6 +10,7 @@ from collections.abc import Iterable
 
 from asgiref.sync import async_to_sync
 
+from .lookup import sync_caller
 from .models import user_pk
 from .protocol import CLOSE_FORBIDDEN, DISCONNECT_EVENT, NOTIFY_EVENT
 from .registry import MappingStrategy
@@ -60,16 +61,25 @@ class Dispatcher:
 
     def send_to_user(self, user, event: dict) -> Delivery:
         """Sync wrapper for views, management commands and Celery tasks."""
-        return async_to_sync(self.asend_to_user)(user, event)
+        return _from_sync(self.asend_to_user, user, event)
 
     def send_to_users(self, users: Iterable, event: dict) -> Delivery:
-        return async_to_sync(self.asend_to_users)(users, event)
+        return _from_sync(self.asend_to_users, users, event)
 
     def notify_user(self, user, data) -> Delivery:
-        return async_to_sync(self.anotify_user)(user, data)
+        return _from_sync(self.anotify_user, user, data)
 
     def disconnect_user(self, user, code: int = CLOSE_FORBIDDEN) -> int | None:
-        return async_to_sync(self.adisconnect_user)(user, code)
+        return _from_sync(self.adisconnect_user, user, code)
+
+
+def _from_sync(function, *args):
+    """Run an async entry point for sync code, reading the registry on the caller's own connection."""
+    token = sync_caller.set(True)
+    try:
+        return async_to_sync(function)(*args)
+    finally:
+        sync_caller.reset(token)
 
 
 mapping = Dispatcher(MappingStrategy())

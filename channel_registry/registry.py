@@ -26,6 +26,7 @@ from .cleanup import prune_dead_servers
 from .conf import registry_settings
 from .delivery import send_many
 from .exceptions import ConnectionLimitExceeded
+from .lookup import live_channel_names
 from .models import UserChannel
 from .protocol import CLOSE_TOO_MANY, DISCONNECT_EVENT
 from .signals import user_offline, user_online
@@ -121,10 +122,6 @@ def delete_row(user_id, channel_name: str) -> None:
         user_offline.send(sender=UserChannel, user_id=user_id)
 
 
-def live_channel_names(user_ids: Collection) -> list[str]:
-    return list(UserChannel.objects.live().filter(user_id__in=user_ids).channel_names())
-
-
 def beat() -> int:
     """Refresh every row of this process in one UPDATE; restore rows pruned meanwhile.
 
@@ -204,7 +201,7 @@ class MappingStrategy(DeliveryStrategy):
         await database_sync_to_async(delete_row)(user_id, channel_name)
 
     async def deliver(self, user_ids: Collection, event: dict) -> Delivery:
-        names = await database_sync_to_async(live_channel_names)(user_ids)
+        names = await live_channel_names(user_ids)
         if not names:
             return Delivery(channels=0, sent=0, failed=[])
         failed = await self.send(names, event)
