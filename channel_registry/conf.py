@@ -28,9 +28,10 @@ class RegistrySettings:
     #: A row whose ``last_seen`` is older than this many seconds is stale:
     #: dispatch skips it, ``prune_channels`` deletes it.
     STALE_AFTER: float = 90
-    #: On PostgreSQL with psycopg 3, read live channels over native async
-    #: connections instead of Django's thread-bound ORM (see ``lookup.py``).
-    ASYNC_READS: bool = True
+    #: On PostgreSQL with psycopg 3, run the hot statements (lookup, connect,
+    #: disconnect) over native async connections instead of Django's
+    #: thread-bound ORM (see ``postgres.py``).
+    NATIVE_POSTGRES: bool = True
     #: Rows deleted per statement by ``prune_stale``.
     PRUNE_BATCH_SIZE: int = 5000
     #: Most layer commands in flight during one fan-out (redis-py 8 refuses the

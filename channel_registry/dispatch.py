@@ -10,8 +10,8 @@ from collections.abc import Iterable
 
 from asgiref.sync import async_to_sync
 
-from .lookup import sync_caller
 from .models import user_pk
+from .postgres import sync_caller
 from .protocol import CLOSE_FORBIDDEN, DISCONNECT_EVENT, NOTIFY_EVENT
 from .registry import MappingStrategy
 from .strategy import Delivery, DeliveryStrategy

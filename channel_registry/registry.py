@@ -22,11 +22,11 @@ from django.db import DatabaseError, transaction
 from django.db.models import Exists, OuterRef
 from django.utils import timezone
 
+from . import postgres
 from .cleanup import prune_dead_servers
 from .conf import registry_settings
 from .delivery import send_many
 from .exceptions import ConnectionLimitExceeded
-from .lookup import live_channel_names
 from .models import UserChannel
 from .protocol import CLOSE_TOO_MANY, DISCONNECT_EVENT
 from .signals import user_offline, user_online
@@ -102,24 +102,38 @@ def _over_limit(user_id) -> list[str]:
     return live[:excess]
 
 
-def insert_row(user_id, channel_name: str) -> list[str]:
-    """Record the connection; returns the channels the connection limit evicts."""
+def insert_row(user_id, channel_name: str) -> tuple[bool, list[str]]:
+    """Record the connection: (whether it is the user's first, channels the limit evicts)."""
     with transaction.atomic():
         had_rows = _lock_user(user_id, UserChannel.objects.all())
         evicted = _over_limit(user_id)
         UserChannel.objects.create(user_id=user_id, channel_name=channel_name, server=process.server)
-    if not had_rows:
-        user_online.send(sender=UserChannel, user_id=user_id)
-    return evicted
+    return not had_rows, evicted
 
 
-def delete_row(user_id, channel_name: str) -> None:
+def delete_row(user_id, channel_name: str) -> bool:
+    """Forget the connection; whether it was the user's last one."""
     with transaction.atomic():
-        others = UserChannel.objects.exclude(channel_name=channel_name)
-        has_others = _lock_user(user_id, others)
+        has_others = _lock_user(user_id, UserChannel.objects.exclude(channel_name=channel_name))
         deleted, _ = UserChannel.objects.filter(channel_name=channel_name).delete()
-    if deleted and not has_others:
-        user_offline.send(sender=UserChannel, user_id=user_id)
+    return bool(deleted) and not has_others
+
+
+def live_names_query(user_ids: Collection):
+    return UserChannel.objects.live().filter(user_id__in=user_ids).channel_names()
+
+
+async def live_channel_names(user_ids: Collection) -> list[str]:
+    query = live_names_query(user_ids)
+    if postgres.enabled():
+        return await postgres.live_channel_names(query)
+    return await database_sync_to_async(list)(query)
+
+
+async def announce(signal, user_id) -> None:
+    """Send a presence signal from a sync context, as documented; skip the thread hop if nobody listens."""
+    if signal.has_listeners(UserChannel):
+        await database_sync_to_async(signal.send)(sender=UserChannel, user_id=user_id)
 
 
 def beat() -> int:
@@ -187,9 +201,15 @@ class MappingStrategy(DeliveryStrategy):
     counts_channels = True
 
     async def register(self, user_id, channel_name: str) -> None:
-        evicted = await database_sync_to_async(insert_row)(user_id, channel_name)
+        # The connection limit needs a count under the lock: only the ORM path does that.
+        if postgres.enabled() and registry_settings().MAX_CONNECTIONS_PER_USER is None:
+            first, evicted = await postgres.insert_row(user_id, channel_name, process.server), []
+        else:
+            first, evicted = await database_sync_to_async(insert_row)(user_id, channel_name)
         process.users[channel_name] = user_id
         heartbeat.ensure_running()
+        if first:
+            await announce(user_online, user_id)
         if evicted:
             await self.send(evicted, {"type": DISCONNECT_EVENT, "code": CLOSE_TOO_MANY})
 
@@ -198,7 +218,12 @@ class MappingStrategy(DeliveryStrategy):
             return
         if not process.users:
             heartbeat.stop()
-        await database_sync_to_async(delete_row)(user_id, channel_name)
+        if postgres.enabled():
+            last = await postgres.delete_row(user_id, channel_name)
+        else:
+            last = await database_sync_to_async(delete_row)(user_id, channel_name)
+        if last:
+            await announce(user_offline, user_id)
 
     async def deliver(self, user_ids: Collection, event: dict) -> Delivery:
         names = await live_channel_names(user_ids)

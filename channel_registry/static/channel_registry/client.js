@@ -1,0 +1,386 @@
+/**
+ * channel_registry's browser client: a WebSocket or a Server-Sent Events stream
+ * that stays connected. A dependency-free ES module.
+ *
+ *   import { RegistrySocket } from "/static/channel_registry/client.js";
+ *   const socket = new RegistrySocket("/ws/registry/");
+ *   socket.addEventListener("message", (event) => show(event.detail.data));
+ *   socket.addEventListener("state", (event) => render(event.detail.state));
+ *   socket.connect();
+ *   const ack = await socket.request({ type: "direct", to: 2, message: "hi" });
+ *
+ * Both classes dispatch the same events, each a CustomEvent with a `detail`:
+ *   open     {}
+ *   close    { code, reason }                  every time a connection ends or fails
+ *   message  { data, event?, id? }             data: the parsed JSON frame
+ *   state    { state, delay?, retryAt?, code? } see State
+ *
+ * After a close they reconnect with exponential backoff and full jitter, except
+ * after 4401/4403 (state "signed-out") or close(). They never hold two
+ * connections at once: the old one is detached and closed before a new one opens.
+ */
+
+export const CLOSE_NORMAL = 1000;
+/** What a browser reports for a connection that died without a close frame. */
+export const CLOSE_ABNORMAL = 1006;
+export const CLOSE_UNAUTHENTICATED = 4401;
+export const CLOSE_FORBIDDEN = 4403;
+const SIGNED_OUT = new Set([CLOSE_UNAUTHENTICATED, CLOSE_FORBIDDEN]);
+
+export const State = Object.freeze({
+  CONNECTING: "connecting",
+  OPEN: "open",
+  /** Waiting `delay` ms (until `retryAt`, a Date.now() value) before the next attempt. */
+  RECONNECTING: "reconnecting",
+  /** The browser reports no network; the next attempt starts when it comes back. */
+  OFFLINE: "offline",
+  /** The server refused the user (4401/4403 or HTTP 401/403); nothing is retried. */
+  SIGNED_OUT: "signed-out",
+  /** Not started yet, or stopped by close(). */
+  CLOSED: "closed",
+});
+
+const BACKOFF = {
+  /** Ceiling of the first retry's delay, in ms; it doubles with every failed attempt. */
+  initialDelay: 1000,
+  maxDelay: 30000,
+  /** A connection open this long counts as stable: the next retry starts small again. */
+  stableAfter: 10000,
+  random: Math.random,
+};
+
+/**
+ * Full jitter: a uniform delay in [0, min(maxDelay, initialDelay × 2^attempt)].
+ * Spreads the reconnects of every tab after a server restart instead of
+ * bringing them back in waves.
+ */
+export function backoffDelay(attempt, { initialDelay, maxDelay, random } = BACKOFF) {
+  return random() * Math.min(maxDelay, initialDelay * 2 ** attempt);
+}
+
+/** An error frame (or a missing answer) in reply to request(). */
+export class RequestError extends Error {
+  constructor(code, detail, frame = null) {
+    super(detail);
+    this.code = code;
+    this.frame = frame;
+  }
+}
+
+/**
+ * What both transports share: state, backoff and events. A subclass implements
+ * start() (open the transport and report through opened(), received() and
+ * lost()) and detach() (drop its handlers, close it, tell whether one existed).
+ */
+class Connection extends EventTarget {
+  constructor(url, options) {
+    super();
+    this.url = url;
+    this.options = { ...BACKOFF, ...options };
+    this.state = State.CLOSED;
+    this.attempt = 0;
+    this.stopped = true;
+    this.retryTimer = null;
+    this.stableTimer = null;
+    this.whenOnline = () => this.reopen();
+    this.whenOffline = () => {
+      if (this.state === State.OPEN || this.state === State.CONNECTING || this.state === State.RECONNECTING) {
+        this.lost(CLOSE_ABNORMAL, "the browser went offline");
+      }
+    };
+  }
+
+  /** Start (or restart at once). Attach listeners first: events fire from here on. */
+  connect() {
+    this.stopped = false;
+    globalThis.addEventListener?.("offline", this.whenOffline);
+    this.reopen();
+  }
+
+  /** Stop for good; connect() starts again. */
+  close() {
+    this.stopped = true;
+    globalThis.removeEventListener?.("offline", this.whenOffline);
+    this.clearTimers();
+    if (this.detach()) this.emit("close", { code: CLOSE_NORMAL, reason: "closed by the page" });
+    this.setState(State.CLOSED);
+  }
+
+  reopen() {
+    this.clearTimers();
+    this.detach();
+    this.setState(State.CONNECTING);
+    this.start();
+  }
+
+  opened() {
+    this.setState(State.OPEN);
+    this.emit("open", {});
+    this.stableTimer = setTimeout(() => { this.attempt = 0; }, this.options.stableAfter);
+  }
+
+  received(detail) {
+    this.emit("message", detail);
+  }
+
+  lost(code, reason) {
+    this.clearTimers();
+    if (this.detach()) this.emit("close", { code, reason });
+    if (this.stopped) return;
+    if (SIGNED_OUT.has(code)) {
+      this.setState(State.SIGNED_OUT, { code });
+    } else {
+      this.scheduleRetry();
+    }
+  }
+
+  scheduleRetry() {
+    if (globalThis.navigator?.onLine === false) {
+      this.setState(State.OFFLINE);
+      globalThis.addEventListener("online", this.whenOnline, { once: true });
+      return;
+    }
+    const delay = backoffDelay(this.attempt++, this.options);
+    this.setState(State.RECONNECTING, { delay, retryAt: Date.now() + delay });
+    this.retryTimer = setTimeout(() => this.reopen(), delay);
+  }
+
+  clearTimers() {
+    clearTimeout(this.retryTimer);
+    clearTimeout(this.stableTimer);
+    globalThis.removeEventListener?.("online", this.whenOnline);
+  }
+
+  setState(state, detail = {}) {
+    this.state = state;
+    this.emit("state", { state, ...detail });
+  }
+
+  emit(type, detail) {
+    this.dispatchEvent(new CustomEvent(type, { detail }));
+  }
+}
+
+/** The registry's WebSocket protocol: JSON frames, ping/pong, acks matched to requests. */
+export class RegistrySocket extends Connection {
+  /**
+   * url: a ws(s):// URL or a path on this site ("/ws/registry/").
+   * options: the backoff ones, plus pingInterval (25 s), pongTimeout (10 s), requestTimeout (10 s).
+   */
+  constructor(url, options = {}) {
+    super(webSocketURL(url), { pingInterval: 25000, pongTimeout: 10000, requestTimeout: 10000, ...options });
+    this.socket = null;
+    this.pending = new Map();
+    this.requestIds = 0;
+    this.pingTimer = null;
+    this.pongTimer = null;
+  }
+
+  /** Send one frame; false when not connected (nothing is queued). */
+  send(frame) {
+    if (this.state !== State.OPEN) return false;
+    this.socket.send(JSON.stringify(frame));
+    return true;
+  }
+
+  /** Send a frame that the server answers with `ack` (resolves) or `error` (rejects with RequestError). */
+  request(frame) {
+    const id = frame.id ?? `r${++this.requestIds}`;
+    return new Promise((resolve, reject) => {
+      if (!this.send({ ...frame, id })) {
+        reject(new RequestError("not_connected", "not connected"));
+        return;
+      }
+      const timer = setTimeout(() => {
+        this.pending.delete(id);
+        reject(new RequestError("timeout", "no answer from the server"));
+      }, this.options.requestTimeout);
+      this.pending.set(id, { resolve, reject, timer });
+    });
+  }
+
+  start() {
+    const socket = new WebSocket(this.url);
+    socket.onopen = () => {
+      this.opened();
+      this.pingTimer = setInterval(() => this.ping(), this.options.pingInterval);
+    };
+    socket.onmessage = (event) => this.receive(event.data);
+    socket.onclose = (event) => this.lost(event.code, event.reason);
+    this.socket = socket;
+  }
+
+  ping() {
+    if (this.pongTimer || !this.send({ type: "ping" })) return;
+    this.pongTimer = setTimeout(
+      () => this.lost(CLOSE_ABNORMAL, "no pong: the connection is dead"),
+      this.options.pongTimeout,
+    );
+  }
+
+  receive(text) {
+    const frame = JSON.parse(text);
+    if (frame.type === "pong") {
+      clearTimeout(this.pongTimer);
+      this.pongTimer = null;
+      return;
+    }
+    const request = (frame.type === "ack" || frame.type === "error") && this.pending.get(frame.id);
+    if (!request) {
+      this.received({ data: frame });
+      return;
+    }
+    this.pending.delete(frame.id);
+    clearTimeout(request.timer);
+    if (frame.type === "ack") request.resolve(frame);
+    else request.reject(new RequestError(frame.code, frame.detail, frame));
+  }
+
+  detach() {
+    clearInterval(this.pingTimer);
+    clearTimeout(this.pongTimer);
+    this.pongTimer = null;
+    for (const { reject, timer } of this.pending.values()) {
+      clearTimeout(timer);
+      reject(new RequestError("closed", "the connection closed before the answer"));
+    }
+    this.pending.clear();
+    const socket = this.socket;
+    if (!socket) return false;
+    this.socket = null;
+    socket.onopen = socket.onmessage = socket.onclose = null;
+    if (socket.readyState === WebSocket.CONNECTING || socket.readyState === WebSocket.OPEN) {
+      socket.close(CLOSE_NORMAL);
+    }
+    return true;
+  }
+}
+
+/**
+ * A Server-Sent Events stream (channel_registry.views.EventStreamView), read
+ * with fetch() rather than EventSource: the status of a refusal stays visible
+ * (401/403 → "signed-out"), reconnects follow the same backoff as sockets, and
+ * a stream silent for idleTimeout (45 s: three missed 15 s heartbeats) is
+ * treated as dead. The server's `retry:` hint is for native EventSource
+ * clients; this one uses its backoff. A `disconnect` event ends the stream
+ * with the close code it carries.
+ */
+export class RegistryEventStream extends Connection {
+  constructor(url, options = {}) {
+    super(url, { idleTimeout: 45000, ...options });
+    this.abort = null;
+    this.idleTimer = null;
+  }
+
+  start() {
+    const abort = new AbortController();
+    this.abort = abort;
+    // A failure of a stream that was already detached (aborted) is no news.
+    this.read(abort.signal).catch((error) => {
+      if (!abort.signal.aborted) this.lost(CLOSE_ABNORMAL, String(error));
+    });
+  }
+
+  async read(signal) {
+    const response = await fetch(this.url, {
+      headers: { Accept: "text/event-stream" },
+      credentials: "same-origin",
+      cache: "no-store",
+      signal,
+    });
+    if (!isEventStream(response)) {
+      this.lost(refusalCode(response), `HTTP ${response.status}`);
+      return;
+    }
+    const reader = response.body.pipeThrough(new TextDecoderStream()).getReader();
+    const parser = new EventStreamParser();
+    for (;;) {
+      const { value, done } = await reader.read();
+      if (signal.aborted) return;
+      if (done) break;
+      if (this.state !== State.OPEN) this.opened();
+      this.watch();
+      for (const event of parser.push(value)) this.dispatchServerEvent(event);
+    }
+    this.lost(CLOSE_ABNORMAL, "the server ended the stream");
+  }
+
+  dispatchServerEvent({ event, data, id }) {
+    const frame = JSON.parse(data);
+    if (event === "disconnect") {
+      this.lost(frame.code, "disconnected by the server");
+    } else {
+      this.received({ data: frame, event, id });
+    }
+  }
+
+  /** Restart the idle watchdog: any bytes, heartbeat comments included, prove the stream alive. */
+  watch() {
+    clearTimeout(this.idleTimer);
+    this.idleTimer = setTimeout(
+      () => this.lost(CLOSE_ABNORMAL, "no heartbeat: the stream is dead"),
+      this.options.idleTimeout,
+    );
+  }
+
+  detach() {
+    clearTimeout(this.idleTimer);
+    const abort = this.abort;
+    if (!abort) return false;
+    this.abort = null;
+    abort.abort();
+    return true;
+  }
+}
+
+function webSocketURL(url) {
+  const absolute = new URL(url, globalThis.location?.href);
+  absolute.protocol = absolute.protocol.replace(/^http/, "ws");
+  return absolute.href;
+}
+
+function isEventStream(response) {
+  return response.ok && (response.headers.get("Content-Type") || "").startsWith("text/event-stream");
+}
+
+/** The close code for a response that is not an event stream. */
+function refusalCode(response) {
+  if (response.status === 401 || response.redirected) return CLOSE_UNAUTHENTICATED; // redirected: a login page
+  if (response.status === 403) return CLOSE_FORBIDDEN;
+  return CLOSE_ABNORMAL;
+}
+
+/** The text/event-stream format, fed in arbitrary chunks; yields { event, data, id } per event. */
+export class EventStreamParser {
+  constructor() {
+    this.buffer = "";
+    this.id = "";
+    this.reset();
+  }
+
+  reset() {
+    this.event = "message";
+    this.data = [];
+  }
+
+  push(text) {
+    const lines = (this.buffer + text).split(/\r\n|\r|\n/);
+    this.buffer = lines.pop();
+    const events = [];
+    for (const line of lines) {
+      if (line === "") {
+        if (this.data.length) events.push({ event: this.event, data: this.data.join("\n"), id: this.id });
+        this.reset();
+        continue;
+      }
+      if (line.startsWith(":")) continue;
+      const colon = line.indexOf(":");
+      const field = colon === -1 ? line : line.slice(0, colon);
+      const value = colon === -1 ? "" : line.slice(colon + 1).replace(/^ /, "");
+      if (field === "data") this.data.push(value);
+      else if (field === "event") this.event = value;
+      else if (field === "id") this.id = value;
+    }
+    return events;
+  }
+}

@@ -1,0 +1,153 @@
+"""Server-Sent Events: the registry's deliveries for clients that cannot hold a WebSocket.
+
+An event stream is one more connection of the user: it gets its own channel,
+registered like a socket, so ``send_to_user``, notifications, direct messages
+and ``disconnect_user`` reach it exactly as they reach a consumer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import json
+import logging
+from collections.abc import AsyncIterator
+from contextlib import aclosing
+from itertools import count
+
+from asgiref.sync import sync_to_async
+from django.db import DatabaseError, connections
+from django.http import HttpResponse, StreamingHttpResponse
+from django.views import View
+
+from . import protocol
+from .conf import registry_settings
+from .exceptions import LAYER_TRANSPORT_ERRORS, ChannelLayerUnavailable
+from .registry import MappingStrategy
+from .strategy import DeliveryStrategy, channel_layer
+
+logger = logging.getLogger(__name__)
+
+#: Milliseconds a native ``EventSource`` waits before reconnecting (the ``retry:`` hint).
+RETRY_MS = 2000
+
+
+def sse_message(event_id: int, name: str, data) -> str:
+    """One event in the text/event-stream format; the JSON holds no raw newline."""
+    name = name.replace("\r", "").replace("\n", "")
+    payload = json.dumps(data, ensure_ascii=False, separators=(",", ":"))
+    return f"id: {event_id}\nevent: {name}\ndata: {payload}\n\n"
+
+
+async def on_shared_thread(coroutine):
+    """Await ``coroutine`` outside this request's ``ThreadSensitiveContext``.
+
+    Django's ASGI handler gives every request a sync thread of its own, and a
+    database connection opened there stays open until the response ends: for an
+    event stream, hours. Outside it the registry uses the process's shared
+    database thread, as consumers do, and the heartbeat task it may start is not
+    tied to this request.
+    """
+    return await asyncio.create_task(coroutine, context=contextvars.Context())
+
+
+def signed_in_user_id(request):
+    """The user's primary key or ``None``; sync, as ``request.auser()`` needs Django 5.0."""
+    user = request.user
+    return user.pk if user.is_authenticated else None
+
+
+class EventStreamView(View):
+    """``text/event-stream`` of everything delivered to the signed-in user.
+
+    Anonymous requests get 401. Each Channels event becomes one SSE event:
+    ``registry.notify`` → ``notification``, ``registry.direct`` → ``direct`` (the
+    same JSON frames a socket receives), ``registry.disconnect`` → a last
+    ``disconnect`` event carrying the close code, then the stream ends; any other
+    type is passed on under its own name with the event as data. ``groups``
+    works like a consumer's: the stream joins them while it is open.
+    """
+
+    http_method_names = ["get"]
+    strategy: DeliveryStrategy = MappingStrategy()
+    groups: list[str] = []
+
+    async def get(self, request):
+        user_id = await sync_to_async(signed_in_user_id)(request)
+        if user_id is None:
+            return HttpResponse("Authentication required.", status=401, content_type="text/plain")
+        response = StreamingHttpResponse(self.stream(user_id), content_type="text/event-stream")
+        response["Cache-Control"] = "no-cache"
+        # nginx buffers proxied responses by default, which would hold events back.
+        response["X-Accel-Buffering"] = "no"
+        return response
+
+    async def stream(self, user_id) -> AsyncIterator[str]:
+        """Register, relay events until the client leaves, and unregister in every case.
+
+        Registration happens here rather than in ``get`` so the generator that
+        unregisters is the one that registered: a response never iterated leaves
+        no row behind. The client's "open" is the ``retry:`` line, sent once the
+        stream is reachable.
+        """
+        # Sessions and auth (in the middleware, or above) used this request's thread.
+        await sync_to_async(connections.close_all)()
+        layer = channel_layer()
+        channel = await layer.new_channel()
+        try:
+            await on_shared_thread(self.strategy.register(user_id, channel))
+        except (DatabaseError, ChannelLayerUnavailable):
+            logger.exception("channel_registry: could not register event stream %s", channel)
+            return
+        try:
+            for group in self.groups:
+                await layer.group_add(group, channel)
+            yield f"retry: {RETRY_MS}\n\n"
+            async with aclosing(self.relay(layer, channel)) as chunks:
+                async for chunk in chunks:
+                    yield chunk
+        finally:
+            await self.leave(user_id, layer, channel)
+
+    async def relay(self, layer, channel: str) -> AsyncIterator[str]:
+        """Events as SSE text, with a comment whenever ``SSE_HEARTBEAT`` seconds pass quietly.
+
+        One ``receive`` stays pending across heartbeats: cancelling a layer's
+        receive mid-read can lose the message it was reading.
+        """
+        ids = count(1)
+        pending = None
+        try:
+            while True:
+                pending = pending or asyncio.ensure_future(layer.receive(channel))
+                done, _ = await asyncio.wait({pending}, timeout=registry_settings().SSE_HEARTBEAT)
+                if not done:
+                    yield ": heartbeat\n\n"
+                    continue
+                event, pending = pending.result(), None
+                if event["type"] == protocol.DISCONNECT_EVENT:
+                    code = event.get("code", protocol.CLOSE_FORBIDDEN)
+                    yield sse_message(next(ids), "disconnect", {"type": "disconnect", "code": code})
+                    return
+                yield sse_message(next(ids), *self.encode(event))
+        finally:
+            if pending is not None:
+                pending.cancel()
+
+    def encode(self, event: dict) -> tuple[str, object]:
+        """The SSE event name and data for one Channels event; override to add types."""
+        if event["type"] == protocol.NOTIFY_EVENT:
+            return "notification", protocol.notification_frame(event["data"])
+        if event["type"] == protocol.DIRECT_EVENT:
+            return "direct", event["frame"]
+        return event["type"], event
+
+    async def leave(self, user_id, layer, channel: str) -> None:
+        """Unregister first: presence and delivery read the row; a group membership only expires."""
+        try:
+            await on_shared_thread(self.strategy.unregister(user_id, channel))
+            for group in self.groups:
+                await layer.group_discard(group, channel)
+        except (DatabaseError, ChannelLayerUnavailable, *LAYER_TRANSPORT_ERRORS):
+            # The row turns stale and prune_channels removes it.
+            logger.warning("channel_registry: could not unregister event stream %s", channel, exc_info=True)
