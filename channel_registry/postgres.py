@@ -104,7 +104,8 @@ class NativePool:
 
         async def run(conn):
             cursor = psycopg.AsyncClientCursor(conn)
-            await cursor.execute(f"BEGIN; {ASYNC_COMMIT}; {self.statements.lock_user}; {sql}; COMMIT", [user_id, *params])
+            script = f"BEGIN; {ASYNC_COMMIT}; {self.statements.lock_user}; {sql}; COMMIT"
+            await cursor.execute(script, [user_id, *params])
             for _ in range(3):  # past the results of BEGIN, SET and the lock
                 cursor.nextset()
             return await cursor.fetchone()

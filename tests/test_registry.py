@@ -181,7 +181,9 @@ async def test_prune_sends_offline_only_for_users_left_without_rows(connect, ali
 
 
 @pytest.mark.parametrize("native", [True, False], ids=["native-postgres", "orm"])
-async def test_concurrent_tabs_fire_exactly_one_online_and_one_offline(connect, alice, presence_events, settings, native):
+async def test_concurrent_tabs_fire_exactly_one_online_and_one_offline(
+    connect, alice, presence_events, settings, native
+):
     settings.CHANNEL_REGISTRY = {"NATIVE_POSTGRES": native}
     tabs = await asyncio.gather(*(connect(alice) for _ in range(5)))
     assert presence_events == [("online", alice.pk)]

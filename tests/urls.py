@@ -1,4 +1,9 @@
 from django.contrib import admin
 from django.urls import path
 
-urlpatterns = [path("admin/", admin.site.urls)]
+from channel_registry.views import EventStreamView
+
+urlpatterns = [
+    path("admin/", admin.site.urls),
+    path("events/", EventStreamView.as_view()),
+]
