@@ -132,7 +132,8 @@ class RegistryConsumer(RegistryConsumerMixin, AsyncJsonWebsocketConsumer):
             await self.send_json(reply)
 
     async def handle_frame(self, payload: dict) -> dict | None:
-        handler = self.frame_types.get(payload.get("type"))
+        frame_type = payload.get("type")
+        handler = self.frame_types.get(frame_type) if isinstance(frame_type, str) else None
         if handler is None:
             raise ProtocolError(
                 protocol.UNKNOWN_TYPE,

@@ -13,12 +13,14 @@ from __future__ import annotations
 
 import asyncio
 import time
+import weakref
 from collections import defaultdict
 from collections.abc import Awaitable, Callable, Sequence
 from typing import TypeVar
 
 from channels.exceptions import ChannelFull
 
+from .conf import registry_settings
 from .exceptions import LAYER_TRANSPORT_ERRORS, ChannelLayerUnavailable
 
 try:  # channels_redis is optional: the generic path serves every other layer.
@@ -151,18 +153,44 @@ async def _send_batched(layer, channels: list[str], message: dict, concurrency: 
     return full
 
 
+def layer_slots() -> asyncio.Semaphore:
+    """The process's budget of layer commands in flight (``SEND_CONCURRENCY``), one per event loop.
+
+    Bounding each fan-out is not enough: 200 consumers sending at once would
+    still exhaust redis-py 8's pool, which refuses the 101st concurrent command
+    instead of waiting. Every command the library sends takes a slot here.
+    """
+    loop = asyncio.get_running_loop()
+    slots = _slots.get(loop)
+    if slots is None:
+        slots = _slots[loop] = asyncio.Semaphore(registry_settings().SEND_CONCURRENCY)
+    return slots
+
+
+_slots: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
 async def run_bounded(items: Sequence[T], work: Callable[[T], Awaitable[None]], limit: int) -> None:
-    """Run ``work`` over ``items`` with at most ``limit`` calls in flight.
+    """Run ``work`` over ``items`` with at most ``limit`` calls in flight, each holding a layer slot.
 
     ``limit`` workers share one iterator, so a large fan-out costs ``limit``
     tasks, not one per item. The first error cancels the other workers and is
     raised, so nothing keeps sending after the caller has been told it failed.
     """
+    slots = layer_slots()
+
+    async def bounded(item: T) -> None:
+        async with slots:
+            await work(item)
+
+    if len(items) == 1:  # the common single-tab send: no worker task to set up
+        await bounded(items[0])
+        return
     pending = iter(items)
 
     async def worker() -> None:
         for item in pending:
-            await work(item)
+            await bounded(item)
 
     workers = [asyncio.ensure_future(worker()) for _ in range(min(limit, len(items)))]
     try:

@@ -14,7 +14,7 @@ from collections.abc import Collection
 
 from .conf import registry_settings
 from .consumers import RegistryConsumer
-from .delivery import run_bounded
+from .delivery import layer_slots, run_bounded
 from .dispatch import Dispatcher
 from .exceptions import LAYER_TRANSPORT_ERRORS, ChannelLayerUnavailable
 from .strategy import Delivery, DeliveryStrategy, channel_layer
@@ -26,7 +26,8 @@ def group_name(user_id) -> str:
 
 async def _layer_call(method: str, *args) -> None:
     try:
-        await getattr(channel_layer(), method)(*args)
+        async with layer_slots():
+            await getattr(channel_layer(), method)(*args)
     except LAYER_TRANSPORT_ERRORS as error:
         raise ChannelLayerUnavailable(str(error)) from error
 
@@ -42,11 +43,16 @@ class GroupStrategy(DeliveryStrategy):
         await _layer_call("group_discard", group_name(user_id), channel_name)
 
     async def deliver(self, user_ids: Collection, event: dict) -> Delivery:
-        async def send(user_id) -> None:
-            await _layer_call("group_send", group_name(user_id), event)
+        layer = channel_layer()
 
-        # One group_send per user, bounded: redis-py 8 refuses the 101st concurrent command.
-        await run_bounded(list(user_ids), send, registry_settings().SEND_CONCURRENCY)
+        async def send(user_id) -> None:
+            await layer.group_send(group_name(user_id), event)
+
+        # One group_send per user, within the process's budget of commands in flight.
+        try:
+            await run_bounded(list(user_ids), send, registry_settings().SEND_CONCURRENCY)
+        except LAYER_TRANSPORT_ERRORS as error:
+            raise ChannelLayerUnavailable(str(error)) from error
         return Delivery(channels=None, sent=None, failed=[])
 
 

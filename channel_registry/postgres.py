@@ -59,6 +59,7 @@ class Statements:
         table = quote(UserChannel._meta.db_table)
         user_id = quote(UserChannel._meta.get_field("user").column)
         # The same row lock as the ORM path: connects, disconnects and prunes of one user take turns.
+        self.user_rows = f"SELECT channel_name, last_seen FROM {table} WHERE {user_id} = ANY(%s)"
         self.lock_user = f"SELECT 1 FROM {quote(user_meta.db_table)} WHERE {quote(user_meta.pk.column)} = %s FOR UPDATE"
         # A CTE's SELECT sees the table as it was before the CTE's own INSERT/DELETE:
         # "does the user have any other row" — asked after the lock, so it is exact.
@@ -87,10 +88,10 @@ class NativePool:
             self._statements = Statements()
         return self._statements
 
-    async def fetch_column(self, sql: str, params) -> list:
+    async def fetch_all(self, sql: str, params) -> list[tuple]:
         async def run(conn):
             cursor = await conn.execute(sql, params)
-            return [row[0] for row in await cursor.fetchall()]
+            return await cursor.fetchall()
 
         return await self.run(run)
 
@@ -170,9 +171,9 @@ def _django_error(error) -> DatabaseError:
 pool = NativePool()
 
 
-async def live_channel_names(query) -> list[str]:
-    sql, params = query.query.sql_with_params()
-    return await pool.fetch_column(sql, params)
+async def user_rows(user_ids) -> list[tuple]:
+    """``(channel_name, last_seen)`` of every row of ``user_ids``: one prepared-shape query, one array parameter."""
+    return await pool.fetch_all(pool.statements.user_rows, [list(user_ids)])
 
 
 async def insert_row(user_id, channel_name: str, server: str) -> bool:

@@ -19,7 +19,6 @@ from collections.abc import Collection
 from channels.db import database_sync_to_async
 from django.contrib.auth import get_user_model
 from django.db import DatabaseError, transaction
-from django.db.models import Exists, OuterRef
 from django.utils import timezone
 
 from . import postgres
@@ -27,7 +26,7 @@ from .cleanup import prune_dead_servers
 from .conf import registry_settings
 from .delivery import send_many
 from .exceptions import ConnectionLimitExceeded
-from .models import UserChannel
+from .models import UserChannel, stale_cutoff
 from .protocol import CLOSE_TOO_MANY, DISCONNECT_EVENT
 from .signals import user_offline, user_online
 from .strategy import Delivery, DeliveryStrategy, channel_layer
@@ -67,21 +66,16 @@ class ProcessChannels:
 process = ProcessChannels()
 
 
-def _lock_user(user_id, other_rows):
-    """Lock the user's row and tell whether ``other_rows`` has any row for them.
+def _lock_user(user_id) -> None:
+    """Lock the user's row until the transaction ends.
 
     The lock serialises connect, disconnect and prune of one user, so the
     presence signals fire exactly once per transition even when two tabs
-    connect or close at the same moment.
+    connect or close at the same moment. Rows are counted in a later statement:
+    one in the same statement would see the table as it was before the lock
+    was granted, missing a row another tab committed meanwhile.
     """
-    rows = (
-        get_user_model()
-        .objects.select_for_update(of=("self",))
-        .filter(pk=user_id)
-        .annotate(has_rows=Exists(other_rows.filter(user_id=OuterRef("pk"))))
-        .values_list("has_rows", flat=True)
-    )
-    return next(iter(rows), False)
+    list(get_user_model().objects.select_for_update().filter(pk=user_id).values_list("pk"))
 
 
 def _over_limit(user_id) -> list[str]:
@@ -105,7 +99,8 @@ def _over_limit(user_id) -> list[str]:
 def insert_row(user_id, channel_name: str) -> tuple[bool, list[str]]:
     """Record the connection: (whether it is the user's first, channels the limit evicts)."""
     with transaction.atomic():
-        had_rows = _lock_user(user_id, UserChannel.objects.all())
+        _lock_user(user_id)
+        had_rows = UserChannel.objects.for_user(user_id).exists()
         evicted = _over_limit(user_id)
         UserChannel.objects.create(user_id=user_id, channel_name=channel_name, server=process.server)
     return not had_rows, evicted
@@ -114,20 +109,32 @@ def insert_row(user_id, channel_name: str) -> tuple[bool, list[str]]:
 def delete_row(user_id, channel_name: str) -> bool:
     """Forget the connection; whether it was the user's last one."""
     with transaction.atomic():
-        has_others = _lock_user(user_id, UserChannel.objects.exclude(channel_name=channel_name))
+        _lock_user(user_id)
         deleted, _ = UserChannel.objects.filter(channel_name=channel_name).delete()
+        has_others = UserChannel.objects.for_user(user_id).exists()
     return bool(deleted) and not has_others
 
 
-def live_names_query(user_ids: Collection):
-    return UserChannel.objects.live().filter(user_id__in=user_ids).channel_names()
+def _live(rows) -> list[str]:
+    """Channel names of the rows seen within ``STALE_AFTER``.
+
+    Filtered here rather than in SQL: heartbeats keep moving ``last_seen`` past
+    the planner's statistics, and a ``last_seen >= cutoff`` condition then
+    tempts PostgreSQL into scanning the ``last_seen`` index over every live row
+    (3 ms instead of 0.06 ms at 50,000 rows). Stale rows are few; reading them costs nothing.
+    """
+    cutoff = stale_cutoff()
+    return [name for name, last_seen in rows if last_seen >= cutoff]
+
+
+def orm_rows(user_ids: Collection) -> list[tuple]:
+    return list(UserChannel.objects.for_users(user_ids).order_by().values_list("channel_name", "last_seen"))
 
 
 async def live_channel_names(user_ids: Collection) -> list[str]:
-    query = live_names_query(user_ids)
     if postgres.enabled():
-        return await postgres.live_channel_names(query)
-    return await database_sync_to_async(list)(query)
+        return _live(await postgres.user_rows(user_ids))
+    return _live(await database_sync_to_async(orm_rows)(user_ids))
 
 
 async def announce(signal, user_id) -> None:
