@@ -13,7 +13,7 @@ from django.db import transaction
 
 from .conf import registry_settings
 from .models import UserChannel, stale_cutoff
-from .signals import user_offline
+from .signals import send_presence, user_offline
 
 
 def count_stale(older_than: float | None = None) -> int:
@@ -45,7 +45,7 @@ def _prune(doomed) -> int:
         seen, deleted, offline = _prune_batch(doomed, size)
         total += deleted
         for user_id in offline:
-            user_offline.send(sender=UserChannel, user_id=user_id)
+            send_presence(user_offline, user_id)
         if seen < size:
             return total
 

@@ -119,9 +119,15 @@ class NativePool:
             conn = idle.pop() if idle else await self._connect()
             try:
                 result = await work(conn)
-            except psycopg.Error as error:
-                await conn.close()  # never reuse a connection in an unknown state
-                raise _django_error(error) from error
+            except BaseException as error:
+                # Never reuse a connection in an unknown state. A cancelled task
+                # (a socket closing mid-connect) may have left a transaction open
+                # that holds the user's row lock: closing ends it at once
+                # (close() does not yield, so it runs even while cancelled).
+                await conn.close()
+                if isinstance(error, psycopg.Error):
+                    raise _django_error(error) from error
+                raise
             idle.append(conn)
         return result
 

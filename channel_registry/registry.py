@@ -10,6 +10,7 @@ Rows of a process that died stop being refreshed, turn stale after
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
 import os
 import secrets
@@ -28,7 +29,7 @@ from .delivery import send_many
 from .exceptions import ConnectionLimitExceeded
 from .models import UserChannel, stale_cutoff
 from .protocol import CLOSE_TOO_MANY, DISCONNECT_EVENT
-from .signals import user_offline, user_online
+from .signals import send_presence, user_offline, user_online
 from .strategy import Delivery, DeliveryStrategy, channel_layer
 
 logger = logging.getLogger(__name__)
@@ -140,7 +141,7 @@ async def live_channel_names(user_ids: Collection) -> list[str]:
 async def announce(signal, user_id) -> None:
     """Send a presence signal from a sync context, as documented; skip the thread hop if nobody listens."""
     if signal.has_listeners(UserChannel):
-        await database_sync_to_async(signal.send)(sender=UserChannel, user_id=user_id)
+        await database_sync_to_async(send_presence)(signal, user_id)
 
 
 def beat() -> int:
@@ -182,7 +183,10 @@ class Heartbeat:
 
     def ensure_running(self) -> None:
         if self._task is None or self._task.done() or self._task.get_loop() is not asyncio.get_running_loop():
-            self._task = asyncio.get_running_loop().create_task(self._run(), name="channel_registry heartbeat")
+            # A context of its own: not the one of the request or consumer that happened to start it.
+            self._task = asyncio.get_running_loop().create_task(
+                self._run(), name="channel_registry heartbeat", context=contextvars.Context()
+            )
 
     def stop(self) -> None:
         if self._task is not None:

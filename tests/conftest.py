@@ -4,7 +4,7 @@ import itertools
 
 import pytest
 from asgiref.sync import sync_to_async
-from channels.layers import get_channel_layer
+from channels.layers import channel_layers, get_channel_layer
 from channels.testing import WebsocketCommunicator
 from django.contrib.auth import get_user_model
 from django.contrib.auth.models import AnonymousUser
@@ -26,6 +26,14 @@ def close_async_connections(django_db_setup, django_db_blocker):
     yield
     with django_db_blocker.unblock():
         asyncio.run(sync_to_async(connections.close_all)())
+
+
+@pytest.fixture(autouse=True)
+def fresh_channel_layers():
+    """A new layer instance per test: a receive the previous test's event loop left
+    pending must not leave channels_redis's receive lock bound to that dead loop."""
+    yield
+    channel_layers.backends = {}
 
 
 @pytest.fixture

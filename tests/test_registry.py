@@ -24,6 +24,7 @@ from channel_registry import (
 from channel_registry.consumers import RegistryConsumer
 from channel_registry.models import UserChannel
 from channel_registry.registry import process
+from channel_registry.signals import user_offline, user_online
 
 from .conftest import rows
 
@@ -236,3 +237,20 @@ def test_sync_api_from_plain_code(make_user, layer):
 async def test_bad_events_raise_documented_errors(alice, event, error, words):
     with pytest.raises(error, match=words):
         await asend_to_user(alice, event)
+
+
+async def test_a_failing_presence_receiver_breaks_nothing(connect, alice, caplog):
+    def broken(**kwargs):
+        raise RuntimeError("receiver bug")
+
+    user_online.connect(broken, weak=False)
+    user_offline.connect(broken, weak=False)
+    try:
+        socket = await connect(alice)
+        assert (await asend_to_user(alice, EVENT)).sent == 1
+        await socket.disconnect()
+    finally:
+        user_online.disconnect(broken)
+        user_offline.disconnect(broken)
+    assert await rows() == []
+    assert "presence receiver" in caplog.text

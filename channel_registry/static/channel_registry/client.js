@@ -16,7 +16,7 @@
  *   state    { state, delay?, retryAt?, code? } see State
  *
  * After a close they reconnect with exponential backoff and full jitter, except
- * after 4401/4403 (state "signed-out") or close(). They never hold two
+ * after 4401/4403 (state "signed-out"), 4429 (state "refused") or close(). They never hold two
  * connections at once: the old one is detached and closed before a new one opens.
  */
 
@@ -25,6 +25,8 @@ export const CLOSE_NORMAL = 1000;
 export const CLOSE_ABNORMAL = 1006;
 export const CLOSE_UNAUTHENTICATED = 4401;
 export const CLOSE_FORBIDDEN = 4403;
+/** Over the server's per-user connection limit; retrying would only evict another tab. */
+export const CLOSE_TOO_MANY = 4429;
 const SIGNED_OUT = new Set([CLOSE_UNAUTHENTICATED, CLOSE_FORBIDDEN]);
 
 export const State = Object.freeze({
@@ -36,6 +38,8 @@ export const State = Object.freeze({
   OFFLINE: "offline",
   /** The server refused the user (4401/4403 or HTTP 401/403); nothing is retried. */
   SIGNED_OUT: "signed-out",
+  /** The server closed this connection for the user's connection limit (4429); nothing is retried. */
+  REFUSED: "refused",
   /** Not started yet, or stopped by close(). */
   CLOSED: "closed",
 });
@@ -129,6 +133,8 @@ class Connection extends EventTarget {
     if (this.stopped) return;
     if (SIGNED_OUT.has(code)) {
       this.setState(State.SIGNED_OUT, { code });
+    } else if (code === CLOSE_TOO_MANY) {
+      this.setState(State.REFUSED, { code });
     } else {
       this.scheduleRetry();
     }

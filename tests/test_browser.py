@@ -1,0 +1,358 @@
+"""The demo site in a real browser: daphne subprocesses, Debian's chromium, people talking.
+
+On the real stack the demo runs as two daphne processes on PostgreSQL and Redis
+(alice on one, bob on the other, so every message crosses processes); on the
+memory stack as one process on SQLite and the in-memory layer. Either way it
+gets a database of its own, created for this run and dropped after it.
+"""
+
+import os
+import re
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from demo_site.inbox.management.commands.demo_users import PASSWORD
+
+sync_api = pytest.importorskip("playwright.sync_api")
+expect = sync_api.expect
+
+pytestmark = pytest.mark.browser
+
+ROOT = Path(__file__).resolve().parent.parent
+ARTIFACTS = ROOT / "tests" / "artifacts"
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+REAL_STACK = os.environ.get("CR_TEST_STACK", "real") == "real"
+RUN_ID = os.getpid()
+#: Longest wait for anything live (a message, a presence change) to show.
+LIVE = 2000
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+class Daphne:
+    """One daphne process serving demo_site; its output goes to tests/artifacts/."""
+
+    def __init__(self, env: dict, name: str) -> None:
+        self.env = env
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = ARTIFACTS / f"daphne-{name}.log"
+        self.log_path.write_text("")
+        self.process = None
+
+    def start(self) -> None:
+        command = [sys.executable, "-m", "daphne", "--bind", "127.0.0.1", "--port", str(self.port),
+                   "demo_site.asgi:application"]
+        with self.log_path.open("a") as log:
+            self.process = subprocess.Popen(command, cwd=ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 15
+        while not self.answers():
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                pytest.fail(f"daphne did not start; see {self.log_path}:\n{self.log_path.read_text()[-2000:]}")
+            time.sleep(0.1)
+
+    def answers(self) -> bool:
+        try:
+            with urllib.request.urlopen(f"{self.url}/login/", timeout=1) as response:
+                return response.status == 200
+        except (urllib.error.URLError, OSError):
+            return False
+
+    def stop(self) -> None:
+        """SIGTERM, like a deploy: daphne cancels its consumers and exits, promptly."""
+        self.process.terminate()
+        try:
+            self.process.wait(15)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+            pytest.fail(f"daphne hung on SIGTERM; see {self.log_path}")
+
+
+def manage(env: dict, *args: str) -> None:
+    subprocess.run([sys.executable, "demo_site/manage.py", *args], cwd=ROOT, env=env, check=True,
+                   capture_output=True, timeout=60)
+
+
+@pytest.fixture(scope="module")
+def demo_env(tmp_path_factory):
+    """The environment of the demo's processes, with a database made for this run."""
+    ARTIFACTS.mkdir(exist_ok=True)
+    env = {**os.environ, "DJANGO_SETTINGS_MODULE": "demo_site.settings", "PYTHONPATH": str(ROOT)}
+    if not REAL_STACK:
+        env.pop("REDIS_URL", None)
+        env["DATABASE_URL"] = f"sqlite:///{tmp_path_factory.mktemp('demo') / 'demo.sqlite3'}"
+        manage(env, "migrate", "--no-input")
+        manage(env, "demo_users")
+        yield env
+        return
+    import psycopg
+
+    name = f"demo_browser_{RUN_ID}"
+    server = {"host": os.environ.get("PGHOST", "127.0.0.1"), "port": os.environ.get("PGPORT", "5432"),
+              "user": os.environ.get("PGUSER", "postgres")}
+    with psycopg.connect(dbname="postgres", autocommit=True, **server) as admin:
+        admin.execute(f'CREATE DATABASE "{name}"')
+    env["DATABASE_URL"] = f"postgres://{server['user']}@{server['host']}:{server['port']}/{name}"
+    env["REDIS_URL"] = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379")
+    env["REDIS_PREFIX"] = f"demobrowser{RUN_ID}"
+    manage(env, "migrate", "--no-input")
+    manage(env, "demo_users")
+    yield env
+    with psycopg.connect(dbname="postgres", autocommit=True, **server) as admin:
+        admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture(scope="module")
+def servers(demo_env):
+    """(alice's server, bob's server): two processes on the real stack, one on the memory stack."""
+    started = [Daphne(demo_env, name) for name in (("a", "b") if REAL_STACK else ("a",))]
+    for server in started:
+        server.start()
+    yield started[0], started[-1]
+    for server in started:
+        if server.process.poll() is None:
+            server.stop()
+
+
+@pytest.fixture(scope="module")
+def browser():
+    with sync_api.sync_playwright() as driver:
+        chromium = driver.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
+        yield chromium
+        chromium.close()
+
+
+class Person:
+    """One browser profile (context) signed in as ``username``, with its tabs."""
+
+    def __init__(self, browser, server: Daphne, username: str) -> None:
+        self.server = server
+        self.context = browser.new_context()
+        self.dialogs = []
+        self.context.on("page", lambda page: page.on("dialog", self.record_dialog))
+        self.page = self.context.new_page()
+        self.page.goto(f"{server.url}/login/")
+        self.page.fill("input[name=username]", username)
+        self.page.fill("input[name=password]", PASSWORD)
+        self.page.click("button[type=submit]")
+        wait_connected(self.page)
+
+    def record_dialog(self, dialog) -> None:
+        self.dialogs.append(dialog.message)
+        dialog.dismiss()
+
+    def new_tab(self):
+        page = self.context.new_page()
+        page.goto(f"{self.server.url}/")
+        wait_connected(page)
+        return page
+
+    def send(self, to: str, message: str) -> None:
+        self.page.select_option("#compose select[name=to]", label=to)
+        self.page.fill("#compose input[name=message]", message)
+        self.page.click("#compose button[type=submit]")
+
+    def switch_transport(self, label: str) -> None:
+        self.page.click(f".segmented label:has-text('{label}')")
+        wait_connected(self.page)
+
+    def log_out(self) -> None:
+        self.page.click("text=Log out")
+        expect(self.page).to_have_url(re.compile(r"/login/"))
+
+
+def wait_connected(page, timeout: float = 5000) -> None:
+    expect(page.locator("#status")).to_have_attribute("data-state", "open", timeout=timeout)
+
+
+def newest_message(page):
+    return page.locator("#incoming .message .text").first
+
+
+def screenshot(page, name: str) -> Path:
+    path = ARTIFACTS / f"{name}.png"
+    page.screenshot(path=str(path), full_page=True)
+    return path
+
+
+@pytest.fixture
+def sign_in(browser, servers):
+    """``sign_in("alice")``: a new profile on that person's server; closed after the test."""
+    people = []
+
+    def open_profile(username: str, server: Daphne | None = None) -> Person:
+        person = Person(browser, server or (servers[1] if username == "bob" else servers[0]), username)
+        people.append(person)
+        return person
+
+    yield open_profile
+    for person in people:
+        person.context.close()
+
+
+def test_message_reaches_both_of_bobs_tabs_within_2_seconds(sign_in):
+    alice = sign_in("alice")
+    # Tabs of earlier tests have gone: bob starts with none.
+    expect(alice.page.locator("#online")).not_to_contain_text("bob", timeout=LIVE)
+    bob = sign_in("bob")
+    bob_second_tab = bob.new_tab()
+    errors = []
+    for page in (alice.page, bob.page, bob_second_tab):
+        page.on("console", lambda message: message.type == "error" and errors.append(message.text))
+
+    alice.send("bob", "Lunch at noon?")
+
+    for page in (bob.page, bob_second_tab):
+        expect(newest_message(page)).to_have_text("Lunch at noon?", timeout=LIVE)
+        expect(page.locator("#incoming .message .from").first).to_have_text("alice")
+    expect(alice.page.locator("#ack")).to_have_text(re.compile("delivered to 2 tabs", re.I))
+    expect(alice.page.locator("#online")).to_contain_text("bob")
+    assert errors == []  # the Content-Security-Policy blocked nothing of the page's own
+    screenshot(bob.page, "inbox-bob")
+    screenshot(alice.page, "inbox-alice")
+
+
+def test_markup_in_a_message_is_shown_as_text(sign_in):
+    alice, bob = sign_in("alice"), sign_in("bob")
+    markup = "<img src=x onerror=alert(1)>"
+
+    alice.send("bob", markup)
+
+    expect(newest_message(bob.page)).to_have_text(markup, timeout=LIVE)
+    assert bob.page.locator("#incoming img").count() == 0
+    bob.page.wait_for_timeout(300)  # an onerror handler would have run by now
+    assert bob.dialogs == []
+
+
+def test_online_list_and_unread_messages_follow_carol(sign_in):
+    alice = sign_in("alice")
+    online = alice.page.locator("#online")
+    expect(online).not_to_contain_text("carol")
+
+    alice.send("carol", "Welcome back")
+    expect(alice.page.locator("#ack")).to_have_text(re.compile("carol is offline"))
+
+    carol = sign_in("carol")
+    expect(online).to_contain_text("carol", timeout=LIVE)
+
+    carol.page.click("#load-unread")
+    expect(carol.page.locator("#unread .message .text").first).to_have_text("Welcome back")
+    carol.page.click("#mark-read")
+    expect(carol.page.locator("#unread")).to_have_text("All read.")
+    carol.page.click("#load-unread")
+    expect(carol.page.locator("#unread")).to_have_text("No unread messages.")
+
+    carol.log_out()
+    expect(online).not_to_contain_text("carol", timeout=LIVE)
+
+
+def test_event_stream_transport_receives_the_same_message_and_sends_with_a_post(sign_in):
+    alice, bob = sign_in("alice"), sign_in("bob")
+    bob.switch_transport("SSE")
+
+    alice.send("bob", "Over Server-Sent Events")
+
+    expect(newest_message(bob.page)).to_have_text("Over Server-Sent Events", timeout=LIVE)
+    expect(bob.page.locator("#incoming .message .via").first).to_have_text("sse")
+    expect(alice.page.locator("#ack")).to_have_text(re.compile("delivered to 1 tab", re.I))
+    screenshot(bob.page, "inbox-bob-sse")
+
+    bob.send("alice", "Replying by POST")
+
+    expect(newest_message(alice.page)).to_have_text("Replying by POST", timeout=LIVE)
+    expect(bob.page.locator("#ack")).to_have_text(re.compile("delivered to 1 tab", re.I))
+
+
+def test_groups_transport_delivers_without_counting_tabs(sign_in):
+    alice, bob = sign_in("alice"), sign_in("bob")
+    for person in (alice, bob):
+        person.switch_transport("Groups")
+
+    alice.send("bob", "Through a group")
+
+    expect(newest_message(bob.page)).to_have_text("Through a group", timeout=LIVE)
+    expect(alice.page.locator("#ack")).to_have_text(re.compile("cannot count tabs"))
+    expect(bob.page.locator("#presence-note")).to_be_visible()
+
+
+def test_client_stays_signed_out_after_4401(browser, servers):
+    page = browser.new_page()
+    page.goto(f"{servers[0].url}/login/")
+    states = page.evaluate("""async () => {
+        const { RegistrySocket } = await import("/static/channel_registry/client.js");
+        const socket = new RegistrySocket("/ws/registry/", { initialDelay: 50 });
+        const states = [];
+        socket.addEventListener("state", (event) => states.push(event.detail.state));
+        socket.connect();
+        await new Promise((resolve) => setTimeout(resolve, 1500));
+        return states;
+    }""")
+    page.close()
+    assert states == ["connecting", "open", "signed-out"]
+
+
+def test_client_treats_a_missing_pong_as_dead_and_never_holds_two_sockets(sign_in):
+    alice = sign_in("alice")
+    page = alice.context.new_page()
+    page.goto(f"{alice.server.url}/login/")  # a page with no connection of its own
+    result = page.evaluate("""async () => {
+        const { RegistrySocket } = await import("/static/channel_registry/client.js");
+        const open = new Set();
+        let most = 0;
+        window.WebSocket = class extends WebSocket {
+            constructor(url) {
+                super(url);
+                open.add(this);
+                most = Math.max(most, open.size);
+                this.addEventListener("close", () => open.delete(this));
+            }
+            close(code) { open.delete(this); super.close(code); }
+        };
+        const socket = new RegistrySocket("/ws/registry/", { pingInterval: 200, pongTimeout: 300, initialDelay: 50 });
+        const states = [], closes = [];
+        socket.addEventListener("state", (event) => states.push(event.detail.state));
+        socket.addEventListener("close", (event) => closes.push(event.detail.reason));
+        socket.connect();
+        await new Promise((resolve) => setTimeout(resolve, 700));  // pings answered: stays open
+        socket.socket.send = () => {};  // this socket's pings now go nowhere
+        await new Promise((resolve) => setTimeout(resolve, 1200));
+        socket.close();
+        return { states, closes, most };
+    }""")
+    assert result["states"][:2] == ["connecting", "open"]
+    assert result["closes"][0].startswith("no pong")
+    assert result["states"][2:6] == ["reconnecting", "connecting", "open", "closed"]
+    assert result["most"] == 1
+
+
+def test_page_reconnects_by_itself_after_daphne_restarts(sign_in, servers):
+    alice, bob = sign_in("alice"), sign_in("bob")
+    status = bob.page.locator("#status")
+
+    servers[1].stop()
+    expect(status).to_have_attribute("data-state", "reconnecting", timeout=LIVE)
+    expect(status).to_contain_text(re.compile(r"Reconnecting in \d+ s"))
+    screenshot(bob.page, "inbox-bob-reconnecting")
+    servers[1].start()
+    wait_connected(bob.page, timeout=20000)
+    wait_connected(alice.page, timeout=20000)
+
+    alice.send("bob", "Still there?")
+
+    expect(newest_message(bob.page)).to_have_text("Still there?", timeout=LIVE)
+    # One socket per tab after the reconnects: never a leftover second one.
+    expect(alice.page.locator("#ack")).to_have_text(re.compile("delivered to 1 tab", re.I))
+

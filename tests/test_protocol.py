@@ -1,0 +1,776 @@
+"""The wire protocol, end to end, spoken identically by both consumers.
+
+Every test runs twice: through ``RegistryConsumer`` (the explicit mapping) and
+through ``GroupConsumer`` (per-user groups). They differ in two documented ways
+only, and the tests that touch them say so: the group strategy cannot count
+the channels a group reaches, so its ``ack`` carries ``"delivered": null``; and
+it keeps no rows, so it cannot tell presence.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+
+import pytest
+from asgiref.sync import sync_to_async
+from channels.testing import WebsocketCommunicator
+from django.contrib.auth import get_user_model
+from hypothesis import HealthCheck, given
+from hypothesis import settings as hypothesis_settings
+from hypothesis import strategies as st
+
+from channel_registry.consumers import RegistryConsumer
+from channel_registry.groups import GroupConsumer
+
+from .conftest import rows
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+#: Generous: a passing test never waits this long, a loaded machine does not flake.
+TIMEOUT = 3
+PONG = {"type": "pong"}
+#: A user id no test database reaches, yet inside PostgreSQL's integer column.
+MISSING_USER_ID = 2**31 - 1
+
+
+# Policies for CAN_MESSAGE, named by dotted path in the tests below.
+
+
+def same_last_name(sender, recipient_id) -> bool:
+    """A sync policy with an ORM query: the consumer must run it off the event loop."""
+    return get_user_model().objects.filter(pk=recipient_id, last_name=sender.last_name).exists()
+
+
+async def asame_last_name(sender, recipient_id) -> bool:
+    """The same policy, async."""
+    return await get_user_model().objects.filter(pk=recipient_id, last_name=sender.last_name).aexists()
+
+
+# Matchers for the parts of a frame a test cannot know in advance.
+
+
+class _Sentence:
+    def __eq__(self, other) -> bool:
+        return isinstance(other, str) and len(other.strip()) > 3
+
+    def __repr__(self) -> str:
+        return "<a human sentence>"
+
+
+class _RecentUtcTimestamp:
+    def __eq__(self, other) -> bool:
+        if not isinstance(other, str):
+            return False
+        try:
+            moment = datetime.fromisoformat(other)
+        except ValueError:
+            return False
+        return moment.utcoffset() == timedelta(0) and abs(datetime.now(UTC) - moment) < timedelta(seconds=30)
+
+    def __repr__(self) -> str:
+        return "<ISO 8601 UTC timestamp of now>"
+
+
+SENTENCE = _Sentence()
+SENT_AT = _RecentUtcTimestamp()
+
+
+def error(code: str, client_id=None) -> dict:
+    frame = {"type": "error", "code": code, "detail": SENTENCE}
+    if client_id is not None:
+        frame["id"] = client_id
+    return frame
+
+
+def direct(sender, message, client_id=None) -> dict:
+    """The frame every tab of the recipient receives."""
+    return {"type": "direct", "from": sender.pk, "message": message, "id": client_id, "sent_at": SENT_AT}
+
+
+def ack(consumer, client_id, tabs: int) -> dict:
+    """The sender's ack when the recipient has ``tabs`` open tabs.
+
+    The mapping strategy counts the channels it sent to. The group strategy sends
+    one ``group_send`` and groups cannot be listed, so it cannot count: ``null``.
+    """
+    return {"type": "ack", "id": client_id, "delivered": tabs if consumer is RegistryConsumer else None}
+
+
+async def send_text(socket, text: str) -> None:
+    """Any text frame, the empty one included (``send_to`` refuses it)."""
+    await socket.send_input({"type": "websocket.receive", "text": text})
+
+
+async def send_bytes(socket, data: bytes) -> None:
+    await socket.send_input({"type": "websocket.receive", "bytes": data})
+
+
+async def answer(socket, wait: float = TIMEOUT) -> dict:
+    """The next frame ``socket`` receives, as JSON; a consumer crash is raised at once."""
+    get = asyncio.ensure_future(socket.output_queue.get())
+    done, _ = await asyncio.wait({get, socket.future}, timeout=wait, return_when=asyncio.FIRST_COMPLETED)
+    if get not in done:
+        get.cancel()
+        if socket.future.done():
+            socket.future.result()  # the consumer's own exception
+            raise AssertionError("the consumer stopped without closing the socket")
+        raise AssertionError(f"no answer within {wait} s")
+    output = get.result()
+    assert output["type"] == "websocket.send", f"expected a frame, the socket did {output}"
+    return json.loads(output["text"])
+
+
+def direct_text(to: int, size: int, fill: str = "x", client_id: str = "big") -> str:
+    """A direct frame to ``to`` of exactly ``size`` bytes of UTF-8, its message padded with ``fill``."""
+    template = '{"type":"direct","to":%d,"id":"%s","message":"%s"}'
+    missing = size - len((template % (to, client_id, "")).encode())
+    count, rest = divmod(missing, len(fill.encode()))
+    text = template % (to, client_id, fill * count + "x" * rest)
+    assert len(text.encode()) == size
+    return text
+
+
+def nested(depth: int):
+    value = 0
+    for _ in range(depth):
+        value = [value]
+    return value
+
+
+@pytest.fixture(params=[RegistryConsumer, GroupConsumer], ids=["mapping", "groups"])
+def consumer(request):
+    return request.param
+
+
+@pytest.fixture
+def open_as(connect, consumer):
+    """Open a socket as ``user`` through the consumer under test."""
+
+    async def open_socket(user):
+        return await connect(user, consumer=consumer)
+
+    return open_socket
+
+
+@pytest.fixture
+def dave(make_user):
+    """A deactivated account."""
+    return make_user("dave", is_active=False)
+
+
+@dataclass
+class Chat:
+    """Alice's socket, a tab of Bob's (her usual recipient) and Carol, who is never addressed."""
+
+    consumer: type
+    alice: object
+    bob: object
+    sender: WebsocketCommunicator
+    recipient: WebsocketCommunicator
+    bystander: WebsocketCommunicator
+
+    async def send(self, frame: dict) -> dict:
+        await self.sender.send_json_to(frame)
+        return await answer(self.sender)
+
+    async def nothing_leaked_and_still_works(self) -> None:
+        """The socket answers the next frames, and the bad one reached no one."""
+        await self.sender.send_json_to({"type": "ping"})
+        assert await answer(self.sender) == PONG  # no second answer came before it
+        assert await self.send({"type": "direct", "to": self.bob.pk, "message": "still there?", "id": "next"}) == ack(
+            self.consumer, "next", 1
+        )
+        # Bob's next frame is this one: the refused frame never reached him.
+        assert await answer(self.recipient) == direct(self.alice, "still there?", "next")
+        assert await self.bystander.receive_nothing()
+
+
+@pytest.fixture
+async def chat(consumer, open_as, alice, bob, carol):
+    return Chat(consumer, alice, bob, await open_as(alice), await open_as(bob), await open_as(carol))
+
+
+# Delivery
+
+
+async def test_direct_message_reaches_every_tab_of_the_recipient_and_no_one_else(consumer, open_as, alice, bob, carol):
+    sender, alice_other_tab = await open_as(alice), await open_as(alice)
+    bob_tabs = [await open_as(bob) for _ in range(3)]
+    bystander = await open_as(carol)
+
+    await sender.send_json_to({"type": "direct", "to": bob.pk, "message": {"text": "hi Bob"}, "id": "m1"})
+
+    assert await answer(sender) == ack(consumer, "m1", 3)
+    for tab in bob_tabs:
+        assert await answer(tab) == direct(alice, {"text": "hi Bob"}, "m1")
+    others = [sender, alice_other_tab, bystander, *bob_tabs]
+    assert all(await asyncio.gather(*(other.receive_nothing() for other in others)))
+
+
+async def test_ack_counts_the_recipients_tabs_on_mapping_and_is_null_on_groups(consumer, open_as, alice, bob):
+    """Per-user groups cannot be listed, so the group strategy cannot count what it reached."""
+    sender = await open_as(alice)
+    tabs = [await open_as(bob)]
+    await sender.send_json_to({"type": "direct", "to": bob.pk, "message": 1, "id": 1})
+    reply = await answer(sender)
+    if consumer is RegistryConsumer:
+        assert reply == {"type": "ack", "id": 1, "delivered": 1}
+    else:
+        assert reply == {"type": "ack", "id": 1, "delivered": None}
+
+    tabs += [await open_as(bob), await open_as(bob)]
+    await sender.send_json_to({"type": "direct", "to": bob.pk, "message": 2, "id": 2})
+    reply = await answer(sender)
+    if consumer is RegistryConsumer:
+        assert reply == {"type": "ack", "id": 2, "delivered": 3}
+    else:
+        assert reply == {"type": "ack", "id": 2, "delivered": None}
+    assert [(await answer(tabs[0]))["message"], (await answer(tabs[0]))["message"]] == [1, 2]
+    assert [(await answer(tab))["message"] for tab in tabs[1:]] == [2, 2]
+
+
+async def test_offline_recipient_is_acknowledged_not_refused(consumer, open_as, alice, bob):
+    """Offline is not an error: mapping says delivered 0; groups, which cannot count, say null."""
+    sender = await open_as(alice)
+    gone = await open_as(bob)
+    await gone.disconnect()
+
+    await sender.send_json_to({"type": "direct", "to": bob.pk, "message": "anyone?", "id": "m"})
+    reply = await answer(sender)
+    if consumer is RegistryConsumer:
+        assert reply == {"type": "ack", "id": "m", "delivered": 0}
+    else:
+        assert reply == {"type": "ack", "id": "m", "delivered": None}
+    # Nothing is queued for later: Bob's next tab starts empty.
+    assert await (await open_as(bob)).receive_nothing()
+
+
+async def test_only_the_mapping_strategy_records_connections_and_presence(consumer, open_as, alice, presence_events):
+    """The protocol is the same; groups keep no rows, so the group strategy cannot tell presence."""
+    await open_as(alice)
+    if consumer is RegistryConsumer:
+        assert len(await rows(user=alice)) == 1
+        assert presence_events == [("online", alice.pk)]
+    else:
+        assert await rows() == []
+        assert presence_events == []
+
+
+MESSAGES = [
+    None,
+    True,
+    0,
+    -1.5,
+    "",
+    "héllo 👋 \u0000 \u2028",
+    [],
+    [1, "two", [3.0, None]],
+    {},
+    {"text": "hi", "meta": {"tags": ["a", "b"], "n": 2**63}},
+    nested(30),
+]
+
+
+async def test_message_may_be_any_json_value_and_arrives_unchanged(chat):
+    for n, message in enumerate(MESSAGES):
+        reply = await chat.send({"type": "direct", "to": chat.bob.pk, "message": message, "id": n})
+        assert reply == ack(chat.consumer, n, 1), message
+        assert await answer(chat.recipient) == direct(chat.alice, message, n)
+
+
+async def test_client_id_is_optional_and_echoed_exactly(chat):
+    for client_id in [None, "", "a" * 64, "ünïcode", 0, -7, 2**53 - 1]:
+        frame = {"type": "direct", "to": chat.bob.pk, "message": "x"}
+        if client_id is not None:
+            frame["id"] = client_id
+        assert await chat.send(frame) == ack(chat.consumer, client_id, 1)
+        assert await answer(chat.recipient) == direct(chat.alice, "x", client_id)
+
+
+async def test_sent_at_is_the_iso_8601_utc_time_of_sending(chat):
+    before = datetime.now(UTC)
+    await chat.send({"type": "direct", "to": chat.bob.pk, "message": "x"})
+    sent_at = (await answer(chat.recipient))["sent_at"]
+    assert sent_at.endswith("Z")
+    moment = datetime.fromisoformat(sent_at)
+    assert moment.utcoffset() == timedelta(0)
+    assert before - timedelta(milliseconds=1) <= moment <= datetime.now(UTC)
+
+
+async def test_sender_is_taken_from_the_connection_never_from_the_payload(chat, carol):
+    for claimed in [carol.pk, chat.bob.pk, "admin", None, {"id": carol.pk}]:
+        frame = {"type": "direct", "to": chat.bob.pk, "message": "it's me", "from": claimed}
+        assert await chat.send(frame) == ack(chat.consumer, None, 1)
+        assert await answer(chat.recipient) == direct(chat.alice, "it's me"), claimed
+
+
+async def test_ping_is_answered_with_pong_on_the_pinging_socket_only(chat):
+    await chat.sender.send_json_to({"type": "ping", "id": "p", "extra": [1]})
+    assert await answer(chat.sender) == PONG
+    assert await chat.recipient.receive_nothing()
+
+
+# Errors: each code comes from the input that should produce it, and the socket keeps working.
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "hello",
+        "",
+        "{",
+        '{"type": "ping",}',
+        "\ufeff{}",
+        '{"type": "ping", "n": NaN}',
+        '{"type": "direct", "to": 2, "message": 1e999}',
+        '{"type": "direct", "to": 2, "message": "\\ud800"}',
+        '{"type": "direct", "to": 2, "message": "\ud800"}',
+        '{"type": "ping", "x": ' + "[" * 5000 + "]" * 5000 + "}",
+    ],
+    ids=lambda text: repr(text)[:40],
+)
+async def test_text_that_is_not_json_is_invalid_json(chat, text):
+    await send_text(chat.sender, text)
+    assert await answer(chat.sender) == error("invalid_json")
+    await chat.nothing_leaked_and_still_works()
+
+
+@pytest.mark.parametrize("value", [[{"type": "ping"}], "ping", 42, None], ids=repr)
+async def test_json_that_is_not_an_object_is_invalid_json(chat, value):
+    await chat.sender.send_json_to(value)
+    assert await answer(chat.sender) == error("invalid_json")
+    await chat.nothing_leaked_and_still_works()
+
+
+BOB = object()  # replaced by Bob's id in the frames below
+
+
+@pytest.mark.parametrize(
+    ("field", "frame"),
+    [
+        ("to", {"message": "x"}),
+        ("to", {"to": "12", "message": "x"}),
+        ("to", {"to": True, "message": "x"}),
+        ("to", {"to": 0, "message": "x"}),
+        ("to", {"to": 2**53, "message": "x"}),
+        ("message", {"to": BOB}),
+        ("message", {"to": BOB, "message": nested(40)}),
+        ("message", {"to": BOB, "message": {"n": 2**64}}),
+        ("id", {"to": BOB, "message": "x", "id": "a" * 65}),
+        ("id", {"to": BOB, "message": "x", "id": 1.5}),
+        ("id", {"to": BOB, "message": "x", "id": True}),
+    ],
+    ids=lambda v: v if isinstance(v, str) else "-".join(f"{k}={str(x)[:12]}" for k, x in v.items()),
+)
+async def test_missing_or_wrong_typed_field_is_invalid_payload_naming_the_field(chat, field, frame):
+    frame = {"type": "direct", "id": "q1", **{k: chat.bob.pk if v is BOB else v for k, v in frame.items()}}
+    reply = await chat.send(frame)
+    # The id is echoed whenever it could be read, i.e. unless it is the bad field.
+    assert reply == error("invalid_payload", None if field == "id" else "q1")
+    assert f"'{field}'" in reply["detail"]
+    await chat.nothing_leaked_and_still_works()
+
+
+@pytest.mark.parametrize("data", [b"", b'{"type": "ping"}', bytes(20000)], ids=lambda data: repr(data)[:20])
+async def test_binary_frames_are_invalid_payload(chat, data):
+    await send_bytes(chat.sender, data)
+    assert await answer(chat.sender) == error("invalid_payload")
+    await chat.nothing_leaked_and_still_works()
+
+
+@pytest.mark.parametrize(
+    "kind",
+    [{"type": "shout"}, {"type": "Direct"}, {}, {"type": 42}],
+    ids=repr,
+)
+async def test_unknown_frame_type_is_unknown_type_with_the_id_echoed(chat, kind):
+    assert await chat.send({**kind, "to": chat.bob.pk, "message": "x", "id": "t1"}) == error("unknown_type", "t1")
+    await chat.nothing_leaked_and_still_works()
+
+
+@pytest.mark.parametrize("kind", [["direct"], {"name": "direct"}, []], ids=repr)
+async def test_a_list_or_object_as_type_is_unknown_type_not_a_crash(chat, kind):
+    assert await chat.send({"type": kind, "to": chat.bob.pk, "message": "x", "id": "t1"}) == error("unknown_type", "t1")
+    await chat.nothing_leaked_and_still_works()
+
+
+async def test_frame_of_16_kib_is_delivered_and_one_byte_more_is_too_large(chat):
+    await send_text(chat.sender, direct_text(chat.bob.pk, 16 * 1024, client_id="fits"))
+    assert await answer(chat.sender) == ack(chat.consumer, "fits", 1)
+    assert (await answer(chat.recipient))["id"] == "fits"
+
+    await send_text(chat.sender, direct_text(chat.bob.pk, 16 * 1024 + 1, client_id="over"))
+    assert await answer(chat.sender) == error("too_large")
+    await chat.nothing_leaked_and_still_works()
+
+
+async def test_the_size_limit_counts_utf8_bytes_not_characters(chat):
+    text = direct_text(chat.bob.pk, 16 * 1024 + 1, fill="é")
+    assert len(text) < 16 * 1024
+    await send_text(chat.sender, text)
+    assert await answer(chat.sender) == error("too_large")
+    await chat.nothing_leaked_and_still_works()
+
+
+async def test_too_large_applies_before_parsing_and_follows_max_message_bytes(consumer, open_as, alice, settings):
+    settings.CHANNEL_REGISTRY = {"MAX_MESSAGE_BYTES": 100}
+    sender = await open_as(alice)
+    await send_text(sender, "x" * 101)  # not JSON either: the size is what the client must fix first
+    assert await answer(sender) == error("too_large")
+    await send_text(sender, '{"type": "ping"}' + " " * 84)
+    assert await answer(sender) == PONG
+
+
+@pytest.mark.parametrize("recipient", ["no such id", "deactivated user", "beyond the id column", "largest safe id"])
+async def test_unknown_or_inactive_recipient_is_unknown_recipient(chat, open_as, make_user, recipient):
+    erin = await sync_to_async(make_user)("erin")
+    erin_tab = await open_as(erin)
+    await get_user_model().objects.filter(pk=erin.pk).aupdate(is_active=False)  # deactivated, a tab still open
+    to = {
+        "no such id": MISSING_USER_ID,
+        "deactivated user": erin.pk,
+        "beyond the id column": 2**31,
+        "largest safe id": 2**53 - 1,
+    }[recipient]
+    assert await chat.send({"type": "direct", "to": to, "message": "x", "id": "u"}) == error("unknown_recipient", "u")
+    assert await erin_tab.receive_nothing()
+    await chat.nothing_leaked_and_still_works()
+
+
+async def test_messaging_yourself_is_forbidden_by_default(chat, open_as):
+    own_tab = await open_as(chat.alice)
+    assert await chat.send({"type": "direct", "to": chat.alice.pk, "message": "note", "id": "s"}) == error(
+        "forbidden", "s"
+    )
+    assert await own_tab.receive_nothing()
+    await chat.nothing_leaked_and_still_works()
+
+
+async def test_allow_self_message_delivers_to_all_your_tabs_the_sending_one_included(
+    consumer, open_as, alice, settings
+):
+    settings.CHANNEL_REGISTRY = {"ALLOW_SELF_MESSAGE": True}
+    sender, other_tab = await open_as(alice), await open_as(alice)
+    await sender.send_json_to({"type": "direct", "to": alice.pk, "message": "note", "id": "s"})
+    # The ack and the message travel separately: their order on the sending socket is not defined.
+    replies = [await answer(sender), await answer(sender)]
+    assert sorted(replies, key=lambda frame: frame["type"]) == [ack(consumer, "s", 2), direct(alice, "note", "s")]
+    assert await answer(other_tab) == direct(alice, "note", "s")
+
+
+@pytest.mark.parametrize(
+    "policy", ["tests.test_protocol.same_last_name", "tests.test_protocol.asame_last_name"], ids=["sync", "async"]
+)
+async def test_can_message_policy_decides_and_a_refusal_is_forbidden(consumer, connect, make_user, settings, policy):
+    settings.CHANNEL_REGISTRY = {"CAN_MESSAGE": policy}
+    make = sync_to_async(make_user)
+    ann, ben, cat = await make("ann", last_name="Lee"), await make("ben", last_name="Lee"), await make("cat")
+    sender = await connect(ann, consumer=consumer)
+    ben_tab, cat_tab = await connect(ben, consumer=consumer), await connect(cat, consumer=consumer)
+
+    await sender.send_json_to({"type": "direct", "to": cat.pk, "message": "hi", "id": "no"})
+    assert await answer(sender) == error("forbidden", "no")
+    await sender.send_json_to({"type": "direct", "to": ben.pk, "message": "hi", "id": "yes"})
+    assert await answer(sender) == ack(consumer, "yes", 1)
+
+    assert await answer(ben_tab) == direct(ann, "hi", "yes")
+    assert await cat_tab.receive_nothing()
+
+
+# Rate limit: a token bucket per connection.
+
+
+def frames_to(user, count: int, start: int = 0) -> list[dict]:
+    return [{"type": "direct", "to": user.pk, "message": n, "id": n} for n in range(start, start + count)]
+
+
+async def test_default_rate_limit_allows_20_messages_then_refuses(chat):
+    for frame in frames_to(chat.bob, 20):
+        assert await chat.send(frame) == ack(chat.consumer, frame["id"], 1)
+    assert await chat.send(frames_to(chat.bob, 1, start=20)[0]) == error("rate_limited", 20)
+    assert [(await answer(chat.recipient))["message"] for _ in range(20)] == list(range(20))
+    assert await chat.recipient.receive_nothing()
+
+
+async def test_rate_limit_trips_then_recovers_once_tokens_refill(consumer, open_as, alice, bob, settings):
+    settings.CHANNEL_REGISTRY = {"RATE_LIMIT": (3, 0.6)}  # one token every 0.2 s
+    sender, tab = await open_as(alice), await open_as(bob)
+    first, second = frames_to(bob, 4), frames_to(bob, 3, start=4)
+
+    for frame in first[:3]:
+        await sender.send_json_to(frame)
+        assert await answer(sender) == ack(consumer, frame["id"], 1)
+    await sender.send_json_to(first[3])
+    assert await answer(sender) == error("rate_limited", 3)
+    await sender.send_json_to({"type": "ping"})
+    assert await answer(sender) == PONG  # the connection stays usable meanwhile
+
+    await asyncio.sleep(0.65)  # a full window: the bucket is full again
+    for frame in second:
+        await sender.send_json_to(frame)
+        assert await answer(sender) == ack(consumer, frame["id"], 1)
+    assert [(await answer(tab))["message"] for _ in range(6)] == [0, 1, 2, 4, 5, 6]
+    assert await tab.receive_nothing()
+
+
+async def test_rate_limit_is_per_connection(consumer, open_as, alice, bob, settings):
+    settings.CHANNEL_REGISTRY = {"RATE_LIMIT": (2, 60)}
+    busy, fresh = await open_as(alice), await open_as(alice)
+    await open_as(bob)
+    for frame in frames_to(bob, 2):
+        await busy.send_json_to(frame)
+        assert (await answer(busy))["type"] == "ack"
+    await busy.send_json_to(frames_to(bob, 1, start=2)[0])
+    assert await answer(busy) == error("rate_limited", 2)
+
+    await fresh.send_json_to(frames_to(bob, 1, start=3)[0])
+    assert await answer(fresh) == ack(consumer, 3, 1)
+
+
+async def test_rate_limit_none_disables_it(consumer, open_as, alice, bob, settings):
+    settings.CHANNEL_REGISTRY = {"RATE_LIMIT": None}
+    sender = await open_as(alice)
+    for frame in frames_to(bob, 25):
+        await sender.send_json_to(frame)
+        assert (await answer(sender))["type"] == "ack"
+
+
+async def test_rate_limit_is_decided_without_the_database(
+    consumer, open_as, alice, bob, settings, database_unreachable
+):
+    settings.CHANNEL_REGISTRY = {"RATE_LIMIT": (1, 60)}
+    sender = await open_as(alice)
+    await sender.send_json_to({"type": "direct", "to": bob.pk, "message": 1})
+    assert (await answer(sender))["type"] == "ack"
+    async with database_unreachable():
+        # Reaching the database here would answer "unavailable".
+        await sender.send_json_to({"type": "direct", "to": bob.pk, "message": 2, "id": "x"})
+        assert await answer(sender, wait=10) == error("rate_limited", "x")
+
+
+async def test_database_outage_answers_unavailable_and_the_socket_outlives_it(chat, database_unreachable):
+    async with database_unreachable():
+        reply = await chat.send({"type": "direct", "to": chat.bob.pk, "message": "x", "id": "d"})
+        assert reply == error("unavailable", "d")
+    await chat.nothing_leaked_and_still_works()
+
+
+# 1,000 random frames per strategy through one socket.
+
+FUZZ_MAX_BYTES = 4096
+ANY_CHAR = st.characters(codec=None, exclude_categories=[])  # lone surrogates included
+ANY_TEXT = st.text(ANY_CHAR, max_size=20)
+
+
+JSON_VALUES = st.recursive(
+    st.one_of(
+        st.none(),
+        st.booleans(),
+        st.integers(),
+        st.integers(min_value=-(2**70), max_value=2**70),
+        st.sampled_from([2**53 - 1, 2**53, 2**63 - 1, 2**63, 2**64 - 1, 2**64, -(2**63), -(2**63) - 1]),
+        st.floats(),
+        ANY_TEXT,
+    ),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(ANY_TEXT, inner, max_size=4),
+    max_leaves=12,
+)
+#: Numbers Python's json reads oddly or not at all, and \u escapes (lone surrogates among them).
+ODD_TOKENS = st.one_of(
+    st.integers(1, 6000).map(lambda n: "9" * n),
+    st.sampled_from(["1e999", "-1e999", "1e-999", "-0", "0.0", "1E2", "NaN", "-Infinity", "0x10", "01"]),
+    st.lists(st.integers(0, 0xFFFF), max_size=4).map(lambda cps: '"' + "".join(f"\\u{c:04x}" for c in cps) + '"'),
+)
+
+
+def object_text(fields: dict) -> str:
+    """A JSON object's text from its members' texts."""
+    return "{" + ",".join(f'"{name}":{text}' for name, text in fields.items()) + "}"
+
+
+def dumped(values):
+    """JSON text of ``values``: NaN and Infinity included, surrogates escaped or raw."""
+    return st.builds(lambda value, ascii: json.dumps(value, ensure_ascii=ascii), values, st.booleans())
+
+
+def frames(users):
+    """Frames as a client could send them: ``bytes`` (binary) or ``str`` (text)."""
+    addressee = users["addressee"]
+    known = [addressee, users["sender"], users["inactive"], MISSING_USER_ID, 2**31]
+    recipients = st.one_of(
+        st.sampled_from(known),
+        st.integers(),
+        JSON_VALUES,
+    )
+    directs = st.builds(
+        lambda frame, extra: {**frame, **extra},
+        st.fixed_dictionaries(
+            {"type": st.one_of(st.just("direct"), st.just("ping"), JSON_VALUES)},
+            optional={
+                "to": recipients,
+                "message": st.one_of(JSON_VALUES, st.integers(0, 40).map(nested)),
+                "id": st.one_of(st.none(), st.integers(), ANY_TEXT, st.text(max_size=70), JSON_VALUES),
+                "from": JSON_VALUES,
+            },
+        ),
+        st.dictionaries(ANY_TEXT, JSON_VALUES, max_size=2),
+    )
+    well_formed = st.fixed_dictionaries(  # mostly valid: ack, forbidden or unknown_recipient
+        {"type": st.just("direct"), "to": st.sampled_from(known), "message": JSON_VALUES},
+        optional={"id": st.one_of(st.integers(-(2**53) + 1, 2**53 - 1), st.text(max_size=64))},
+    )
+    deep = st.builds(  # nesting up to past the parser's recursion limit
+        lambda depth, where: (
+            "[" * depth + "]" * depth
+            if where == "top"
+            else f'{{"type":"direct","to":{addressee},"{where}":{"[" * depth + "]" * depth},"message":1}}'
+        ),
+        st.integers(0, 2000),
+        st.sampled_from(["message", "id", "top"]),
+    )
+    odd = st.builds(  # an odd token where a field is expected
+        lambda field, token: object_text({"type": '"direct"', "to": str(addressee), "message": '"m"', field: token}),
+        st.sampled_from(["to", "message", "id", "type"]),
+        ODD_TOKENS,
+    )
+    sizes = st.builds(  # around the size limit, in one- or multi-byte characters
+        lambda delta, fill: direct_text(addressee, FUZZ_MAX_BYTES + delta, fill=fill),
+        st.integers(-4, 4),
+        st.sampled_from(["x", "é", "€", "👋"]),
+    )
+    return st.one_of(
+        st.binary(max_size=64),
+        st.text(ANY_CHAR, max_size=64),
+        dumped(JSON_VALUES),
+        dumped(directs),
+        dumped(directs),
+        dumped(well_formed),
+        deep,
+        odd,
+        sizes,
+    )
+
+
+def strict_json(text: str):
+    """What the consumer should make of a text frame: a value, or ``None`` when it is not JSON it accepts."""
+
+    def refuse(token):
+        raise ValueError(token)
+
+    def finite(token):
+        value = float(token)
+        if value in (float("inf"), float("-inf")):
+            raise ValueError(token)
+        return value
+
+    try:
+        value = json.loads(text, parse_constant=refuse, parse_float=finite)
+        json.dumps(value, ensure_ascii=False).encode()  # lone surrogates
+    except (ValueError, RecursionError):
+        return None
+    return value
+
+
+def depth_of(value) -> int:
+    depth, level = 0, [value]
+    while level:
+        depth += 1
+        level = [c for v in level if isinstance(v, (list, dict)) for c in (v.values() if isinstance(v, dict) else v)]
+    return depth
+
+
+def acceptable_replies(frame, users) -> set[str]:
+    """The answers the spec allows for ``frame``: ``pong``, ``ack`` or an error code."""
+    if isinstance(frame, bytes):
+        return {"invalid_payload"}
+    if len(frame.encode("utf-8", "surrogatepass")) > FUZZ_MAX_BYTES:
+        return {"too_large"}
+    payload = strict_json(frame)
+    if not isinstance(payload, dict):
+        return {"invalid_json"}
+    # The parser recurses: whether this deep a text parses depends on the stack it runs on
+    # (and hypothesis raises the recursion limit while it runs). If not, it is invalid JSON.
+    close_to_recursion_limit = {"invalid_json"} if "[" * 400 in frame or "{" * 400 in frame else set()
+    kind = payload.get("type")
+    if kind == "ping":
+        return {"pong"} | close_to_recursion_limit
+    if kind != "direct":
+        return {"unknown_type"} | close_to_recursion_limit
+    to, client_id = payload.get("to"), payload.get("id")
+    if type(to) is not int or not 0 < to < 2**53 or "message" not in payload:
+        return {"invalid_payload"} | close_to_recursion_limit
+    if not (client_id is None or type(client_id) is int or (type(client_id) is str and len(client_id) <= 64)):
+        return {"invalid_payload"} | close_to_recursion_limit
+    outcome = {users["addressee"]: "ack", users["sender"]: "forbidden"}.get(to, "unknown_recipient")
+    # What the channel layer cannot carry may be refused: very deep nesting, integers past
+    # 64 bits, and ids past 2**53 (browsers would not read them back exactly).
+    exotic = depth_of(payload["message"]) > 30 or has_huge_int(payload["message"]) or has_huge_int(client_id, 2**53)
+    return {outcome} | ({"invalid_payload"} if exotic else set()) | close_to_recursion_limit
+
+
+def has_huge_int(value, bound=2**63) -> bool:
+    level = [value]
+    while level:
+        if any(type(v) is int and not -bound <= v < bound for v in level):
+            return True
+        level = [c for v in level if isinstance(v, (list, dict)) for c in (v.values() if isinstance(v, dict) else v)]
+    return False
+
+
+def addresses(frame, user_id) -> bool:
+    payload = strict_json(frame) if isinstance(frame, str) else None
+    return isinstance(payload, dict) and payload.get("type") == "direct" and payload.get("to") == user_id
+
+
+async def test_1000_random_frames_never_crash_the_consumer_nor_reach_anyone_unaddressed(
+    consumer, connect, alice, bob, carol, dave, settings
+):
+    """Alice's one socket gets 1,000 random frames; Carol may be addressed, Bob never is."""
+    settings.CHANNEL_REGISTRY = {"RATE_LIMIT": None, "MAX_MESSAGE_BYTES": FUZZ_MAX_BYTES}
+    users = {"sender": alice.pk, "addressee": carol.pk, "inactive": dave.pk}
+    sockets = {"sender": await connect(alice, consumer=consumer)}
+    addressee, bystander = await connect(carol, consumer=consumer), await connect(bob, consumer=consumer)
+    delivered = []  # (id, message) of every acknowledged frame, all addressed to Carol
+    loop = asyncio.get_running_loop()
+
+    async def exchange(frame) -> dict:
+        if sockets["sender"].future.done():  # a previous example crashed it: report, and go on with a new one
+            sockets["sender"] = await connect(alice, consumer=consumer)
+        sender = sockets["sender"]
+        await (send_bytes(sender, frame) if isinstance(frame, bytes) else send_text(sender, frame))
+        reply = await answer(sender)
+        assert not sender.future.done(), "the socket closed after answering"
+        return reply
+
+    @hypothesis_settings(
+        max_examples=1000, deadline=None, database=None, suppress_health_check=list(HealthCheck), print_blob=True
+    )
+    @given(frame=frames(users).filter(lambda frame: not addresses(frame, bob.pk)))
+    def one_frame(frame):
+        reply = asyncio.run_coroutine_threadsafe(exchange(frame), loop).result(timeout=30)
+        kind = reply["code"] if reply["type"] == "error" else reply["type"]
+        assert kind in acceptable_replies(frame, users), reply
+        if reply["type"] == "error":
+            assert set(reply) <= {"type", "code", "detail", "id"} and reply["detail"] == SENTENCE
+        if "id" in reply and reply["id"] is not None:
+            assert reply["id"] == strict_json(frame)["id"]  # echoed only when read from the frame
+        if reply["type"] == "ack":
+            payload = strict_json(frame)
+            assert reply == ack(consumer, payload.get("id"), 1)
+            delivered.append((payload.get("id"), payload["message"]))
+
+    await asyncio.to_thread(one_frame)  # hypothesis drives from a thread; the sockets live on this loop
+
+    assert delivered, "no random frame was valid: the generator is broken"
+    received = [await answer(addressee) for _ in delivered]
+    assert [(frame["id"], frame["message"]) for frame in received] == delivered
+    assert all(frame == direct(alice, frame["message"], frame["id"]) for frame in received)
+    sender = sockets["sender"]
+    await sender.send_json_to({"type": "direct", "to": carol.pk, "message": "the end", "id": "last"})
+    assert await answer(sender) == ack(consumer, "last", 1)
+    assert await answer(addressee) == direct(alice, "the end", "last")
+    for socket in (sender, addressee, bystander):
+        assert await socket.receive_nothing()

@@ -1,0 +1,223 @@
+"""The event stream view: an SSE client is one more registered connection of its user.
+
+Streams are driven through Django's real ASGI handler, so "the client went away"
+is the ``http.disconnect`` daphne sends, not a generator closed by hand.
+"""
+
+import contextlib
+import json
+
+import pytest
+from asgiref.sync import sync_to_async
+from asgiref.testing import ApplicationCommunicator
+from django.core.asgi import get_asgi_application
+from django.db import connection
+from django.test import AsyncClient, Client, RequestFactory, override_settings
+
+from channel_registry import adisconnect_user, anotify_user, asend_to_user
+from channel_registry.registry import process
+from channel_registry.views import RETRY_MS, EventStreamView
+
+from .conftest import rows
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+application = get_asgi_application()
+
+
+def session_cookie(user) -> str:
+    client = Client()
+    client.force_login(user)
+    return f"sessionid={client.cookies['sessionid'].value}"
+
+
+def http_scope(cookie: str) -> dict:
+    return {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "GET",
+        "scheme": "http",
+        "path": "/events/",
+        "raw_path": b"/events/",
+        "query_string": b"",
+        "root_path": "",
+        "headers": [(b"host", b"testserver"), (b"accept", b"text/event-stream"), (b"cookie", cookie.encode())],
+        "client": ("127.0.0.1", 50000),
+        "server": ("testserver", 80),
+    }
+
+
+class Stream:
+    """One client of ``/events/``: the response head, then body chunks as text."""
+
+    def __init__(self, cookie: str) -> None:
+        self.app = ApplicationCommunicator(application, http_scope(cookie))
+        self.head: dict = {}
+
+    async def open(self) -> None:
+        await self.app.send_input({"type": "http.request", "body": b"", "more_body": False})
+        self.head = await self.app.receive_output(3)
+        assert await self.read() == f"retry: {RETRY_MS}\n\n"
+
+    @property
+    def headers(self) -> dict:
+        return {name.decode().lower(): value.decode() for name, value in self.head["headers"]}
+
+    async def read(self) -> str:
+        message = await self.app.receive_output(3)
+        assert message["type"] == "http.response.body"
+        return message["body"].decode()
+
+    async def read_event(self) -> dict:
+        """The next event, heartbeats skipped: {"id", "event", "data" (parsed JSON)}."""
+        while (text := await self.read()).startswith(":"):
+            pass
+        fields = dict(line.split(": ", 1) for line in text.strip("\n").split("\n"))
+        return {**fields, "data": json.loads(fields["data"])}
+
+    async def leave(self) -> None:
+        """What daphne sends when the browser closes the tab."""
+        await self.app.send_input({"type": "http.disconnect"})
+        await self.app.wait(3)
+
+
+@pytest.fixture
+async def open_stream():
+    streams = []
+
+    async def open_as(user) -> Stream:
+        stream = Stream(await sync_to_async(session_cookie)(user))
+        streams.append(stream)
+        await stream.open()
+        return stream
+
+    yield open_as
+    for stream in streams:
+        with contextlib.suppress(Exception):
+            await stream.leave()
+
+
+async def test_anonymous_client_gets_401():
+    response = await AsyncClient().get("/events/")
+    assert response.status_code == 401
+
+
+async def test_response_headers_and_registration(open_stream, alice):
+    stream = await open_stream(alice)
+
+    assert stream.head["status"] == 200
+    assert stream.headers["content-type"].startswith("text/event-stream")
+    assert stream.headers["cache-control"] == "no-cache"
+    assert stream.headers["x-accel-buffering"] == "no"
+    assert "access-control-allow-origin" not in stream.headers
+    [row] = await rows(user=alice)
+    assert process.users[row.channel_name] == alice.pk
+
+
+async def test_notification_reaches_the_stream(open_stream, alice):
+    stream = await open_stream(alice)
+
+    delivery = await anotify_user(alice, {"text": "hi"})
+
+    assert delivery.sent == 1
+    assert await stream.read() == (
+        'id: 1\nevent: notification\ndata: {"type":"notification","data":{"text":"hi"}}\n\n'
+    )
+
+
+async def test_direct_message_reaches_stream_and_socket_with_the_same_frame(open_stream, connect, alice, bob):
+    stream = await open_stream(alice)
+    socket_tab = await connect(alice)
+    sender = await connect(bob)
+
+    await sender.send_json_to({"type": "direct", "to": alice.pk, "message": "<b>hi</b>", "id": "m1"})
+
+    assert await sender.receive_json_from() == {"type": "ack", "id": "m1", "delivered": 2}
+    event = await stream.read_event()
+    assert event["event"] == "direct"
+    assert event["data"] == await socket_tab.receive_json_from()
+    assert event["data"]["message"] == "<b>hi</b>"
+
+
+async def test_other_event_types_keep_their_name_and_data(open_stream, alice):
+    stream = await open_stream(alice)
+
+    await asend_to_user(alice, {"type": "chat.message", "text": "x"})
+    await anotify_user(alice, "second")
+
+    assert await stream.read_event() == {
+        "id": "1", "event": "chat.message", "data": {"type": "chat.message", "text": "x"},
+    }
+    assert (await stream.read_event())["id"] == "2"
+
+
+@override_settings(CHANNEL_REGISTRY={"SSE_HEARTBEAT": 0.05})
+async def test_heartbeat_comments_while_quiet_and_events_still_arrive(open_stream, alice):
+    stream = await open_stream(alice)
+
+    assert await stream.read() == ": heartbeat\n\n"
+    assert await stream.read() == ": heartbeat\n\n"
+    await anotify_user(alice, "after the heartbeats")
+
+    assert (await stream.read_event())["data"] == {"type": "notification", "data": "after the heartbeats"}
+
+
+async def test_client_going_away_removes_the_row(open_stream, alice, presence_events):
+    stream = await open_stream(alice)
+    [row] = await rows(user=alice)
+
+    await stream.leave()
+
+    assert await rows(user=alice) == []
+    assert row.channel_name not in process.users
+    assert presence_events == [("online", alice.pk), ("offline", alice.pk)]
+    assert (await anotify_user(alice, "nobody")).channels == 0
+
+
+async def test_disconnect_user_ends_the_stream_with_its_code(open_stream, alice):
+    stream = await open_stream(alice)
+
+    assert await adisconnect_user(alice, code=4401) == 1
+
+    assert (await stream.read_event())["data"] == {"type": "disconnect", "code": 4401}
+    assert await stream.app.receive_output(3) == {"type": "http.response.body"}
+    assert await rows(user=alice) == []
+
+
+def database_sessions() -> int:
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()")
+        return cursor.fetchone()[0]
+
+
+@pytest.mark.skipif(connection.vendor != "postgresql", reason="counts PostgreSQL sessions")
+async def test_open_streams_hold_no_database_connection_of_their_own(open_stream, alice):
+    await open_stream(alice)
+    before = await sync_to_async(database_sessions)()
+
+    for _ in range(4):
+        await open_stream(alice)
+
+    assert len(await rows(user=alice)) == 5
+    assert await sync_to_async(database_sessions)() == before
+
+
+class PresenceStream(EventStreamView):
+    groups = ["sse.test.presence"]
+
+
+async def test_stream_joins_its_groups_while_open(alice, layer):
+    request = RequestFactory().get("/events/")
+    request.user = alice
+    response = await PresenceStream.as_view()(request)
+    chunks = aiter(response.streaming_content)
+    assert await anext(chunks) == f"retry: {RETRY_MS}\n\n".encode()
+
+    await layer.group_send("sse.test.presence", {"type": "demo.presence", "online": [1]})
+    assert (await anext(chunks)).startswith(b"id: 1\nevent: demo.presence\n")
+
+    await adisconnect_user(alice)
+    [last] = [chunk async for chunk in chunks]
+    assert last.startswith(b"id: 2\nevent: disconnect\n")
+    assert await rows(user=alice) == []
