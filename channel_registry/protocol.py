@@ -13,7 +13,8 @@ from datetime import UTC, datetime
 from typing import Any
 
 MAX_ID_LENGTH = 64
-# channels_redis's msgpack refuses deeper structures; refuse them here, politely.
+# Containers nested deeper than this are refused: no real message needs them, and
+# every serializer on the way (JSON, msgpack) recurses once per level.
 MAX_DEPTH = 32
 # JSON numbers outside this range lose precision in browsers.
 MAX_SAFE_INTEGER = 2**53 - 1
@@ -73,10 +74,11 @@ def _finite_float(text: str) -> float:
 
 
 def _message_problem(value) -> str | None:
-    """What the channel layer's serializer (msgpack) could not carry, if anything."""
+    """Why the message cannot travel, if it cannot: too deep to be reasonable, or an
+    integer that msgpack (channels_redis's serializer) cannot encode."""
     depth, level = 0, [value]
     while level:
-        depth += 1
+        depth += any(isinstance(item, (dict, list)) for item in level)
         if depth > MAX_DEPTH:
             return f"'message' is nested deeper than {MAX_DEPTH} levels"
         if any(_is_int(v) and not -(2**63) <= v < 2**64 for v in level):
