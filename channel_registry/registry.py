@@ -59,6 +59,11 @@ class ProcessChannels:
         return self._server
 
     @property
+    def started(self) -> bool:
+        """Whether this process (not a parent it was forked from) has served a connection."""
+        return self._pid == os.getpid()
+
+    @property
     def users(self) -> dict[str, object]:
         self._check_fork()
         return self._users
@@ -166,11 +171,17 @@ def beat() -> int:
 def forget_process() -> int:
     """Delete this process's rows; called at interpreter exit (daphne's SIGTERM/SIGINT).
 
-    daphne cancels consumers on shutdown, so their ``disconnect()`` never runs.
+    daphne cancels consumers on shutdown, so their ``disconnect()`` never runs,
+    and an unregister cut short by the cancellation has already left
+    ``process.users``: every row carrying this process's server id goes.
     """
-    if not process.users:
+    if not process.started:
         return 0
-    deleted, _ = UserChannel.objects.filter(server=process.server).delete()
+    try:
+        deleted, _ = UserChannel.objects.filter(server=process.server).delete()
+    except DatabaseError:
+        logger.warning("channel_registry: could not delete this process's rows at exit", exc_info=True)
+        return 0
     process.users.clear()
     return deleted
 
