@@ -142,10 +142,16 @@ class NativePool:
         return idle, slots
 
     async def _connect(self):
-        params = connections[UserChannel.objects.db].get_connection_params()
+        django_connection = connections[UserChannel.objects.db]
+        params = django_connection.get_connection_params()
         params.pop("cursor_factory", None)  # Django's sync cursor classes
         try:
-            return await psycopg.AsyncConnection.connect(autocommit=True, **params)
+            conn = await psycopg.AsyncConnection.connect(autocommit=True, **params)
+            # Django's timestamp loaders assume the session time zone Django sets on
+            # its own connections; on a server in another zone every row would read
+            # as stale (or never stale) without this.
+            await conn.execute("SELECT set_config('TimeZone', %s, false)", [django_connection.timezone_name])
+            return conn
         except psycopg.Error as error:
             raise _django_error(error) from error
 
