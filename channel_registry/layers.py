@@ -3,7 +3,10 @@
 redis-py 8 gives every connection a 5 s ``socket_timeout``, exactly as long as
 channels_redis's blocking read, so an idle consumer's ``receive()`` times out
 and daphne closes every quiet WebSocket with 1011 after ~5.8 s
-(redis/redis-py#4091). These helpers set the timeouts explicitly.
+(redis/redis-py#4091). Its async pool also refuses the 101st concurrent command
+(``MaxConnectionsError``) instead of waiting: a burst of connects, each running
+``group_add`` in its handshake, fails with HTTP 500. These helpers set the
+timeouts and a larger pool explicitly.
 """
 
 from __future__ import annotations
@@ -12,6 +15,8 @@ from __future__ import annotations
 SOCKET_TIMEOUT = 15
 #: A down Redis is reported within this many seconds instead of hanging a send.
 CONNECT_TIMEOUT = 3
+#: Connections per process and event loop; Redis accepts 10,000 clients by default.
+MAX_CONNECTIONS = 500
 
 
 def redis_host(url: str, **options) -> dict:
@@ -20,6 +25,7 @@ def redis_host(url: str, **options) -> dict:
         "address": url,
         "socket_timeout": SOCKET_TIMEOUT,
         "socket_connect_timeout": CONNECT_TIMEOUT,
+        "max_connections": MAX_CONNECTIONS,
         **options,
     }
 
