@@ -116,19 +116,28 @@ class NativePool:
     async def run(self, work):
         idle, slots = await self._for_running_loop()
         async with slots:
-            conn = idle.pop() if idle else await self._connect()
-            try:
-                result = await work(conn)
-            except BaseException as error:
-                # Never reuse a connection in an unknown state. A cancelled task
-                # (a socket closing mid-connect) may have left a transaction open
-                # that holds the user's row lock: closing ends it at once
-                # (close() does not yield, so it runs even while cancelled).
-                await conn.close()
-                if isinstance(error, psycopg.Error):
-                    raise _django_error(error) from error
-                raise
-            idle.append(conn)
+            if idle:
+                try:
+                    return await self._use(idle, idle.pop(), work)
+                except OperationalError:
+                    # An idle connection outlived a database restart; a fresh one
+                    # decides. Safe to repeat: the failed attempt committed nothing.
+                    pass
+            return await self._use(idle, await self._connect(), work)
+
+    async def _use(self, idle: list, conn, work):
+        try:
+            result = await work(conn)
+        except BaseException as error:
+            # Never reuse a connection in an unknown state. A cancelled task
+            # (a socket closing mid-connect) may have left a transaction open
+            # that holds the user's row lock: closing ends it at once
+            # (close() does not yield, so it runs even while cancelled).
+            await conn.close()
+            if isinstance(error, psycopg.Error):
+                raise _django_error(error) from error
+            raise
+        idle.append(conn)
         return result
 
     async def _for_running_loop(self) -> tuple[list, asyncio.Semaphore]:

@@ -46,12 +46,14 @@ class ProcessChannels:
         self._pid = None
         self._server = ""
         self._users: dict[str, object] = {}
+        self._orphans: dict[str, object] = {}
 
     def _check_fork(self) -> None:
         if self._pid != os.getpid():
             self._pid = os.getpid()
             self._server = f"{socket.gethostname()}:{self._pid}:{secrets.token_hex(4)}"[-100:]
             self._users = {}
+            self._orphans = {}
 
     @property
     def server(self) -> str:
@@ -67,6 +69,12 @@ class ProcessChannels:
     def users(self) -> dict[str, object]:
         self._check_fork()
         return self._users
+
+    @property
+    def orphans(self) -> dict[str, object]:
+        """Closed connections whose DELETE failed (database down); the heartbeat retries them."""
+        self._check_fork()
+        return self._orphans
 
 
 process = ProcessChannels()
@@ -152,14 +160,18 @@ async def announce(signal, user_id) -> None:
 def beat() -> int:
     """Refresh every row of this process in one UPDATE; restore rows pruned meanwhile.
 
-    A process stalled past ``STALE_AFTER`` (a long GC pause, a suspended VM) may
-    find its rows pruned while its sockets are still open: they are inserted
-    again so those connections become reachable again.
+    Rows of connections that closed while the database was down go first, so
+    the UPDATE below does not keep them alive. A process stalled past
+    ``STALE_AFTER`` (a long GC pause, a suspended VM) may find its rows pruned
+    while its sockets are still open: they are inserted again so those
+    connections become reachable again.
     """
+    for channel_name, user_id in list(process.orphans.items()):
+        if delete_row(user_id, channel_name):
+            send_presence(user_offline, user_id)
+        del process.orphans[channel_name]
     users = dict(process.users)
-    refreshed = UserChannel.objects.filter(server=process.server).update(
-        last_seen=timezone.now()
-    )
+    refreshed = UserChannel.objects.filter(server=process.server).update(last_seen=timezone.now())
     if refreshed < len(users):
         UserChannel.objects.bulk_create(
             [UserChannel(user_id=u, channel_name=c, server=process.server) for c, u in users.items()],
@@ -238,12 +250,17 @@ class MappingStrategy(DeliveryStrategy):
     async def unregister(self, user_id, channel_name: str) -> None:
         if process.users.pop(channel_name, None) is None:
             return
-        if not process.users:
-            heartbeat.stop()
-        if postgres.enabled():
-            last = await postgres.delete_row(user_id, channel_name)
-        else:
-            last = await database_sync_to_async(delete_row)(user_id, channel_name)
+        try:
+            if postgres.enabled():
+                last = await postgres.delete_row(user_id, channel_name)
+            else:
+                last = await database_sync_to_async(delete_row)(user_id, channel_name)
+        except DatabaseError:
+            process.orphans[channel_name] = user_id
+            raise
+        finally:
+            if not process.users and not process.orphans:
+                heartbeat.stop()
         if last:
             await announce(user_offline, user_id)
 

@@ -19,12 +19,13 @@ from channels.security.websocket import AllowedHostsOriginValidator  # noqa: E40
 from django.contrib.staticfiles.handlers import ASGIStaticFilesHandler  # noqa: E402
 from django.urls import path  # noqa: E402
 
+from channel_registry.middleware import CloseOnDatabaseError  # noqa: E402
 from demo_site.inbox.consumers import InboxConsumer, InboxGroupConsumer  # noqa: E402
 
 application = ProtocolTypeRouter({
     "http": ASGIStaticFilesHandler(django_application),
-    "websocket": AllowedHostsOriginValidator(AuthMiddlewareStack(URLRouter([
+    "websocket": AllowedHostsOriginValidator(CloseOnDatabaseError(AuthMiddlewareStack(URLRouter([
         path("ws/registry/", InboxConsumer.as_asgi()),
         path("ws/groups/", InboxGroupConsumer.as_asgi()),
-    ]))),
+    ])))),
 })

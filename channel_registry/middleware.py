@@ -1,0 +1,45 @@
+"""ASGI middleware for the WebSocket routes."""
+
+from __future__ import annotations
+
+import logging
+
+from django.db import DatabaseError
+
+from .protocol import CLOSE_INTERNAL_ERROR
+
+logger = logging.getLogger(__name__)
+
+
+class CloseOnDatabaseError:
+    """Turn a database outage during a WebSocket handshake into accept + close 1011.
+
+    Channels' ``AuthMiddlewareStack`` loads the session and the user from the
+    database before any consumer runs; while the database is down that raises,
+    daphne answers HTTP 500, and the browser only sees 1006 — a network drop,
+    retried at once. Wrap the auth stack in this so the client sees 1011 instead:
+
+        AllowedHostsOriginValidator(CloseOnDatabaseError(AuthMiddlewareStack(router)))
+    """
+
+    def __init__(self, app) -> None:
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "websocket":
+            return await self.app(scope, receive, send)
+        answered = False
+
+        async def tracking_send(message):
+            nonlocal answered
+            answered = answered or message["type"] in ("websocket.accept", "websocket.close")
+            await send(message)
+
+        try:
+            return await self.app(scope, receive, tracking_send)
+        except DatabaseError:
+            if answered:
+                raise
+            logger.warning("channel_registry: database unavailable during a WebSocket handshake", exc_info=True)
+            await send({"type": "websocket.accept"})
+            await send({"type": "websocket.close", "code": CLOSE_INTERNAL_ERROR})
