@@ -1,4 +1,5 @@
 import asyncio
+import atexit
 import contextlib
 import itertools
 
@@ -12,7 +13,7 @@ from django.db import connections
 
 from channel_registry.consumers import RegistryConsumer
 from channel_registry.models import UserChannel
-from channel_registry.registry import process
+from channel_registry.registry import forget_process, process
 from channel_registry.signals import user_offline, user_online
 
 from .redis_servers import free_port
@@ -26,6 +27,7 @@ def close_async_connections(django_db_setup, django_db_blocker):
     yield
     with django_db_blocker.unblock():
         asyncio.run(sync_to_async(connections.close_all)())
+    atexit.unregister(forget_process)  # the test database is gone by then
 
 
 @pytest.fixture(autouse=True)
