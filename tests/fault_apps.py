@@ -1,0 +1,15 @@
+"""App configs for ``tests.fault_settings``."""
+
+from demo_site.inbox.apps import InboxConfig
+
+
+class QuietInboxConfig(InboxConfig):
+    """The demo's inbox without its presence broadcast (``CRF_PRESENCE=0``).
+
+    The demo sends the whole online list to every open inbox on each login and
+    logout: with N users connecting that is O(N²) frames, which the load script
+    can leave out to measure the registry alone.
+    """
+
+    def ready(self) -> None:
+        pass

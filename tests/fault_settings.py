@@ -1,0 +1,70 @@
+"""Settings for demo_site processes started by the fault tests and the load script.
+
+    DJANGO_SETTINGS_MODULE=tests.fault_settings CRF_DATABASE_URL=postgres://… \
+    CRF_REDIS_URLS=redis://127.0.0.1:7001,redis://127.0.0.1:7002 \
+    .venv/bin/daphne -b 127.0.0.1 -p 8001 demo_site.asgi:application
+
+Everything of the demo site, with the services and the registry options taken
+from the environment (``tests/processes.py`` writes it):
+
+``CRF_DATABASE_URL``  PostgreSQL URL (required: processes must share a database).
+``CRF_REDIS_URLS``    one or more Redis URLs, comma-separated (several = a sharded layer).
+``CRF_REDIS_PREFIX``  channel layer key prefix (default ``crfaults``).
+``CRF_LAYER_EXPIRY``  channel layer ``expiry`` in seconds (default: channels_redis's 60).
+``CRF_LAYER_CAPACITY`` channel layer ``capacity`` (default: channels_redis's 100).
+``CRF_HEARTBEAT`` / ``CRF_STALE_AFTER``  ``HEARTBEAT_INTERVAL`` / ``STALE_AFTER`` (0.5 / 2).
+``CRF_MAX_CONNECTIONS`` / ``CRF_ON_LIMIT``  ``MAX_CONNECTIONS_PER_USER`` / ``ON_LIMIT``.
+``CRF_RATE_LIMIT``    ``"messages,seconds"`` or ``"none"`` (default: the library's 20 per 10 s).
+``CRF_SECRET_KEY``    must match the process that writes the sessions.
+``CRF_PRESENCE``      ``0`` disconnects the demo's presence broadcast (the load script's option).
+"""
+
+import os
+
+from channel_registry.layers import redis_layer
+from demo_site.settings import *  # noqa: F403
+from demo_site.settings import database_from_url
+
+
+def _number(name: str, default: float) -> float:
+    return float(os.environ.get(name) or default)
+
+
+DATABASES = {"default": database_from_url(os.environ["CRF_DATABASE_URL"])}
+
+_layer_options = {"prefix": os.environ.get("CRF_REDIS_PREFIX", "crfaults")}
+if os.environ.get("CRF_LAYER_EXPIRY"):
+    _layer_options["expiry"] = int(os.environ["CRF_LAYER_EXPIRY"])
+if os.environ.get("CRF_LAYER_CAPACITY"):
+    _layer_options["capacity"] = int(os.environ["CRF_LAYER_CAPACITY"])
+CHANNEL_LAYERS = {"default": redis_layer(*os.environ["CRF_REDIS_URLS"].split(","), **_layer_options)}
+
+CHANNEL_REGISTRY = {
+    "HEARTBEAT_INTERVAL": _number("CRF_HEARTBEAT", 0.5),
+    "STALE_AFTER": _number("CRF_STALE_AFTER", 2),
+}
+if os.environ.get("CRF_MAX_CONNECTIONS"):
+    CHANNEL_REGISTRY["MAX_CONNECTIONS_PER_USER"] = int(os.environ["CRF_MAX_CONNECTIONS"])
+    CHANNEL_REGISTRY["ON_LIMIT"] = os.environ.get("CRF_ON_LIMIT", "close_newest")
+_rate = os.environ.get("CRF_RATE_LIMIT")
+if _rate:
+    CHANNEL_REGISTRY["RATE_LIMIT"] = None if _rate == "none" else tuple(float(x) for x in _rate.split(","))
+
+SECRET_KEY = os.environ.get("CRF_SECRET_KEY") or SECRET_KEY  # noqa: F405
+ALLOWED_HOSTS = ["127.0.0.1", "localhost"]
+# The tests create users with Django's test hasher; the login form must accept them quickly.
+PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
+
+if os.environ.get("CRF_PRESENCE") == "0":
+    INSTALLED_APPS = [
+        "tests.fault_apps.QuietInboxConfig" if app == "demo_site.inbox" else app
+        for app in INSTALLED_APPS  # noqa: F405
+    ]
+
+LOGGING = {
+    "version": 1,
+    "disable_existing_loggers": False,
+    "formatters": {"plain": {"format": "%(asctime)s %(levelname)s %(name)s: %(message)s"}},
+    "handlers": {"stderr": {"class": "logging.StreamHandler", "formatter": "plain"}},
+    "root": {"handlers": ["stderr"], "level": "WARNING"},
+}
