@@ -34,8 +34,8 @@ class RegistrySettings:
     NATIVE_POSTGRES: bool = True
     #: Rows deleted per statement by ``prune_stale``.
     PRUNE_BATCH_SIZE: int = 5000
-    #: Most layer commands in flight during one fan-out (redis-py 8 refuses the
-    #: 101st concurrent command of its default pool).
+    #: Most channel layer commands the library has in flight at once, per process
+    #: and event loop (redis-py 8 refuses the 101st concurrent command of its default pool).
     SEND_CONCURRENCY: int = 50
     #: Largest text frame a consumer accepts, in bytes of UTF-8.
     MAX_MESSAGE_BYTES: int = 16 * 1024
