@@ -21,7 +21,7 @@ from typing import TypeVar
 from channels.exceptions import ChannelFull
 
 from .conf import registry_settings
-from .exceptions import LAYER_TRANSPORT_ERRORS, ChannelLayerUnavailable
+from .exceptions import layer_unavailable
 
 try:  # channels_redis is optional: the generic path serves every other layer.
     from channels_redis.core import RedisChannelLayer
@@ -75,11 +75,8 @@ async def send_many(
         sender = _send_batched
     else:
         sender = _send_each
-    try:
+    with layer_unavailable(layer):
         full = await sender(layer, channels, message, concurrency)
-    except LAYER_TRANSPORT_ERRORS as error:
-        # The class name, not str(layer): channels_redis's includes host URLs and passwords.
-        raise ChannelLayerUnavailable(f"{type(layer).__name__} is unreachable: {error}") from error
     return [channel for channel in channels if channel in full]
 
 

@@ -1,5 +1,7 @@
 """Exceptions raised by channel_registry's public API."""
 
+from contextlib import contextmanager
+
 
 class ChannelLayerUnavailable(Exception):
     """The channel layer (usually Redis) could not be reached.
@@ -21,6 +23,16 @@ def _transport_errors() -> tuple[type[BaseException], ...]:
 
 #: What a channel layer raises when its server cannot be reached.
 LAYER_TRANSPORT_ERRORS = _transport_errors()
+
+
+@contextmanager
+def layer_unavailable(layer):
+    """Turn the layer's transport errors into ``ChannelLayerUnavailable``."""
+    try:
+        yield
+    except LAYER_TRANSPORT_ERRORS as error:
+        # The class name, not str(layer): channels_redis's includes host URLs and passwords.
+        raise ChannelLayerUnavailable(f"{type(layer).__name__} is unreachable: {error}") from error
 
 
 class ConnectionLimitExceeded(Exception):

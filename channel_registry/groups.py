@@ -16,7 +16,7 @@ from .conf import registry_settings
 from .consumers import RegistryConsumer
 from .delivery import layer_slots, run_bounded
 from .dispatch import Dispatcher
-from .exceptions import LAYER_TRANSPORT_ERRORS, ChannelLayerUnavailable
+from .exceptions import layer_unavailable
 from .strategy import Delivery, DeliveryStrategy, channel_layer
 
 
@@ -25,16 +25,14 @@ def group_name(user_id) -> str:
 
 
 async def _layer_call(method: str, *args) -> None:
-    try:
+    layer = channel_layer()
+    with layer_unavailable(layer):
         async with layer_slots():
-            await getattr(channel_layer(), method)(*args)
-    except LAYER_TRANSPORT_ERRORS as error:
-        raise ChannelLayerUnavailable(str(error)) from error
+            await getattr(layer, method)(*args)
 
 
 class GroupStrategy(DeliveryStrategy):
-    name = "groups"
-    counts_channels = False
+    """Per-user groups: `group_add` on connect, one `group_send` per user to deliver."""
 
     async def register(self, user_id, channel_name: str) -> None:
         await _layer_call("group_add", group_name(user_id), channel_name)
@@ -49,10 +47,8 @@ class GroupStrategy(DeliveryStrategy):
             await layer.group_send(group_name(user_id), event)
 
         # One group_send per user, within the process's budget of commands in flight.
-        try:
+        with layer_unavailable(layer):
             await run_bounded(list(user_ids), send, registry_settings().SEND_CONCURRENCY)
-        except LAYER_TRANSPORT_ERRORS as error:
-            raise ChannelLayerUnavailable(str(error)) from error
         return Delivery(channels=None, sent=None, failed=[])
 
 

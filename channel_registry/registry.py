@@ -231,9 +231,6 @@ heartbeat = Heartbeat()
 class MappingStrategy(DeliveryStrategy):
     """Explicit mapping: one row per connection, ``send`` to each live channel."""
 
-    name = "mapping"
-    counts_channels = True
-
     async def register(self, user_id, channel_name: str) -> None:
         # The connection limit needs a count under the lock: only the ORM path does that.
         if postgres.enabled() and registry_settings().MAX_CONNECTIONS_PER_USER is None:

@@ -47,11 +47,6 @@ def channel_layer():
 class DeliveryStrategy:
     """How connections are recorded and how events reach their users."""
 
-    #: Short name used in settings, routes and benchmark tables.
-    name = ""
-    #: Whether :meth:`deliver` can count the channels it reaches.
-    counts_channels = False
-
     async def register(self, user_id, channel_name: str) -> None:
         """Make ``channel_name`` reachable as one of ``user_id``'s connections."""
         raise NotImplementedError
