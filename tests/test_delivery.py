@@ -64,6 +64,21 @@ async def receive_all(pairs, wait: float = 2.0) -> dict[str, dict]:
     return {tasks[task]: task.result() for task in done}
 
 
+def layers_on_both_shards(make_layer, hosts, count: int = 5) -> list:
+    """``count`` layers (client prefixes) of which at least one hashes to each of the two shards.
+
+    Five random prefixes all land on one shard one time in sixteen; a test of
+    sharding must not depend on that luck.
+    """
+    def shard(layer) -> int:
+        return layer.consistent_hash(f"specific.{layer.client_prefix}!")
+
+    layers = [make_layer(hosts=hosts) for _ in range(count)]
+    while len({shard(layer) for layer in layers}) < 2:
+        layers[-1] = make_layer(hosts=hosts)
+    return layers
+
+
 async def new_channels(layers, count: int) -> list[tuple[RedisChannelLayer, str]]:
     """``count`` process-local channels spread round-robin over ``layers``."""
     return [(layers[i % len(layers)], await layers[i % len(layers)].new_channel()) for i in range(count)]
@@ -201,7 +216,7 @@ async def test_group_send_shards_by_non_local_name(two_servers, make_layer):
 async def test_sharded_send_many_delivers_everything(two_servers, make_layer):
     hosts = [host(server.url) for server in two_servers]
     sender = make_layer(hosts=hosts)
-    receivers = [make_layer(hosts=hosts) for _ in range(5)]
+    receivers = layers_on_both_shards(make_layer, hosts)
     pairs = await new_channels(receivers, 100)
     shards = {sender.consistent_hash(r.non_local_name(ch)) for r, ch in pairs}
     assert shards == {0, 1}, "the five client prefixes should cover both shards"
