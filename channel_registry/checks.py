@@ -49,6 +49,11 @@ def check_options(app_configs=None, **kwargs) -> list[checks.CheckMessage]:
             f"ON_LIMIT must be 'close_newest' or 'close_oldest', not {options.ON_LIMIT!r}.",
             id="channel_registry.E005",
         ))
+    if options.CLOSE_ON_LOGOUT not in ("session", "user", None):
+        errors.append(checks.Error(
+            f"CLOSE_ON_LOGOUT must be 'session', 'user' or None, not {options.CLOSE_ON_LOGOUT!r}.",
+            id="channel_registry.E013",
+        ))
     if options.CAN_MESSAGE is not None:
         try:
             import_string(options.CAN_MESSAGE)

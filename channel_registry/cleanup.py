@@ -1,53 +1,20 @@
 """Deleting rows that crashed or restarted server processes left behind.
 
-Rows go in batches of ``PRUNE_BATCH_SIZE`` so a million stale rows never hold
-long locks; each batch re-checks ``last_seen`` so a row refreshed by a heartbeat
-between the SELECT and the DELETE survives.
+The deleting itself is the row store's (batched, under the users' locks, with
+``user_offline`` for every user left without a row); this module decides which rows.
 """
 
 from __future__ import annotations
 
 from channels.db import database_sync_to_async
-from django.contrib.auth import get_user_model
-from django.db import transaction
 
 from .conf import registry_settings
 from .models import UserChannel, stale_cutoff
-from .signals import send_presence, user_offline
+from .store import orm
 
 
 def count_stale(older_than: float | None = None) -> int:
     return UserChannel.objects.stale(older_than).count()
-
-
-def _prune_batch(doomed, size: int) -> tuple[int, int, list]:
-    """Delete up to ``size`` rows of ``doomed``: (rows seen, rows deleted, users now without rows).
-
-    ``doomed`` is filtered again by the DELETE, so a row a heartbeat refreshed
-    between the SELECT and the DELETE survives.
-    """
-    with transaction.atomic():
-        rows = list(doomed.values_list("pk", "user_id")[:size])
-        if not rows:
-            return 0, 0, []
-        user_ids = sorted({user_id for _, user_id in rows})
-        # Same lock as connect/disconnect, in pk order: presence signals stay exact.
-        list(get_user_model().objects.select_for_update().filter(pk__in=user_ids).order_by("pk").values_list("pk"))
-        deleted, _ = doomed.filter(pk__in=[pk for pk, _ in rows]).delete()
-        still_connected = set(UserChannel.objects.filter(user_id__in=user_ids).values_list("user_id", flat=True))
-    return len(rows), deleted, [u for u in user_ids if u not in still_connected]
-
-
-def _prune(doomed) -> int:
-    size = registry_settings().PRUNE_BATCH_SIZE
-    total = 0
-    while True:
-        seen, deleted, offline = _prune_batch(doomed, size)
-        total += deleted
-        for user_id in offline:
-            send_presence(user_offline, user_id)
-        if seen < size:
-            return total
 
 
 def prune_stale(older_than: float | None = None) -> int:
@@ -56,7 +23,7 @@ def prune_stale(older_than: float | None = None) -> int:
     Returns the number of rows deleted and sends ``user_offline`` for every user
     left without any row.
     """
-    return _prune(UserChannel.objects.stale(older_than))
+    return orm.delete(UserChannel.objects.stale(older_than))
 
 
 def prune_dead_servers(full_channels: list[str]) -> int:
@@ -74,7 +41,7 @@ def prune_dead_servers(full_channels: list[str]) -> int:
     )
     if not servers:
         return 0
-    return _prune(UserChannel.objects.filter(server__in=servers, last_seen__lt=late))
+    return orm.delete(UserChannel.objects.filter(server__in=servers, last_seen__lt=late))
 
 
 aprune_stale = database_sync_to_async(prune_stale)

@@ -55,8 +55,16 @@ class RegistrySettings:
     MAX_CONNECTIONS_PER_USER: int | None = None
     #: Over the limit: ``"close_newest"`` (4429 to the new one) or ``"close_oldest"``.
     ON_LIMIT: str = "close_newest"
-    #: Close every connection of a user when they log out (``user_logged_out``).
-    DISCONNECT_ON_LOGOUT: bool = True
+    #: On logout (``user_logged_out``), close with 4410 the connections of
+    #: ``"session"``: the session that logged out; ``"user"``: every session of
+    #: the user; ``None``: none.
+    CLOSE_ON_LOGOUT: str | None = "session"
+    #: On a password change (``set_password`` then ``save``), close every
+    #: connection of the user with 4409: clients reconnect and each session is
+    #: checked again, so only sessions Django still accepts come back.
+    CLOSE_ON_PASSWORD_CHANGE: bool = True
+    #: When a user is saved with ``is_active=False``, close all their connections with 4410.
+    CLOSE_ON_DEACTIVATION: bool = True
 
 
 OPTION_NAMES = frozenset(f.name for f in fields(RegistrySettings))

@@ -15,8 +15,9 @@ from django.utils.module_loading import import_string
 from . import protocol
 from .conf import registry_settings
 from .exceptions import LAYER_TRANSPORT_ERRORS, ChannelLayerUnavailable, ConnectionLimitExceeded
-from .protocol import CLOSE_FORBIDDEN, CLOSE_INTERNAL_ERROR, CLOSE_TOO_MANY, CLOSE_UNAUTHENTICATED, ProtocolError
-from .registry import MappingStrategy
+from .groups import GroupStrategy
+from .mapping import MappingStrategy
+from .protocol import CLOSE_FORBIDDEN, CLOSE_TOO_MANY, CLOSE_UNAUTHENTICATED, CLOSE_UNAVAILABLE, ProtocolError
 from .strategy import DeliveryStrategy
 
 logger = logging.getLogger(__name__)
@@ -42,14 +43,16 @@ class RegistryConsumerMixin:
         if user is None or not user.is_authenticated:
             await self.refuse(CLOSE_UNAUTHENTICATED)
             return
+        session = self.scope.get("session")
+        self.session_key = getattr(session, "session_key", None)
         try:
-            await self.strategy.register(user.pk, self.channel_name)
+            await self.strategy.register(user.pk, self.channel_name, self.session_key)
         except ConnectionLimitExceeded:
             await self.refuse(CLOSE_TOO_MANY)
             return
         except (DatabaseError, ChannelLayerUnavailable):
             logger.exception("channel_registry: could not register %s", self.channel_name)
-            await self.refuse(CLOSE_INTERNAL_ERROR)
+            await self.refuse(CLOSE_UNAVAILABLE)
             return
         self.user_id = user.pk
         # Accepted only once registered: a client that sees "open" is reachable.
@@ -80,26 +83,36 @@ class RegistryConsumerMixin:
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, RECEIVE_RETRY_MAX)
 
+    async def websocket_disconnect(self, message) -> None:
+        # The row goes as soon as the server reports the close, whatever else
+        # waits: on Python 3.11 the consumer's pending layer receive may swallow
+        # its cancellation (CPython gh-86296), and Channels' dispatch loop then
+        # waits for it in a ``finally`` until the server kills the consumer.
+        # A task of its own, so the dispatch loop cancels that receive as early as before.
+        self._unregistering = asyncio.ensure_future(self._unregister())
+        await super().websocket_disconnect(message)
+
     async def __call__(self, scope, receive, send):
-        # The one exit every consumer takes — clean close, dropped TCP connection,
-        # an exception in a handler, or cancellation — so the row goes in all cases.
+        # The other exits — an exception in a handler, or cancellation (daphne
+        # cancels consumers on shutdown) — end here, so the row goes in all cases.
+        self._unregistering: asyncio.Future | None = None
         try:
             await super().__call__(scope, receive, send)
         finally:
-            await self._unregister()
+            await (self._unregistering or self._unregister())
 
     async def _unregister(self) -> None:
         user_id, self.user_id = self.user_id, None
         if user_id is None:
             return
         try:
-            await self.strategy.unregister(user_id, self.channel_name)
+            await self.strategy.unregister(user_id, self.channel_name, self.session_key)
         except (DatabaseError, ChannelLayerUnavailable):
             # The row turns stale and prune_channels removes it.
             logger.warning("channel_registry: could not unregister %s", self.channel_name, exc_info=True)
 
     async def registry_disconnect(self, event) -> None:
-        """Sent by ``disconnect_user``: close this connection with the given code."""
+        """Sent by ``disconnect_user`` and when a session ends: close this connection with the given code."""
         await self.close(code=event.get("code", CLOSE_FORBIDDEN))
 
 
@@ -194,3 +207,9 @@ class RegistryConsumer(RegistryConsumerMixin, AsyncJsonWebsocketConsumer):
 
     async def registry_notify(self, event) -> None:
         await self.send_json(protocol.notification_frame(event["data"]))
+
+
+class GroupConsumer(RegistryConsumer):
+    """:class:`RegistryConsumer`'s protocol, delivered through per-user groups."""
+
+    strategy = GroupStrategy()

@@ -10,10 +10,10 @@ from collections.abc import Iterable
 
 from asgiref.sync import async_to_sync
 
+from .mapping import MappingStrategy
 from .models import user_pk
 from .postgres import sync_caller
 from .protocol import CLOSE_FORBIDDEN, DISCONNECT_EVENT, NOTIFY_EVENT
-from .registry import MappingStrategy
 from .strategy import Delivery, DeliveryStrategy
 
 
@@ -59,6 +59,11 @@ class Dispatcher:
         delivery = await self.asend_to_user(user, {"type": DISCONNECT_EVENT, "code": code})
         return delivery.sent
 
+    async def adisconnect_session(self, session_key: str, code: int) -> int | None:
+        """Close every live connection opened by the session ``session_key``; how many were reached."""
+        delivery = await self.strategy.deliver_to_session(session_key, {"type": DISCONNECT_EVENT, "code": code})
+        return delivery.sent
+
     def send_to_user(self, user, event: dict) -> Delivery:
         """Sync wrapper for views, management commands and Celery tasks."""
         return _from_sync(self.asend_to_user, user, event)
@@ -71,6 +76,9 @@ class Dispatcher:
 
     def disconnect_user(self, user, code: int = CLOSE_FORBIDDEN) -> int | None:
         return _from_sync(self.adisconnect_user, user, code)
+
+    def disconnect_session(self, session_key: str, code: int) -> int | None:
+        return _from_sync(self.adisconnect_session, session_key, code)
 
 
 def _from_sync(function, *args):

@@ -1,6 +1,7 @@
 """The per-user group strategy: Channels' usual recipe behind the registry's interface.
 
-A connection joins the group ``GROUP_PREFIX + <user pk>``; delivery is one
+A connection joins the group ``GROUP_PREFIX + <user pk>`` (and one per session,
+so a logout can close that session's connections); delivery is one
 ``group_send`` per user. Groups cannot be listed, so this strategy cannot say
 how many channels an event reached (``Delivery.channels`` and ``sent`` are
 ``None``, the ``ack`` frame's ``delivered`` is ``null``), cannot answer presence,
@@ -13,15 +14,25 @@ from __future__ import annotations
 from collections.abc import Collection
 
 from .conf import registry_settings
-from .consumers import RegistryConsumer
 from .delivery import layer_slots, run_bounded
 from .dispatch import Dispatcher
 from .exceptions import layer_unavailable
+from .models import session_digest
 from .strategy import Delivery, DeliveryStrategy, channel_layer
 
 
 def group_name(user_id) -> str:
     return f"{registry_settings().GROUP_PREFIX}{user_id}"
+
+
+def session_group(session_key: str) -> str:
+    # 40 hex digits of the digest keep the name within the layer's 100 characters.
+    return f"{registry_settings().GROUP_PREFIX}session.{session_digest(session_key)[:40]}"
+
+
+def connection_groups(user_id, session_key: str | None) -> list[str]:
+    """The groups a connection joins: its user's, and its session's when it has one."""
+    return [group_name(user_id), *([session_group(session_key)] if session_key else [])]
 
 
 async def _layer_call(method: str, *args) -> None:
@@ -34,11 +45,13 @@ async def _layer_call(method: str, *args) -> None:
 class GroupStrategy(DeliveryStrategy):
     """Per-user groups: `group_add` on connect, one `group_send` per user to deliver."""
 
-    async def register(self, user_id, channel_name: str) -> None:
-        await _layer_call("group_add", group_name(user_id), channel_name)
+    async def register(self, user_id, channel_name: str, session_key: str | None = None) -> None:
+        for group in connection_groups(user_id, session_key):
+            await _layer_call("group_add", group, channel_name)
 
-    async def unregister(self, user_id, channel_name: str) -> None:
-        await _layer_call("group_discard", group_name(user_id), channel_name)
+    async def unregister(self, user_id, channel_name: str, session_key: str | None = None) -> None:
+        for group in connection_groups(user_id, session_key):
+            await _layer_call("group_discard", group, channel_name)
 
     async def deliver(self, user_ids: Collection, event: dict) -> Delivery:
         layer = channel_layer()
@@ -51,11 +64,9 @@ class GroupStrategy(DeliveryStrategy):
             await run_bounded(list(user_ids), send, registry_settings().SEND_CONCURRENCY)
         return Delivery(channels=None, sent=None, failed=[])
 
-
-class GroupConsumer(RegistryConsumer):
-    """:class:`RegistryConsumer`'s protocol, delivered through per-user groups."""
-
-    strategy = GroupStrategy()
+    async def deliver_to_session(self, session_key: str, event: dict) -> Delivery:
+        await _layer_call("group_send", session_group(session_key), event)
+        return Delivery(channels=None, sent=None, failed=[])
 
 
 groups = Dispatcher(GroupStrategy())

@@ -6,18 +6,18 @@ import logging
 
 from django.db import DatabaseError
 
-from .protocol import CLOSE_INTERNAL_ERROR
+from .protocol import CLOSE_UNAVAILABLE
 
 logger = logging.getLogger(__name__)
 
 
 class CloseOnDatabaseError:
-    """Turn a database outage during a WebSocket handshake into accept + close 1011.
+    """Turn a database outage during a WebSocket handshake into accept + close 4503.
 
     Channels' ``AuthMiddlewareStack`` loads the session and the user from the
     database before any consumer runs; while the database is down that raises,
     daphne answers HTTP 500, and the browser only sees 1006 — a network drop,
-    retried at once. Wrap the auth stack in this so the client sees 1011 instead:
+    retried at once. Wrap the auth stack in this so the client sees 4503 (retry later) instead:
 
         AllowedHostsOriginValidator(CloseOnDatabaseError(AuthMiddlewareStack(router)))
     """
@@ -42,4 +42,4 @@ class CloseOnDatabaseError:
                 raise
             logger.warning("channel_registry: database unavailable during a WebSocket handshake", exc_info=True)
             await send({"type": "websocket.accept"})
-            await send({"type": "websocket.close", "code": CLOSE_INTERNAL_ERROR})
+            await send({"type": "websocket.close", "code": CLOSE_UNAVAILABLE})

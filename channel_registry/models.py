@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from datetime import datetime, timedelta
 
 from django.conf import settings
@@ -15,6 +16,12 @@ def stale_cutoff(older_than: float | None = None) -> datetime:
     """The instant before which a row's ``last_seen`` makes it stale."""
     seconds = registry_settings().STALE_AFTER if older_than is None else older_than
     return timezone.now() - timedelta(seconds=seconds)
+
+
+def session_digest(session_key: str | None) -> str:
+    """What a row keeps of the session that opened it: enough to find its connections
+    at logout, useless to anyone reading the table (the key itself would let them in)."""
+    return hashlib.sha256(session_key.encode()).hexdigest() if session_key else ""
 
 
 def user_pk(user) -> object:
@@ -58,6 +65,9 @@ class UserChannel(models.Model):
     # Identifies the server process that serves the connection, so a dead
     # process's rows can be found (and removed) as a whole.
     server = models.CharField(max_length=100, db_index=True)
+    # ``session_digest()`` of the session that opened the connection ("" without
+    # one), so logging out closes that session's connections only.
+    session = models.CharField(max_length=64, blank=True, default="", db_index=True)
     connected_at = models.DateTimeField(default=timezone.now)
     last_seen = models.DateTimeField(default=timezone.now, db_index=True)
 

@@ -5,9 +5,10 @@ per lookup here, all of a process's lookups in single file, and a connect or
 disconnect costs a transaction of three round trips on top (~1.3 ms each). With
 psycopg 3 the registry talks to PostgreSQL directly from the event loop instead:
 a lookup is one round trip (~0.12 ms), and registering or unregistering is one
-pipelined transaction. The ORM path in ``registry.py`` stays the reference
-implementation for every other database and for synchronous callers, who keep
-their own connection and so see their own transaction.
+pipelined transaction. :class:`PostgresStore` is the row store with those
+paths replaced; the ORM store stays the reference implementation for every
+other database, for synchronous callers (who keep their own connection and so
+see their own transaction) and for housekeeping.
 """
 
 from __future__ import annotations
@@ -21,7 +22,10 @@ from django.db import DatabaseError, IntegrityError, OperationalError, connectio
 from django.utils import timezone
 
 from .conf import registry_settings
-from .models import UserChannel
+from .exceptions import ConnectionLimitExceeded
+from .models import UserChannel, stale_cutoff
+from .signals import user_offline, user_online
+from .store import OrmStore, Registration, announce, limit_outcome, live_names
 
 try:
     import psycopg
@@ -61,16 +65,27 @@ class Statements:
         # The same row lock as the ORM path: connects, disconnects and prunes of one user take turns.
         self.user_rows = f"SELECT channel_name, last_seen FROM {table} WHERE {user_id} = ANY(%s)"
         self.lock_user = f"SELECT 1 FROM {quote(user_meta.db_table)} WHERE {quote(user_meta.pk.column)} = %s FOR UPDATE"
+        columns = f"{user_id}, channel_name, server, session, connected_at, last_seen"
         # A CTE's SELECT sees the table as it was before the CTE's own INSERT/DELETE:
         # "does the user have any other row" — asked after the lock, so it is exact.
         self.insert = (
-            f"WITH added AS (INSERT INTO {table} ({user_id}, channel_name, server, connected_at, last_seen) "
-            f"VALUES (%s, %s, %s, %s, %s) RETURNING 1) "
+            f"WITH added AS (INSERT INTO {table} ({columns}) VALUES (%s, %s, %s, %s, %s, %s) RETURNING 1) "
             f"SELECT EXISTS (SELECT 1 FROM {table} WHERE {user_id} = %s)"
         )
+        # With a connection limit: insert only if the policy keeps the newcomer
+        # (close_oldest, or fewer live rows than the limit), and return the
+        # user's rows so the oldest live ones can be evicted.
+        self.insert_limited = (
+            f"WITH mine AS (SELECT channel_name, connected_at, last_seen FROM {table} WHERE {user_id} = %s), "
+            f"added AS (INSERT INTO {table} ({columns}) SELECT %s, %s, %s, %s, %s, %s "
+            f"WHERE %s OR (SELECT count(*) FROM mine WHERE last_seen >= %s) < %s RETURNING 1) "
+            f"SELECT EXISTS (SELECT 1 FROM mine), EXISTS (SELECT 1 FROM added), "
+            f"ARRAY(SELECT channel_name FROM mine ORDER BY connected_at), "
+            f"ARRAY(SELECT last_seen FROM mine ORDER BY connected_at)"
+        )
         self.delete = (
-            f"WITH gone AS (DELETE FROM {table} WHERE channel_name = %s RETURNING 1) "
-            f"SELECT (SELECT count(*) FROM gone), EXISTS (SELECT 1 FROM {table} "
+            f"WITH gone AS (DELETE FROM {table} WHERE channel_name = %s AND {user_id} = %s RETURNING 1) "
+            f"SELECT EXISTS (SELECT 1 FROM gone), EXISTS (SELECT 1 FROM {table} "
             f"WHERE {user_id} = %s AND channel_name <> %s)"
         )
 
@@ -181,7 +196,7 @@ async def _close_on_loop_shutdown(idle: list):
 
 
 def _django_error(error) -> DatabaseError:
-    """Callers handle Django's exceptions (the consumer closes with 1011 or answers ``unavailable``)."""
+    """Callers handle Django's exceptions (the consumer closes with 4503 or answers ``unavailable``)."""
     if isinstance(error, psycopg.IntegrityError):
         return IntegrityError(str(error))
     if isinstance(error, (psycopg.OperationalError, psycopg.InterfaceError)):
@@ -192,20 +207,38 @@ def _django_error(error) -> DatabaseError:
 pool = NativePool()
 
 
-async def user_rows(user_ids) -> list[tuple]:
-    """``(channel_name, last_seen)`` of every row of ``user_ids``: one prepared-shape query, one array parameter."""
-    return await pool.fetch_all(pool.statements.user_rows, [list(user_ids)])
+class PostgresStore(OrmStore):
+    """The row store with connect, disconnect and lookup on native connections."""
+
+    async def add(self, channel_name: str, registration: Registration) -> list[str]:
+        options = registry_settings()
+        user_id = registration.user_id
+        now = timezone.now()
+        row = [user_id, channel_name, registration.server, registration.session, now, now]
+        if options.MAX_CONNECTIONS_PER_USER is None:
+            (had_rows,) = await pool.locked_row(user_id, pool.statements.insert, [*row, user_id])
+            evicted = []
+        else:
+            cutoff = stale_cutoff()
+            keep_newest = options.ON_LIMIT == "close_oldest"
+            params = [user_id, *row, keep_newest, cutoff, options.MAX_CONNECTIONS_PER_USER]
+            had_rows, inserted, names, seen = await pool.locked_row(user_id, pool.statements.insert_limited, params)
+            if not inserted:
+                raise ConnectionLimitExceeded(f"user {user_id} is at its connection limit")
+            evicted = limit_outcome(user_id, live_names(zip(names, seen, strict=True), cutoff))
+        if not had_rows:
+            await announce(user_online, [user_id])
+        return evicted
+
+    async def remove(self, user_id, channel_name: str) -> None:
+        params = [channel_name, user_id, user_id, channel_name]
+        deleted, has_others = await pool.locked_row(user_id, pool.statements.delete, params)
+        if deleted and not has_others:
+            await announce(user_offline, [user_id])
+
+    async def live_channels(self, user_ids) -> list[str]:
+        """One prepared-shape query, one array parameter."""
+        return live_names(await pool.fetch_all(pool.statements.user_rows, [list(user_ids)]))
 
 
-async def insert_row(user_id, channel_name: str, server: str) -> bool:
-    """Insert the row; whether the user had no row before (their first connection)."""
-    now = timezone.now()
-    params = [user_id, channel_name, server, now, now, user_id]
-    (had_rows,) = await pool.locked_row(user_id, pool.statements.insert, params)
-    return not had_rows
-
-
-async def delete_row(user_id, channel_name: str) -> bool:
-    """Delete the row; whether that was the user's last one."""
-    deleted, has_others = await pool.locked_row(user_id, pool.statements.delete, [channel_name, user_id, channel_name])
-    return bool(deleted) and not has_others
+native = PostgresStore()

@@ -19,11 +19,21 @@ MAX_DEPTH = 32
 # JSON numbers outside this range lose precision in browsers.
 MAX_SAFE_INTEGER = 2**53 - 1
 
-# Close codes a client can act on; the JS client does not reconnect after 4401, 4403, 4429.
+# Close codes a client can act on. Only 1000 and 3000 to 4999 are codes every
+# server can send (autobahn, under daphne, refuses 1011), so all are 4xxx.
+#: No signed-in user at the handshake. Do not retry: sign in first.
 CLOSE_UNAUTHENTICATED = 4401
+#: Closed by the application (``disconnect_user``'s default). Do not retry.
 CLOSE_FORBIDDEN = 4403
+#: The session that opened the connection has ended: logout, or the user was deactivated. Do not retry.
+CLOSE_SESSION_ENDED = 4410
+#: The user's credentials changed (password): reconnect once, and the handshake
+#: checks the session again — the session that changed it stays signed in, the others get 4401.
+CLOSE_REAUTHENTICATE = 4409
+#: Over the per-user connection limit. Do not retry: it would only evict another tab.
 CLOSE_TOO_MANY = 4429
-CLOSE_INTERNAL_ERROR = 1011
+#: The server cannot register connections right now (database or Redis down). Retry with backoff.
+CLOSE_UNAVAILABLE = 4503
 
 # Error codes, as documented in the README.
 INVALID_JSON = "invalid_json"

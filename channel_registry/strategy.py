@@ -1,6 +1,6 @@
 """One interface for the two ways of reaching a user.
 
-The explicit registry (:class:`channel_registry.registry.MappingStrategy`) and
+The explicit registry (:class:`channel_registry.mapping.MappingStrategy`) and
 per-user groups (:class:`channel_registry.groups.GroupStrategy`) answer the same
 questions — how a connection is registered and unregistered, how an event
 reaches a set of users — so the consumer, the wire protocol, the event stream
@@ -47,14 +47,18 @@ def channel_layer():
 class DeliveryStrategy:
     """How connections are recorded and how events reach their users."""
 
-    async def register(self, user_id, channel_name: str) -> None:
-        """Make ``channel_name`` reachable as one of ``user_id``'s connections."""
+    async def register(self, user_id, channel_name: str, session_key: str | None = None) -> None:
+        """Make ``channel_name`` reachable as one of ``user_id``'s connections, opened by that session."""
         raise NotImplementedError
 
-    async def unregister(self, user_id, channel_name: str) -> None:
+    async def unregister(self, user_id, channel_name: str, session_key: str | None = None) -> None:
         """Forget the connection; safe to call for one that is already gone."""
         raise NotImplementedError
 
     async def deliver(self, user_ids: Collection, event: dict) -> Delivery:
         """Send ``event`` to every live connection of every user in ``user_ids``."""
+        raise NotImplementedError
+
+    async def deliver_to_session(self, session_key: str, event: dict) -> Delivery:
+        """Send ``event`` to every live connection opened by the session ``session_key``."""
         raise NotImplementedError

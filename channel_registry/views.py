@@ -23,7 +23,7 @@ from django.views import View
 from . import protocol
 from .conf import registry_settings
 from .exceptions import LAYER_TRANSPORT_ERRORS, ChannelLayerUnavailable
-from .registry import MappingStrategy
+from .mapping import MappingStrategy
 from .strategy import DeliveryStrategy, channel_layer
 
 logger = logging.getLogger(__name__)
@@ -76,13 +76,14 @@ class EventStreamView(View):
         user_id = await sync_to_async(signed_in_user_id)(request)
         if user_id is None:
             return HttpResponse("Authentication required.", status=401, content_type="text/plain")
-        response = StreamingHttpResponse(self.stream(user_id), content_type="text/event-stream")
+        session_key = getattr(getattr(request, "session", None), "session_key", None)
+        response = StreamingHttpResponse(self.stream(user_id, session_key), content_type="text/event-stream")
         response["Cache-Control"] = "no-cache"
         # nginx buffers proxied responses by default, which would hold events back.
         response["X-Accel-Buffering"] = "no"
         return response
 
-    async def stream(self, user_id) -> AsyncIterator[str]:
+    async def stream(self, user_id, session_key: str | None = None) -> AsyncIterator[str]:
         """Register, relay events until the client leaves, and unregister in every case.
 
         Registration happens here rather than in ``get`` so the generator that
@@ -95,7 +96,7 @@ class EventStreamView(View):
         layer = channel_layer()
         channel = await layer.new_channel()
         try:
-            await on_shared_thread(self.strategy.register(user_id, channel))
+            await on_shared_thread(self.strategy.register(user_id, channel, session_key))
         except (DatabaseError, ChannelLayerUnavailable):
             logger.exception("channel_registry: could not register event stream %s", channel)
             return
@@ -107,7 +108,7 @@ class EventStreamView(View):
                 async for chunk in chunks:
                     yield chunk
         finally:
-            await self.leave(user_id, layer, channel)
+            await self.leave(user_id, layer, channel, session_key)
 
     async def relay(self, layer, channel: str) -> AsyncIterator[str]:
         """Events as SSE text, with a comment whenever ``SSE_HEARTBEAT`` seconds pass quietly.
@@ -142,10 +143,10 @@ class EventStreamView(View):
             return "direct", event["frame"]
         return event["type"], event
 
-    async def leave(self, user_id, layer, channel: str) -> None:
+    async def leave(self, user_id, layer, channel: str, session_key: str | None) -> None:
         """Unregister first: presence and delivery read the row; a group membership only expires."""
         try:
-            await on_shared_thread(self.strategy.unregister(user_id, channel))
+            await on_shared_thread(self.strategy.unregister(user_id, channel, session_key))
             for group in self.groups:
                 await layer.group_discard(group, channel)
         except (DatabaseError, ChannelLayerUnavailable, *LAYER_TRANSPORT_ERRORS):

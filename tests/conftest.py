@@ -2,6 +2,7 @@ import asyncio
 import atexit
 import contextlib
 import itertools
+from types import SimpleNamespace
 
 import pytest
 from asgiref.sync import sync_to_async
@@ -13,7 +14,7 @@ from django.db import connections
 
 from channel_registry.consumers import RegistryConsumer
 from channel_registry.models import UserChannel
-from channel_registry.registry import forget_process, process
+from channel_registry.liveness import forget_process, process
 from channel_registry.signals import user_offline, user_online
 
 from .redis_servers import free_port
@@ -28,6 +29,14 @@ def close_async_connections(django_db_setup, django_db_blocker):
     with django_db_blocker.unblock():
         asyncio.run(sync_to_async(connections.close_all)())
     atexit.unregister(forget_process)  # the test database is gone by then
+
+
+@pytest.fixture(autouse=True)
+def fresh_process_channels():
+    """Each test's connections die with its event loop: none is left for the next test's heartbeat."""
+    yield
+    process.open.clear()
+    process.closing.clear()
 
 
 @pytest.fixture(autouse=True)
@@ -69,14 +78,16 @@ async def connect(transactional_db):
     """Open a WebSocket to a consumer as ``user``; every socket is closed after the test."""
     opened = []
 
-    async def open_socket(user, consumer=RegistryConsumer, expect_accept=True):
+    async def open_socket(user, consumer=RegistryConsumer, expect_accept=True, session_key=None):
         communicator = WebsocketCommunicator(consumer.as_asgi(), "/ws/")
         communicator.scope["user"] = user if user is not None else AnonymousUser()
-        before = set(process.users)
+        if session_key:
+            communicator.scope["session"] = SimpleNamespace(session_key=session_key)
+        before = set(process.open)
         connected, _ = await communicator.connect()
         assert connected is expect_accept
         # The mapping strategy's new channel, for tests that need to name it.
-        communicator.channel_name = next(iter(set(process.users) - before), None)
+        communicator.channel_name = next(iter(set(process.open) - before), None)
         opened.append(communicator)
         return communicator
 

@@ -506,24 +506,24 @@ async def test_disconnect_user_closes_every_tab_on_every_process(stack):
         assert (await tab.wait_for(lambda f: f.get("type") == "notification", 5))["data"] == "still here"
 
 
-async def test_logout_closes_every_tab_on_every_process_with_4403(stack):
+async def test_logout_closes_that_sessions_tabs_on_every_process_with_4410(stack):
     stack.start_redis()
     first, second = stack.daphnes(2)
     alice, bob = await stack.users("alice", "bob")
     # A real sign-in through the login form, and a second device with a session of its own.
     session = await asyncio.to_thread(login, first.port, "alice", "pw")
     other_device = alice.session
-    alice_tabs = [
-        await stack.open_tab(first, session),
-        await stack.open_tab(second, session),
-        await stack.open_tab(second, other_device),
-    ]
+    signed_out = [await stack.open_tab(first, session), await stack.open_tab(second, session)]
+    phone = await stack.open_tab(second, other_device)
     bob_tab = await stack.open_tab(second, bob)
 
     assert await asyncio.to_thread(logout, first.port, session) == 302
 
-    assert [await tab.closed_with(5) for tab in alice_tabs] == [4403] * 3
-    await await_until(lambda: row_count(user=alice, expect=0), 5)
+    assert [await tab.closed_with(1) for tab in signed_out] == [4410] * 2
+    await await_until(lambda: row_count(user=alice, expect=1), 5)
+    # The other device stays connected and reachable.
+    assert (await asend_to_user(alice, {"type": NOTIFY, "data": "phone"})).sent == 1
+    assert (await phone.wait_for(lambda f: f.get("type") == "notification", 5))["data"] == "phone"
     # The signed-out session no longer opens a socket; bob never noticed anything.
     stale = await stack.tab(second, session)
     assert await stale.closed_with(5) == 4401
@@ -679,7 +679,7 @@ async def test_redis_outage_errors_then_delivery_resumes_without_restart(stack):
     assert all(tab.is_open for tab in [sender, chatter, *bob_tabs])
 
 
-async def test_postgres_outage_refuses_new_sockets_with_1011_and_open_ones_keep_receiving(pg_stack):
+async def test_postgres_outage_refuses_new_sockets_with_4503_and_open_ones_keep_receiving(pg_stack):
     stack = pg_stack
     stack.start_redis()
     first, second = stack.daphnes(2)
@@ -691,7 +691,7 @@ async def test_postgres_outage_refuses_new_sockets_with_1011_and_open_ones_keep_
     from channel_registry.strategy import channel_layer
 
     # Connections racing the stop, then connections during the outage: each one is
-    # either open (registered in time) or accepted and closed with 1011, so the client
+    # either open (registered in time) or accepted and closed with 4503, so the client
     # sees why; never a failed handshake (HTTP 500, which a browser reports as 1006).
     racing = [asyncio.ensure_future(stack.tab(first, carol)) for _ in range(6)]
     await asyncio.to_thread(stack.postgres.stop, "fast")
@@ -699,12 +699,12 @@ async def test_postgres_outage_refuses_new_sockets_with_1011_and_open_ones_keep_
                                                                        (second, "/ws/groups/")]]  # fmt: skip
     attempts = await asyncio.gather(*racing, *during, return_exceptions=True)
     refused = [repr(a) for a in attempts if isinstance(a, BaseException)]
-    assert refused == [], f"handshakes failed instead of accept + close 1011: {refused}; {first.errors()}"
+    assert refused == [], f"handshakes failed instead of accept + close 4503: {refused}; {first.errors()}"
     for tab in attempts[len(racing) :]:
-        assert await tab.closed_with(10) == 1011
+        assert await tab.closed_with(10) == 4503
     for tab in attempts[: len(racing)]:
         with contextlib.suppress(TimeoutError):
-            assert await tab.closed_with(0.5) == 1011
+            assert await tab.closed_with(0.5) == 4503
     # Open connections keep receiving: through groups, and messages already addressed.
     await group_dispatch.asend_to_user(bob, {"type": NOTIFY, "data": "via groups"})
     assert (await bob_groups.wait_for(lambda f: f.get("type") == "notification", 5))["data"] == "via groups"

@@ -14,10 +14,10 @@ from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
 
 from channel_registry import ChannelLayerUnavailable, adisconnect_user, asend_to_user
-from channel_registry.groups import GroupConsumer
+from channel_registry.consumers import GroupConsumer
 from channel_registry.layers import redis_layer
 from channel_registry.models import UserChannel
-from channel_registry.registry import beat, forget_process, process
+from channel_registry.liveness import beat, forget_process, process
 
 from .conftest import rows
 from .redis_servers import RedisServer
@@ -56,22 +56,69 @@ async def test_disconnect_user_closes_every_tab(connect, alice, bob, consumer):
     assert await other.receive_nothing()
 
 
-async def test_logout_closes_every_tab_with_4403(connect, alice):
-    tabs = [await connect(alice), await connect(alice)]
+def signed_in(user) -> tuple[Client, str]:
+    """A test client logged in as ``user`` and its session key: one browser."""
     client = Client()
-    await sync_to_async(client.force_login)(alice)
-    await sync_to_async(client.logout)()
+    client.force_login(user)
+    return client, client.session.session_key
+
+
+@pytest.mark.parametrize("consumer", [None, GroupConsumer], ids=["mapping", "groups"])
+async def test_logout_closes_the_tabs_of_that_session_only(connect, alice, consumer):
+    kwargs = {"consumer": consumer} if consumer else {}
+    (laptop, laptop_key), (_, phone_key) = [await sync_to_async(signed_in)(alice) for _ in range(2)]
+    laptop_tabs = [await connect(alice, session_key=laptop_key, **kwargs) for _ in range(2)]
+    phone_tab = await connect(alice, session_key=phone_key, **kwargs)
+
+    await sync_to_async(laptop.logout)()
+
+    for tab in laptop_tabs:
+        assert await closed_with(tab, 4410)
+    assert await phone_tab.receive_nothing()
+    if consumer is None:
+        assert [r.channel_name for r in await rows(user=alice)] == [phone_tab.channel_name]
+
+
+@pytest.mark.parametrize(("option", "phone_closed"), [("user", True), (None, False)])
+async def test_close_on_logout_option(connect, alice, settings, option, phone_closed):
+    settings.CHANNEL_REGISTRY = {"CLOSE_ON_LOGOUT": option}
+    (laptop, laptop_key), (_, phone_key) = [await sync_to_async(signed_in)(alice) for _ in range(2)]
+    laptop_tab = await connect(alice, session_key=laptop_key)
+    phone_tab = await connect(alice, session_key=phone_key)
+    await sync_to_async(laptop.logout)()
+    if phone_closed:
+        assert await closed_with(laptop_tab, 4410) and await closed_with(phone_tab, 4410)
+    else:
+        assert await laptop_tab.receive_nothing() and await phone_tab.receive_nothing()
+
+
+def change_password(user) -> None:
+    user.set_password("new password")
+    user.save()
+
+
+def deactivate(user) -> None:
+    user.is_active = False
+    user.save(update_fields=["is_active"])
+
+
+@pytest.mark.parametrize(("change", "code"), [(change_password, 4409), (deactivate, 4410)])
+async def test_credentials_change_closes_every_tab(connect, alice, bob, change, code):
+    tabs = [await connect(alice, session_key=f"s{i}") for i in range(2)]
+    other = await connect(bob)
+    await sync_to_async(change)(alice)
     for tab in tabs:
-        assert await closed_with(tab, 4403)
-    assert await rows(user=alice) == []
+        assert await closed_with(tab, code)
+    assert await other.receive_nothing()
 
 
-async def test_logout_leaves_tabs_open_when_disabled(connect, alice, settings):
-    settings.CHANNEL_REGISTRY = {"DISCONNECT_ON_LOGOUT": False}
+async def test_other_saves_of_a_user_close_nothing(connect, alice, settings):
     tab = await connect(alice)
-    client = Client()
-    await sync_to_async(client.force_login)(alice)
-    await sync_to_async(client.logout)()
+    alice.first_name = "Alice"
+    await sync_to_async(alice.save)()
+    settings.CHANNEL_REGISTRY = {"CLOSE_ON_PASSWORD_CHANGE": False, "CLOSE_ON_DEACTIVATION": False}
+    await sync_to_async(change_password)(alice)
+    await sync_to_async(deactivate)(alice)
     assert await tab.receive_nothing()
 
 
@@ -144,11 +191,11 @@ def local_channels(make_user):
         UserChannel.objects.bulk_create(
             UserChannel(user=user, channel_name=n, server=process.server, last_seen=old) for n in names
         )
-        process.users.update(dict.fromkeys(names, user.pk))
+        process.open.update(dict.fromkeys(names, process.registration(user.pk, "")))
         return names
 
     yield make
-    process.users.clear()
+    process.open.clear()
 
 
 @pytest.mark.parametrize("count", [10, 2000])

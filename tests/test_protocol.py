@@ -23,7 +23,7 @@ from hypothesis import settings as hypothesis_settings
 from hypothesis import strategies as st
 
 from channel_registry.consumers import RegistryConsumer
-from channel_registry.groups import GroupConsumer
+from channel_registry.consumers import GroupConsumer
 
 from .conftest import rows
 

@@ -23,7 +23,7 @@ from channel_registry import (
 )
 from channel_registry.consumers import RegistryConsumer
 from channel_registry.models import UserChannel
-from channel_registry.registry import process
+from channel_registry.liveness import process
 from channel_registry.signals import user_offline, user_online
 
 from .conftest import rows
@@ -37,7 +37,7 @@ async def test_connect_writes_a_row_for_the_user(connect, alice):
     socket = await connect(alice)
     [row] = await rows(user=alice)
     assert row.server == process.server
-    assert row.channel_name in process.users
+    assert row.channel_name in process.open
     await socket.send_json_to({"type": "ping"})
     assert await socket.receive_json_from() == {"type": "pong"}
 
@@ -65,7 +65,7 @@ async def test_clean_close_deletes_the_row(connect, alice):
     socket = await connect(alice)
     await socket.disconnect(code=1000)
     assert await rows(user=alice) == []
-    assert process.users == {}
+    assert process.open == {}
 
 
 async def test_dropped_connection_deletes_the_row(connect, alice):
@@ -94,12 +94,12 @@ async def test_anonymous_is_refused_with_4401_and_writes_nothing(connect):
     assert await rows() == []
 
 
-async def test_database_down_at_connect_closes_1011_and_leaves_nothing(connect, alice, database_unreachable):
+async def test_database_down_at_connect_closes_4503_and_leaves_nothing(connect, alice, database_unreachable):
     async with database_unreachable():
         socket = await connect(alice)
-        assert await socket.receive_output(timeout=10) == {"type": "websocket.close", "code": 1011}
+        assert await socket.receive_output(timeout=10) == {"type": "websocket.close", "code": 4503}
     assert await rows() == []
-    assert process.users == {}
+    assert process.open == {}
     # And the next connection, with the database back, works.
     await connect(alice)
     assert len(await rows(user=alice)) == 1

@@ -15,7 +15,7 @@ from django.db import connection
 from django.test import AsyncClient, Client, RequestFactory, override_settings
 
 from channel_registry import adisconnect_user, anotify_user, asend_to_user
-from channel_registry.registry import process
+from channel_registry.liveness import process
 from channel_registry.views import RETRY_MS, EventStreamView
 
 from .conftest import rows
@@ -112,7 +112,7 @@ async def test_response_headers_and_registration(open_stream, alice):
     assert stream.headers["x-accel-buffering"] == "no"
     assert "access-control-allow-origin" not in stream.headers
     [row] = await rows(user=alice)
-    assert process.users[row.channel_name] == alice.pk
+    assert process.open[row.channel_name].user_id == alice.pk
 
 
 async def test_notification_reaches_the_stream(open_stream, alice):
@@ -170,7 +170,7 @@ async def test_client_going_away_removes_the_row(open_stream, alice, presence_ev
     await stream.leave()
 
     assert await rows(user=alice) == []
-    assert row.channel_name not in process.users
+    assert row.channel_name not in process.open
     assert presence_events == [("online", alice.pk), ("offline", alice.pk)]
     assert (await anotify_user(alice, "nobody")).channels == 0
 
@@ -221,3 +221,5 @@ async def test_stream_joins_its_groups_while_open(alice, layer):
     [last] = [chunk async for chunk in chunks]
     assert last.startswith(b"id: 2\nevent: disconnect\n")
     assert await rows(user=alice) == []
+
+

@@ -1,8 +1,7 @@
 """The demo's consumers: the library's two, plus live presence and stored messages."""
 
 from channel_registry import protocol
-from channel_registry.consumers import RegistryConsumer
-from channel_registry.groups import GroupConsumer
+from channel_registry.consumers import GroupConsumer, RegistryConsumer
 
 from .models import Notification
 from .presence import PRESENCE_GROUP, broadcast_presence
