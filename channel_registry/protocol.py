@@ -16,6 +16,10 @@ MAX_ID_LENGTH = 64
 # Containers nested deeper than this are refused: no real message needs them, and
 # every serializer on the way (JSON, msgpack) recurses once per level.
 MAX_DEPTH = 32
+# A whole frame nested deeper than this is invalid JSON on every interpreter. Without it the
+# answer depended on the C parser's recursion limit: about 1,000 levels on Python 3.11,
+# 1,500 on 3.12 and 10,000 on 3.13 (where a 16 KiB frame can never reach it).
+MAX_FRAME_DEPTH = 512
 # JSON numbers outside this range lose precision in browsers.
 MAX_SAFE_INTEGER = 2**53 - 1
 
@@ -92,6 +96,15 @@ def _message_problem(value) -> str | None:
     return None
 
 
+def _depth(value: Any) -> int:
+    """How many containers deep ``value`` is (0 for a scalar), without recursing."""
+    depth, level = 0, [value]
+    while containers := [item for item in level if isinstance(item, (dict, list))]:
+        depth += 1
+        level = [child for item in containers for child in (item.values() if isinstance(item, dict) else item)]
+    return depth
+
+
 def decode_frame(text: str | None, max_bytes: int) -> dict:
     """Turn one WebSocket frame into a JSON object, or raise the matching error."""
     if text is None:
@@ -104,6 +117,8 @@ def decode_frame(text: str | None, max_bytes: int) -> dict:
         raise ProtocolError(INVALID_JSON, "frame is not valid JSON") from None
     if not isinstance(payload, dict):
         raise ProtocolError(INVALID_JSON, "frame must be a JSON object")
+    if text.count("[") + text.count("{") > MAX_FRAME_DEPTH and _depth(payload) > MAX_FRAME_DEPTH:
+        raise ProtocolError(INVALID_JSON, f"frame is nested deeper than {MAX_FRAME_DEPTH} levels")
     try:  # "\ud800" escapes decode to lone surrogates that no serializer can encode
         json.dumps(payload, ensure_ascii=False).encode("utf-8")
     except UnicodeEncodeError:
