@@ -28,8 +28,10 @@ test-real: $(VENV)/.installed-test
 test-memory: $(VENV)/.installed-test
 	CR_TEST_STACK=memory $(BIN)/pytest -m "not faults and not browser" $(PYTEST_ARGS)
 
+# ruff everywhere; mypy strict on channel_registry/ (configured in pyproject.toml).
 lint: $(VENV)/.installed-test
-	$(BIN)/ruff check channel_registry demo_site tests benchmarks
+	$(BIN)/ruff check channel_registry demo_site tests benchmarks noxfile.py
+	$(BIN)/mypy
 
 demo: $(VENV)/.installed-demo
 	PORT=$(PORT) bash demo_site/run.sh

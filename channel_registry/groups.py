@@ -11,6 +11,7 @@ approaches can be compared on the same workload, with the same protocol.
 from __future__ import annotations
 
 from collections.abc import Collection
+from typing import Any
 
 from .conf import registry_settings
 from .consumers import RegistryConsumer
@@ -20,11 +21,11 @@ from .exceptions import layer_unavailable
 from .strategy import Delivery, DeliveryStrategy, channel_layer
 
 
-def group_name(user_id) -> str:
+def group_name(user_id: Any) -> str:
     return f"{registry_settings().GROUP_PREFIX}{user_id}"
 
 
-async def _layer_call(method: str, *args) -> None:
+async def _layer_call(method: str, *args: Any) -> None:
     layer = channel_layer()
     with layer_unavailable(layer):
         async with layer_slots():
@@ -34,16 +35,16 @@ async def _layer_call(method: str, *args) -> None:
 class GroupStrategy(DeliveryStrategy):
     """Per-user groups: `group_add` on connect, one `group_send` per user to deliver."""
 
-    async def register(self, user_id, channel_name: str) -> None:
+    async def register(self, user_id: Any, channel_name: str) -> None:
         await _layer_call("group_add", group_name(user_id), channel_name)
 
-    async def unregister(self, user_id, channel_name: str) -> None:
+    async def unregister(self, user_id: Any, channel_name: str) -> None:
         await _layer_call("group_discard", group_name(user_id), channel_name)
 
-    async def deliver(self, user_ids: Collection, event: dict) -> Delivery:
+    async def deliver(self, user_ids: Collection[Any], event: dict[str, Any]) -> Delivery:
         layer = channel_layer()
 
-        async def send(user_id) -> None:
+        async def send(user_id: Any) -> None:
             await layer.group_send(group_name(user_id), event)
 
         # One group_send per user, within the process's budget of commands in flight.

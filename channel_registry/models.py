@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from datetime import datetime, timedelta
+from typing import Any
 
 from django.conf import settings
 from django.db import models
@@ -17,16 +19,16 @@ def stale_cutoff(older_than: float | None = None) -> datetime:
     return timezone.now() - timedelta(seconds=seconds)
 
 
-def user_pk(user) -> object:
+def user_pk(user: Any) -> Any:
     """Accept a user instance or a primary key, as every public function does."""
     return getattr(user, "pk", user)
 
 
 class UserChannelQuerySet(models.QuerySet):
-    def for_user(self, user) -> UserChannelQuerySet:
+    def for_user(self, user: Any) -> UserChannelQuerySet:
         return self.filter(user_id=user_pk(user))
 
-    def for_users(self, users) -> UserChannelQuerySet:
+    def for_users(self, users: Iterable[Any]) -> UserChannelQuerySet:
         return self.filter(user_id__in={user_pk(u) for u in users})
 
     def live(self) -> UserChannelQuerySet:
