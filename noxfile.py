@@ -3,6 +3,7 @@
     .venv/bin/nox -s memory                       every combination below
     .venv/bin/nox -s "memory(py3.13-django6.1)"   one of them
     make matrix                                   what CI runs (CI_COMBINATIONS)
+    .venv/bin/nox -s wheel                        build, check and install the wheel (make test-wheel)
 
 Interpreters are found on this machine, never downloaded: ``python3.X`` on ``PATH`` (a
 pyenv shim counts only if it really runs 3.X), then ``~/.pyenv/versions/3.X*/bin``,
@@ -20,6 +21,9 @@ import os
 import re
 import shutil
 import subprocess
+import sys
+import tempfile
+import zipfile
 from pathlib import Path
 
 import nox
@@ -134,3 +138,68 @@ def memory(session: nox.Session, python: str, django: str) -> None:
 def ci(session: nox.Session, python: str, django: str) -> None:
     """The extra legs of CI: the newest combination and one more."""
     _run_suite(session, python, django)
+
+
+#: What a user's installation needs from the wheel, beyond the Python modules.
+WHEEL_MUST_HOLD = [
+    "channel_registry/py.typed",
+    "channel_registry/static/channel_registry/client.js",
+    "channel_registry/migrations/0001_initial.py",
+    "channel_registry/management/commands/prune_channels.py",
+]
+
+
+@nox.session(python=False)
+def wheel(session: nox.Session) -> None:
+    """Build the sdist and the wheel, ``twine check`` them, install the wheel into a new venv
+    (newest Python with the newest Django) and follow the README's quick start against it."""
+    dist = Path(tempfile.mkdtemp(prefix="cr-dist-"))
+    # The wheel is built from the sdist, so a file missing from the sdist is missing here too.
+    session.run(sys.executable, "-m", "build", "--outdir", str(dist), str(ROOT), external=True, silent=True)
+    [sdist] = dist.glob("*.tar.gz")
+    [built] = dist.glob("*.whl")
+    session.run(sys.executable, "-m", "twine", "check", "--strict", str(sdist), str(built), external=True)
+    names = set(zipfile.ZipFile(built).namelist())
+    missing = [name for name in WHEEL_MUST_HOLD if name not in names]
+    strays = sorted({name.split("/")[0] for name in names} - {"channel_registry"} - {
+        name.split("/")[0] for name in names if name.split("/")[0].endswith(".dist-info")})  # fmt: skip
+    if missing or strays:
+        session.error(f"wheel {built.name}: missing {missing}, unexpected top-level entries {strays}")
+    session.log(f"{built.name}: {len(names)} files, static files, migrations and py.typed included")
+
+    interpreter, django = next(
+        ((found, django) for version, django in [("3.13", "6.1"), ("3.12", "6.1")] if (found := find_python(version))),
+        (sys.executable, "5.2"),
+    )
+    if django == "5.2":
+        session.log(f"no Python 3.12/3.13 found: the wheel is installed with {interpreter} and Django 5.2")
+    where = Path(tempfile.mkdtemp(prefix="cr-wheel-venv-"))
+    session.run(interpreter, "-m", "venv", str(where), external=True)
+    pip, python = str(where / "bin" / "pip"), str(where / "bin" / "python")
+    session.run(pip, "install", "-q", "--upgrade", "pip", external=True)
+    # As the README's quick start says, plus the test runner.
+    session.run(pip, "install", "-q", f"{built}[redis,postgres]", "daphne", f"Django=={django}.*", "pytest",
+                external=True)  # fmt: skip
+
+    # The quick start test and the README it reads, away from the source tree: the package
+    # can only be imported from the venv's site-packages.
+    project = Path(tempfile.mkdtemp(prefix="cr-wheel-quickstart-"))
+    (project / "tests").mkdir()
+    shutil.copy(ROOT / "README.md", project / "README.md")
+    shutil.copy(ROOT / "tests" / "test_quickstart.py", project / "tests" / "test_quickstart.py")
+    (project / "pytest.ini").write_text("[pytest]\n")
+    with session.chdir(project):
+        installed = session.run(
+            python, "-c", "import channel_registry, django, pathlib, sys; "
+            "p = pathlib.Path(channel_registry.__file__).parent; "
+            "print(p, 'py.typed' if (p / 'py.typed').exists() else 'NO py.typed', sys.version.split()[0], "
+            "django.get_version())",
+            external=True, silent=True,
+        )  # fmt: skip
+        session.log(f"installed: {installed.strip()}")
+        if "site-packages" not in installed or "NO py.typed" in installed:
+            session.error("channel_registry was not imported from the wheel's installation, or py.typed is missing")
+        session.run(python, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-c", "pytest.ini",
+                    "tests/test_quickstart.py", external=True, env={"PYTHONPATH": ""})  # fmt: skip
+    for path in (dist, where, project):
+        shutil.rmtree(path, ignore_errors=True)
