@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 PORT   ?= 8000
 PYTEST_ARGS ?=
 
-.PHONY: test test-real test-memory test-js test-wheel matrix matrix-all lint demo demo-multi bench load services clean
+.PHONY: test test-real test-memory test-js test-wheel matrix matrix-all lint demo demo-multi demo-uvicorn bench load services clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -56,6 +56,10 @@ demo: $(VENV)/.installed-demo
 
 demo-multi: $(VENV)/.installed-demo
 	PORT=$(PORT) bash demo_site/run.sh multi
+
+# The same demo on uvicorn instead of daphne (SERVER=uvicorn also works with demo-multi).
+demo-uvicorn: $(VENV)/.installed-demo
+	PORT=$(PORT) SERVER=uvicorn bash demo_site/run.sh
 
 bench: $(VENV)/.installed-test $(VENV)/.installed-bench services
 	$(BIN)/python -m benchmarks.run
