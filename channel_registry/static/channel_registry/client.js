@@ -360,6 +360,7 @@ function refusalCode(response) {
 export class EventStreamParser {
   constructor() {
     this.buffer = "";
+    this.afterCR = false;
     this.id = "";
     this.reset();
   }
@@ -370,6 +371,9 @@ export class EventStreamParser {
   }
 
   push(text) {
+    // A chunk may end between the "\r" and the "\n" of one line ending.
+    if (this.afterCR && text.startsWith("\n")) text = text.slice(1);
+    if (text) this.afterCR = text.endsWith("\r");
     const lines = (this.buffer + text).split(/\r\n|\r|\n/);
     this.buffer = lines.pop();
     const events = [];
