@@ -30,7 +30,7 @@ test-real: $(VENV)/.installed-test
 test-memory: $(VENV)/.installed-test
 	CR_TEST_STACK=memory $(BIN)/pytest -m "not faults and not browser" $(PYTEST_ARGS)
 
-# ruff everywhere; mypy strict on channel_registry/ (configured in pyproject.toml).
+# ruff everywhere; mypy strict on channel_registry/ (pyproject.toml); tsc over the JS client (tsconfig.json).
 # Node's own test runner over the client's pure parts (backoff, SSE parsing, state machine).
 test-js:
 	bash tests/tools/node_tests.sh
@@ -50,6 +50,7 @@ test-wheel: $(VENV)/.installed-test
 lint: $(VENV)/.installed-test
 	$(BIN)/ruff check channel_registry demo_site tests benchmarks noxfile.py
 	$(BIN)/mypy
+	bash tests/tools/typecheck_js.sh
 
 demo: $(VENV)/.installed-demo
 	PORT=$(PORT) bash demo_site/run.sh
