@@ -113,8 +113,8 @@ def _run_suite(session: nox.Session, python: str, django: str) -> None:
     interpreter = find_python(python)
     if interpreter is None:
         session.skip(
-            f"SKIPPED: Python {python} is not installed on this machine (looked for python{python} on PATH, "
-            f"in ~/.pyenv/versions/{python}.*/bin, /usr/local/bin and /usr/bin); Django {django} on it is not tested."
+            f"Python {python} is not installed on this machine (looked for python{python} on PATH, "
+            f"in ~/.pyenv/versions/{python}.*/bin, /usr/local/bin and /usr/bin); Django {django} on it is not tested"
         )
     where = _venv(session, python, interpreter, django)
     python_bin = str(where / "bin" / "python")
