@@ -370,13 +370,17 @@ class Daphne(AsgiServer):
 
 
 class Uvicorn(AsgiServer):
-    """uvicorn with its defaults, except lifespan (Channels' ProtocolTypeRouter has no lifespan handler)."""
+    """uvicorn as the README runs it: no lifespan (Channels' ProtocolTypeRouter has no lifespan
+    handler) and a bounded graceful stop. Without the bound, a consumer that misses its
+    cancellation (Python 3.11, see TRAPS 7) or an open event stream holds SIGTERM forever."""
 
     kind = "uvicorn"
+    graceful_timeout = 5
 
     def command(self) -> list[str]:
         return [sys.executable, "-m", "uvicorn", "--host", "127.0.0.1", "--port", str(self.port),
-                "--lifespan", "off", "demo_site.asgi:application"]  # fmt: skip
+                "--lifespan", "off", "--timeout-graceful-shutdown", str(self.graceful_timeout),
+                "demo_site.asgi:application"]  # fmt: skip
 
 
 SERVERS: dict[str, type[AsgiServer]] = {"daphne": Daphne, "uvicorn": Uvicorn}
