@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 PORT   ?= 8000
 PYTEST_ARGS ?=
 
-.PHONY: test test-real test-memory lint demo demo-multi bench load services clean
+.PHONY: test test-real test-memory test-js test-wheel matrix matrix-all lint demo demo-multi demo-uvicorn bench load services clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -19,8 +19,10 @@ $(VENV)/.installed-%: setup.cfg pyproject.toml | $(BIN)/python
 services:
 	bash tests/tools/ensure_services.sh
 
-# The suite runs twice: PostgreSQL + Redis, then SQLite + the in-memory layer.
-test: $(VENV)/.installed-test services lint test-real test-memory
+# The suite runs twice: PostgreSQL + Redis, then SQLite + the in-memory layer; then the JS
+# client's unit tests, the in-memory suite on two more Python x Django combinations (noxfile.py)
+# and the built wheel in a new venv.
+test: $(VENV)/.installed-test services lint test-real test-memory test-js matrix test-wheel
 
 test-real: $(VENV)/.installed-test
 	CR_TEST_STACK=real $(BIN)/pytest $(PYTEST_ARGS)
@@ -28,14 +30,37 @@ test-real: $(VENV)/.installed-test
 test-memory: $(VENV)/.installed-test
 	CR_TEST_STACK=memory $(BIN)/pytest -m "not faults and not browser" $(PYTEST_ARGS)
 
+# ruff everywhere; mypy strict on channel_registry/ (pyproject.toml); tsc over the JS client (tsconfig.json).
+# Node's own test runner over the client's pure parts (backoff, SSE parsing, state machine).
+test-js:
+	bash tests/tools/node_tests.sh
+
+# Python 3.13 + Django 6.1 and Python 3.12 + Django 6.0, in-memory suite; a missing Python is skipped.
+matrix: $(VENV)/.installed-test
+	$(BIN)/nox -s ci
+
+# Every combination of noxfile.COMBINATIONS (about a minute each).
+matrix-all: $(VENV)/.installed-test
+	$(BIN)/nox -s memory
+
+# sdist + wheel, twine check, the wheel in a new venv (newest Python + Django), the quick start test.
+test-wheel: $(VENV)/.installed-test
+	$(BIN)/nox -s wheel
+
 lint: $(VENV)/.installed-test
-	$(BIN)/ruff check channel_registry demo_site tests benchmarks
+	$(BIN)/ruff check channel_registry demo_site tests benchmarks noxfile.py
+	$(BIN)/mypy
+	bash tests/tools/typecheck_js.sh
 
 demo: $(VENV)/.installed-demo
 	PORT=$(PORT) bash demo_site/run.sh
 
 demo-multi: $(VENV)/.installed-demo
 	PORT=$(PORT) bash demo_site/run.sh multi
+
+# The same demo on uvicorn instead of daphne (SERVER=uvicorn also works with demo-multi).
+demo-uvicorn: $(VENV)/.installed-demo
+	PORT=$(PORT) SERVER=uvicorn bash demo_site/run.sh
 
 bench: $(VENV)/.installed-test $(VENV)/.installed-bench services
 	$(BIN)/python -m benchmarks.run
@@ -44,4 +69,4 @@ load: $(VENV)/.installed-test services
 	$(BIN)/python -m benchmarks.load
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache
+	rm -rf $(VENV) .nox build *.egg-info .pytest_cache .ruff_cache .mypy_cache

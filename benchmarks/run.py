@@ -98,7 +98,7 @@ def library_fingerprint() -> str:
 
 
 async def run_targets(names: list[str], scale) -> tuple[dict, list[str]]:
-    from channel_registry.registry import heartbeat, process
+    from channel_registry.liveness import heartbeat, process
 
     from . import world
     from .targets import TARGETS
@@ -120,7 +120,7 @@ async def run_targets(names: list[str], scale) -> tuple[dict, list[str]]:
             print(table.render() + "\n", flush=True)
     finally:
         heartbeat.stop()
-        process.users.clear()
+        process.open.clear()
         await world.reset()  # the run's tables emptied, its Redis keys deleted
     return tables, crashed
 

@@ -25,7 +25,8 @@ from django.test.utils import override_settings
 from channel_registry import dispatch, groups
 from channel_registry.delivery import run_bounded, send_many
 from channel_registry.groups import GroupStrategy, group_name
-from channel_registry.registry import MappingStrategy, heartbeat, process
+from channel_registry.liveness import heartbeat, process
+from channel_registry.mapping import MappingStrategy
 
 from . import world as w
 from .probes import BlockingCallbacks, LoopLag
@@ -533,8 +534,8 @@ def count_beat_statements(server: str, count: int, prune_first: bool) -> tuple[i
     from django.db import connection
     from django.test.utils import CaptureQueriesContext
 
+    from channel_registry.liveness import beat
     from channel_registry.models import UserChannel
-    from channel_registry.registry import beat
 
     if prune_first:  # as if prune_channels had removed this process's rows during a stall
         UserChannel.objects.filter(server=server).delete()
@@ -556,13 +557,13 @@ async def target_5(scale: Scale) -> Table:
         users = await w.db(w.create_users)(max(1, count // 2))
         channels = {f"specific.beat{os.getpid()}!{i}": users[i % len(users)] for i in range(count)}
         await w.db(w.add_rows)([(u, c) for c, u in channels.items()], process.server)
-        process.users.clear()
-        process.users.update(channels)
+        process.open.clear()
+        process.open.update({c: process.registration(u, "") for c, u in channels.items()})
         try:
             steady = await w.db(count_beat_statements)(process.server, count, False)
             restored = await w.db(count_beat_statements)(process.server, count, True)
         finally:
-            process.users.clear()
+            process.open.clear()
         table.add(f"{count:,}", steady[0], steady[1], steady[2], restored[0], restored[2])
         table.data[str(count)] = {"statements": steady[0], "refreshed": steady[1], "ms": steady[2],
                                   "after_prune_statements": restored[0], "after_prune_ms": restored[2]}

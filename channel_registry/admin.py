@@ -1,3 +1,5 @@
+from typing import Any
+
 from django.contrib import admin, messages
 
 from .cleanup import prune_stale
@@ -19,6 +21,6 @@ class UserChannelAdmin(admin.ModelAdmin):
         return obj.is_stale
 
     @admin.action(description="Prune all stale channels (not only the selected ones)")
-    def prune_stale_rows(self, request, queryset):
+    def prune_stale_rows(self, request: Any, queryset: Any) -> None:
         deleted = prune_stale()
         self.message_user(request, f"Deleted {deleted} stale channel(s).", messages.SUCCESS)

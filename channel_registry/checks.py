@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from types import EllipsisType
+from typing import Any
 from urllib.parse import parse_qs, urlparse
 
 from django.conf import settings
@@ -16,7 +18,7 @@ BLOCKING_READ = 5
 
 
 @checks.register()
-def check_options(app_configs=None, **kwargs) -> list[checks.CheckMessage]:
+def check_options(app_configs: Any = None, **kwargs: Any) -> list[checks.CheckMessage]:
     errors = []
     unknown = sorted(set(user_options()) - OPTION_NAMES)
     if unknown:
@@ -62,7 +64,7 @@ def check_options(app_configs=None, **kwargs) -> list[checks.CheckMessage]:
     return errors
 
 
-def _configured_timeout(host) -> object:
+def _configured_timeout(host: Any) -> float | EllipsisType | None:
     """The host's socket_timeout, or ``...`` when it leaves redis-py's default."""
     if isinstance(host, dict):
         if "socket_timeout" in host:
@@ -81,7 +83,7 @@ def _redis_py_major() -> int:
 
 
 @checks.register()
-def check_channel_layer(app_configs=None, **kwargs) -> list[checks.CheckMessage]:
+def check_channel_layer(app_configs: Any = None, **kwargs: Any) -> list[checks.CheckMessage]:
     alias = registry_settings().CHANNEL_LAYER
     layer = getattr(settings, "CHANNEL_LAYERS", {}).get(alias)
     if layer is None:
@@ -117,7 +119,7 @@ def check_channel_layer(app_configs=None, **kwargs) -> list[checks.CheckMessage]
 
 
 @checks.register()
-def check_persistent_connections(app_configs=None, **kwargs) -> list[checks.CheckMessage]:
+def check_persistent_connections(app_configs: Any = None, **kwargs: Any) -> list[checks.CheckMessage]:
     database = settings.DATABASES.get("default", {})
     pooled = bool(database.get("OPTIONS", {}).get("pool"))
     if database.get("CONN_MAX_AGE", 0) == 0 and not pooled:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, fields
 from functools import cache
+from typing import Any
 
 from django.conf import settings
 from django.core.signals import setting_changed
@@ -70,7 +71,7 @@ class RegistrySettings:
 OPTION_NAMES = frozenset(f.name for f in fields(RegistrySettings))
 
 
-def user_options() -> dict:
+def user_options() -> dict[str, Any]:
     """The raw dict from the project's settings (empty when it has none)."""
     return dict(getattr(settings, SETTINGS_NAME, None) or {})
 
@@ -85,6 +86,6 @@ def registry_settings() -> RegistrySettings:
 
 
 @receiver(setting_changed)
-def _reset_on_change(*, setting: str, **kwargs) -> None:
+def _reset_on_change(*, setting: str, **kwargs: Any) -> None:
     if setting == SETTINGS_NAME:
         registry_settings.cache_clear()

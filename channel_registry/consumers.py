@@ -37,6 +37,8 @@ class RegistryConsumerMixin:
     strategy: DeliveryStrategy = MappingStrategy()
     #: The registered user's primary key; ``None`` until registration succeeded.
     user_id = None
+    #: The unregistration started when the client's close arrived.
+    _unregistering: asyncio.Future | None = None
 
     async def connect(self) -> None:
         user = self.scope.get("user")
@@ -95,7 +97,6 @@ class RegistryConsumerMixin:
     async def __call__(self, scope, receive, send):
         # The other exits — an exception in a handler, or cancellation (daphne
         # cancels consumers on shutdown) — end here, so the row goes in all cases.
-        self._unregistering: asyncio.Future | None = None
         try:
             await super().__call__(scope, receive, send)
         finally:

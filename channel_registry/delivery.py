@@ -16,7 +16,7 @@ import time
 import weakref
 from collections import defaultdict
 from collections.abc import Awaitable, Callable, Sequence
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from channels.exceptions import ChannelFull
 
@@ -55,7 +55,7 @@ return full
 
 
 async def send_many(
-    layer, channel_names: Sequence[str], message: dict, *, concurrency: int = 50
+    layer: Any, channel_names: Sequence[str], message: dict[str, Any], *, concurrency: int = 50
 ) -> list[str]:
     """Send ``message`` to every channel in ``channel_names``.
 
@@ -80,7 +80,7 @@ async def send_many(
     return [channel for channel in channels if channel in full]
 
 
-async def _send_each(layer, channels: list[str], message: dict, concurrency: int) -> set[str]:
+async def _send_each(layer: Any, channels: list[str], message: dict[str, Any], concurrency: int) -> set[str]:
     """Generic path: the layer's own ``send``, ``concurrency`` at a time.
 
     ``RedisPubSubChannelLayer`` takes this path on purpose. Its ``send`` is one
@@ -102,7 +102,7 @@ async def _send_each(layer, channels: list[str], message: dict, concurrency: int
     return full
 
 
-async def _send_batched(layer, channels: list[str], message: dict, concurrency: int) -> set[str]:
+async def _send_batched(layer: Any, channels: list[str], message: dict[str, Any], concurrency: int) -> set[str]:
     """Redis fast path: one EVAL per chunk of keys per shard.
 
     Process-local channels ("specific.<client_prefix>!<id>") share one key per
@@ -164,7 +164,7 @@ def layer_slots() -> asyncio.Semaphore:
     return slots
 
 
-_slots: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_slots: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Semaphore] = weakref.WeakKeyDictionary()
 
 
 async def run_bounded(items: Sequence[T], work: Callable[[T], Awaitable[None]], limit: int) -> None:

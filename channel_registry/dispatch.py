@@ -6,7 +6,8 @@ exposes the same functions bound to the group strategy.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Coroutine, Iterable
+from typing import Any, TypeVar
 
 from asgiref.sync import async_to_sync
 
@@ -16,8 +17,10 @@ from .postgres import sync_caller
 from .protocol import CLOSE_FORBIDDEN, DISCONNECT_EVENT, NOTIFY_EVENT
 from .strategy import Delivery, DeliveryStrategy
 
+T = TypeVar("T")
 
-def check_event(event) -> dict:
+
+def check_event(event: Any) -> dict[str, Any]:
     """Refuse what the channel layer would reject later, far from the caller."""
     if not isinstance(event, dict):
         raise TypeError(f"event must be a dict with a 'type' key, not {type(event).__name__}")
@@ -35,22 +38,22 @@ class Dispatcher:
     def __init__(self, strategy: DeliveryStrategy) -> None:
         self.strategy = strategy
 
-    async def asend_to_user(self, user, event: dict) -> Delivery:
+    async def asend_to_user(self, user: Any, event: dict[str, Any]) -> Delivery:
         """Send a Channels event to every live connection of ``user`` (instance or pk)."""
         return await self.strategy.deliver([user_pk(user)], check_event(event))
 
-    async def asend_to_users(self, users: Iterable, event: dict) -> Delivery:
+    async def asend_to_users(self, users: Iterable[Any], event: dict[str, Any]) -> Delivery:
         """Send one event to many users with one registry lookup; one ``Delivery`` for all."""
         user_ids = {user_pk(u) for u in users}
         if not user_ids:
             return Delivery(channels=0, sent=0, failed=[])
         return await self.strategy.deliver(user_ids, check_event(event))
 
-    async def anotify_user(self, user, data) -> Delivery:
+    async def anotify_user(self, user: Any, data: Any) -> Delivery:
         """Send ``data`` as a ``{"type": "notification"}`` frame to ``user``'s sockets."""
         return await self.asend_to_user(user, {"type": NOTIFY_EVENT, "data": data})
 
-    async def adisconnect_user(self, user, code: int = CLOSE_FORBIDDEN) -> int | None:
+    async def adisconnect_user(self, user: Any, code: int = CLOSE_FORBIDDEN) -> int | None:
         """Close every live connection of ``user``, on every process; returns how many were reached.
 
         Sockets close with ``code``; event streams end. ``None`` when the strategy
@@ -64,24 +67,24 @@ class Dispatcher:
         delivery = await self.strategy.deliver_to_session(session_key, {"type": DISCONNECT_EVENT, "code": code})
         return delivery.sent
 
-    def send_to_user(self, user, event: dict) -> Delivery:
+    def send_to_user(self, user: Any, event: dict[str, Any]) -> Delivery:
         """Sync wrapper for views, management commands and Celery tasks."""
         return _from_sync(self.asend_to_user, user, event)
 
-    def send_to_users(self, users: Iterable, event: dict) -> Delivery:
+    def send_to_users(self, users: Iterable[Any], event: dict[str, Any]) -> Delivery:
         return _from_sync(self.asend_to_users, users, event)
 
-    def notify_user(self, user, data) -> Delivery:
+    def notify_user(self, user: Any, data: Any) -> Delivery:
         return _from_sync(self.anotify_user, user, data)
 
-    def disconnect_user(self, user, code: int = CLOSE_FORBIDDEN) -> int | None:
+    def disconnect_user(self, user: Any, code: int = CLOSE_FORBIDDEN) -> int | None:
         return _from_sync(self.adisconnect_user, user, code)
 
     def disconnect_session(self, session_key: str, code: int) -> int | None:
         return _from_sync(self.adisconnect_session, session_key, code)
 
 
-def _from_sync(function, *args):
+def _from_sync(function: Callable[..., Coroutine[Any, Any, T]], *args: Any) -> T:
     """Run an async entry point for sync code, reading the registry on the caller's own connection."""
     token = sync_caller.set(True)
     try:

@@ -1,6 +1,8 @@
 """Exceptions raised by channel_registry's public API."""
 
+from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any
 
 
 class ChannelLayerUnavailable(Exception):
@@ -26,7 +28,7 @@ LAYER_TRANSPORT_ERRORS = _transport_errors()
 
 
 @contextmanager
-def layer_unavailable(layer):
+def layer_unavailable(layer: Any) -> Iterator[None]:
     """Turn the layer's transport errors into ``ChannelLayerUnavailable``."""
     try:
         yield

@@ -12,6 +12,7 @@ approaches can be compared on the same workload, with the same protocol.
 from __future__ import annotations
 
 from collections.abc import Collection
+from typing import Any
 
 from .conf import registry_settings
 from .delivery import layer_slots, run_bounded
@@ -21,7 +22,7 @@ from .models import session_digest
 from .strategy import Delivery, DeliveryStrategy, channel_layer
 
 
-def group_name(user_id) -> str:
+def group_name(user_id: Any) -> str:
     return f"{registry_settings().GROUP_PREFIX}{user_id}"
 
 
@@ -30,12 +31,12 @@ def session_group(session_key: str) -> str:
     return f"{registry_settings().GROUP_PREFIX}session.{session_digest(session_key)[:40]}"
 
 
-def connection_groups(user_id, session_key: str | None) -> list[str]:
+def connection_groups(user_id: Any, session_key: str | None) -> list[str]:
     """The groups a connection joins: its user's, and its session's when it has one."""
     return [group_name(user_id), *([session_group(session_key)] if session_key else [])]
 
 
-async def _layer_call(method: str, *args) -> None:
+async def _layer_call(method: str, *args: Any) -> None:
     layer = channel_layer()
     with layer_unavailable(layer):
         async with layer_slots():
@@ -45,18 +46,19 @@ async def _layer_call(method: str, *args) -> None:
 class GroupStrategy(DeliveryStrategy):
     """Per-user groups: `group_add` on connect, one `group_send` per user to deliver."""
 
-    async def register(self, user_id, channel_name: str, session_key: str | None = None) -> None:
+    async def register(self, user_id: Any, channel_name: str, session_key: str | None = None) -> None:
         for group in connection_groups(user_id, session_key):
             await _layer_call("group_add", group, channel_name)
 
-    async def unregister(self, user_id, channel_name: str, session_key: str | None = None) -> None:
+    async def unregister(self, user_id: Any, channel_name: str, session_key: str | None = None) -> None:
         for group in connection_groups(user_id, session_key):
             await _layer_call("group_discard", group, channel_name)
 
-    async def deliver(self, user_ids: Collection, event: dict) -> Delivery:
+
+    async def deliver(self, user_ids: Collection[Any], event: dict[str, Any]) -> Delivery:
         layer = channel_layer()
 
-        async def send(user_id) -> None:
+        async def send(user_id: Any) -> None:
             await layer.group_send(group_name(user_id), event)
 
         # One group_send per user, within the process's budget of commands in flight.
@@ -64,7 +66,7 @@ class GroupStrategy(DeliveryStrategy):
             await run_bounded(list(user_ids), send, registry_settings().SEND_CONCURRENCY)
         return Delivery(channels=None, sent=None, failed=[])
 
-    async def deliver_to_session(self, session_key: str, event: dict) -> Delivery:
+    async def deliver_to_session(self, session_key: str, event: dict[str, Any]) -> Delivery:
         await _layer_call("group_send", session_group(session_key), event)
         return Delivery(channels=None, sent=None, failed=[])
 

@@ -11,6 +11,8 @@ timeouts and a larger pool explicitly.
 
 from __future__ import annotations
 
+from typing import Any
+
 #: Above channels_redis's 5 s blocking read, yet bounded: a dead server is noticed.
 SOCKET_TIMEOUT = 15
 #: A down Redis is reported within this many seconds instead of hanging a send.
@@ -19,7 +21,7 @@ CONNECT_TIMEOUT = 3
 MAX_CONNECTIONS = 500
 
 
-def redis_host(url: str, **options) -> dict:
+def redis_host(url: str, **options: Any) -> dict[str, Any]:
     """One channels_redis host entry with timeouts that survive idle sockets."""
     return {
         "address": url,
@@ -30,7 +32,7 @@ def redis_host(url: str, **options) -> dict:
     }
 
 
-def redis_layer(*urls: str, **config) -> dict:
+def redis_layer(*urls: str, **config: Any) -> dict[str, Any]:
     """A ``CHANNEL_LAYERS`` entry for ``RedisChannelLayer`` over one or more Redis URLs.
 
     Several URLs shard the layer; channel_registry's delivery picks the shard the

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 from django.db import DatabaseError
 
@@ -22,15 +23,15 @@ class CloseOnDatabaseError:
         AllowedHostsOriginValidator(CloseOnDatabaseError(AuthMiddlewareStack(router)))
     """
 
-    def __init__(self, app) -> None:
+    def __init__(self, app: Any) -> None:
         self.app = app
 
-    async def __call__(self, scope, receive, send):
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] != "websocket":
             return await self.app(scope, receive, send)
         answered = False
 
-        async def tracking_send(message):
+        async def tracking_send(message: dict[str, Any]) -> None:
             nonlocal answered
             answered = answered or message["type"] in ("websocket.accept", "websocket.close")
             await send(message)

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Iterable
 from datetime import datetime, timedelta
+from typing import Any
 
 from django.conf import settings
 from django.db import models
@@ -24,16 +26,16 @@ def session_digest(session_key: str | None) -> str:
     return hashlib.sha256(session_key.encode()).hexdigest() if session_key else ""
 
 
-def user_pk(user) -> object:
+def user_pk(user: Any) -> Any:
     """Accept a user instance or a primary key, as every public function does."""
     return getattr(user, "pk", user)
 
 
 class UserChannelQuerySet(models.QuerySet):
-    def for_user(self, user) -> UserChannelQuerySet:
+    def for_user(self, user: Any) -> UserChannelQuerySet:
         return self.filter(user_id=user_pk(user))
 
-    def for_users(self, users) -> UserChannelQuerySet:
+    def for_users(self, users: Iterable[Any]) -> UserChannelQuerySet:
         return self.filter(user_id__in={user_pk(u) for u in users})
 
     def live(self) -> UserChannelQuerySet:

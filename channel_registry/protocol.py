@@ -8,14 +8,19 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, NoReturn, TypeGuard
 
 MAX_ID_LENGTH = 64
 # Containers nested deeper than this are refused: no real message needs them, and
 # every serializer on the way (JSON, msgpack) recurses once per level.
 MAX_DEPTH = 32
+# A whole frame nested deeper than this is invalid JSON on every interpreter. Without it the
+# answer depended on the C parser's recursion limit: about 1,000 levels on Python 3.11,
+# 1,500 on 3.12 and 10,000 on 3.13 (where a 16 KiB frame can never reach it).
+MAX_FRAME_DEPTH = 512
 # JSON numbers outside this range lose precision in browsers.
 MAX_SAFE_INTEGER = 2**53 - 1
 
@@ -55,7 +60,7 @@ class ProtocolError(Exception):
         self.detail = detail
         self.client_id = client_id
 
-    def frame(self) -> dict:
+    def frame(self) -> dict[str, Any]:
         return error_frame(self.code, self.detail, self.client_id)
 
 
@@ -68,11 +73,11 @@ class Direct:
     id: str | int | None = None
 
 
-def _is_int(value) -> bool:
+def _is_int(value: object) -> TypeGuard[int]:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _reject_constant(name: str):
+def _reject_constant(name: str) -> NoReturn:
     raise ValueError(f"{name} is not valid JSON")
 
 
@@ -83,7 +88,7 @@ def _finite_float(text: str) -> float:
     return value
 
 
-def _message_problem(value) -> str | None:
+def _message_problem(value: Any) -> str | None:
     """Why the message cannot travel, if it cannot: too deep to be reasonable, or an
     integer that msgpack (channels_redis's serializer) cannot encode."""
     depth, level = 0, [value]
@@ -102,7 +107,16 @@ def _message_problem(value) -> str | None:
     return None
 
 
-def decode_frame(text: str | None, max_bytes: int) -> dict:
+def _depth(value: Any) -> int:
+    """How many containers deep ``value`` is (0 for a scalar), without recursing."""
+    depth, level = 0, [value]
+    while containers := [item for item in level if isinstance(item, (dict, list))]:
+        depth += 1
+        level = [child for item in containers for child in (item.values() if isinstance(item, dict) else item)]
+    return depth
+
+
+def decode_frame(text: str | None, max_bytes: int) -> dict[str, Any]:
     """Turn one WebSocket frame into a JSON object, or raise the matching error."""
     if text is None:
         raise ProtocolError(INVALID_PAYLOAD, "binary frames are not accepted; send JSON text")
@@ -114,6 +128,8 @@ def decode_frame(text: str | None, max_bytes: int) -> dict:
         raise ProtocolError(INVALID_JSON, "frame is not valid JSON") from None
     if not isinstance(payload, dict):
         raise ProtocolError(INVALID_JSON, "frame must be a JSON object")
+    if text.count("[") + text.count("{") > MAX_FRAME_DEPTH and _depth(payload) > MAX_FRAME_DEPTH:
+        raise ProtocolError(INVALID_JSON, f"frame is nested deeper than {MAX_FRAME_DEPTH} levels")
     try:  # "\ud800" escapes decode to lone surrogates that no serializer can encode
         json.dumps(payload, ensure_ascii=False).encode("utf-8")
     except UnicodeEncodeError:
@@ -121,7 +137,7 @@ def decode_frame(text: str | None, max_bytes: int) -> dict:
     return payload
 
 
-def read_client_id(payload: dict):
+def read_client_id(payload: dict[str, Any]) -> str | int | None:
     """The optional client ``id``; ``None`` when absent or unusable (it is echoed back)."""
     client_id = payload.get("id")
     if _is_int(client_id) and abs(client_id) <= MAX_SAFE_INTEGER:
@@ -131,7 +147,7 @@ def read_client_id(payload: dict):
     return None
 
 
-def parse_direct(payload: dict) -> Direct:
+def parse_direct(payload: dict[str, Any]) -> Direct:
     client_id = read_client_id(payload)
     if "id" in payload and payload["id"] is not None and client_id is None:
         raise ProtocolError(
@@ -149,18 +165,18 @@ def parse_direct(payload: dict) -> Direct:
     return Direct(to=to, message=payload["message"], id=client_id)
 
 
-def error_frame(code: str, detail: str, client_id=None) -> dict:
+def error_frame(code: str, detail: str, client_id: Any = None) -> dict[str, Any]:
     frame = {"type": "error", "code": code, "detail": detail}
     if client_id is not None:
         frame["id"] = client_id
     return frame
 
 
-def ack_frame(client_id, delivered: int | None) -> dict:
+def ack_frame(client_id: Any, delivered: int | None) -> dict[str, Any]:
     return {"type": "ack", "id": client_id, "delivered": delivered}
 
 
-def direct_frame(sender_id, direct: Direct) -> dict:
+def direct_frame(sender_id: Any, direct: Direct) -> dict[str, Any]:
     """What every tab of the recipient receives; the sender comes from the scope."""
     return {
         "type": "direct",
@@ -171,7 +187,7 @@ def direct_frame(sender_id, direct: Direct) -> dict:
     }
 
 
-def notification_frame(data) -> dict:
+def notification_frame(data: Any) -> dict[str, Any]:
     return {"type": "notification", "data": data}
 
 
@@ -186,7 +202,7 @@ DISCONNECT_EVENT = "registry.disconnect"
 class TokenBucket:
     """``rate`` tokens per ``per`` seconds, refilled continuously; in memory, per connection."""
 
-    def __init__(self, rate: int, per: float, clock) -> None:
+    def __init__(self, rate: int, per: float, clock: Callable[[], float]) -> None:
         self.capacity = rate
         self.refill = rate / per
         self.clock = clock

@@ -18,6 +18,7 @@ user "online" for the signals until ``prune_channels`` removes them, even though
 """
 
 import logging
+from typing import Any
 
 from django.dispatch import Signal
 
@@ -29,7 +30,7 @@ user_online = Signal()
 user_offline = Signal()
 
 
-def send_presence(signal: Signal, user_id) -> None:
+def send_presence(signal: Signal, user_id: Any) -> None:
     """Send a presence signal; a receiver's error is logged, never raised.
 
     Raised into a connect, a disconnect or a prune, it would leave rows behind

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Collection
 from dataclasses import dataclass, field
+from typing import Any
 
 from channels.layers import get_channel_layer
 from django.core.exceptions import ImproperlyConfigured
@@ -33,7 +34,7 @@ class Delivery:
     failed: list[str] = field(default_factory=list)
 
 
-def channel_layer():
+def channel_layer() -> Any:
     """The layer named by the ``CHANNEL_LAYER`` option, or a clear error."""
     alias = registry_settings().CHANNEL_LAYER
     layer = get_channel_layer(alias)
@@ -47,18 +48,18 @@ def channel_layer():
 class DeliveryStrategy:
     """How connections are recorded and how events reach their users."""
 
-    async def register(self, user_id, channel_name: str, session_key: str | None = None) -> None:
+    async def register(self, user_id: Any, channel_name: str, session_key: str | None = None) -> None:
         """Make ``channel_name`` reachable as one of ``user_id``'s connections, opened by that session."""
         raise NotImplementedError
 
-    async def unregister(self, user_id, channel_name: str, session_key: str | None = None) -> None:
+    async def unregister(self, user_id: Any, channel_name: str, session_key: str | None = None) -> None:
         """Forget the connection; safe to call for one that is already gone."""
         raise NotImplementedError
 
-    async def deliver(self, user_ids: Collection, event: dict) -> Delivery:
+    async def deliver(self, user_ids: Collection[Any], event: dict[str, Any]) -> Delivery:
         """Send ``event`` to every live connection of every user in ``user_ids``."""
         raise NotImplementedError
 
-    async def deliver_to_session(self, session_key: str, event: dict) -> Delivery:
+    async def deliver_to_session(self, session_key: str, event: dict[str, Any]) -> Delivery:
         """Send ``event`` to every live connection opened by the session ``session_key``."""
         raise NotImplementedError

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Runs the demo site with daphne; `make demo` and `make demo-multi` call it after creating .venv.
+# Runs the demo site with daphne (or uvicorn: SERVER=uvicorn); `make demo` and `make demo-multi`
+# call it after creating .venv.
 #
 #   bash demo_site/run.sh          one daphne process on http://127.0.0.1:$PORT (default 8000).
 #                                  Embedded: SQLite + the in-memory channel layer, unless
@@ -15,12 +16,19 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 PORT=${PORT:-8000}
+SERVER=${SERVER:-daphne}
 BIN=.venv/bin
 export DJANGO_SETTINGS_MODULE=demo_site.settings
 
 fail() { echo "demo_site/run.sh: $*" >&2; exit 1; }
 
-[ -x "$BIN/daphne" ] || fail "$BIN/daphne is missing; 'make demo' creates the virtualenv and installs it."
+case $SERVER in
+  daphne) server=("$BIN/daphne" --bind 127.0.0.1 demo_site.asgi:application --port) ;;
+  # Channels' ProtocolTypeRouter has no lifespan handler; uvicorn would say so at every start.
+  uvicorn) server=("$BIN/uvicorn" --host 127.0.0.1 --lifespan off demo_site.asgi:application --port) ;;
+  *) fail "unknown SERVER '$SERVER'; use daphne or uvicorn." ;;
+esac
+[ -x "${server[0]}" ] || fail "${server[0]} is missing; 'make demo' creates the virtualenv and installs it."
 mode=${1:-single}
 case $mode in
   single) ;;
@@ -35,16 +43,15 @@ esac
 "$BIN/python" demo_site/manage.py migrate --no-input --verbosity 0
 "$BIN/python" demo_site/manage.py demo_users
 
-daphne=("$BIN/daphne" --bind 127.0.0.1 demo_site.asgi:application --port)
-announce() { echo "demo: serving on http://127.0.0.1:$1/ (Ctrl-C stops)"; }
+announce() { echo "demo: $SERVER serving on http://127.0.0.1:$1/ (Ctrl-C stops)"; }
 
 if [ "$mode" = single ]; then
   announce "$PORT"
-  exec "${daphne[@]}" "$PORT"
+  exec "${server[@]}" "$PORT"
 fi
 
-announce "$PORT"; "${daphne[@]}" "$PORT" & first=$!
-announce "$((PORT + 1))"; "${daphne[@]}" "$((PORT + 1))" & second=$!
-# Ctrl-C or either process ending stops both; each daphne deletes its registry rows on exit.
+announce "$PORT"; "${server[@]}" "$PORT" & first=$!
+announce "$((PORT + 1))"; "${server[@]}" "$((PORT + 1))" & second=$!
+# Ctrl-C or either process ending stops both; each deletes its registry rows on exit.
 trap 'kill "$first" "$second" 2>/dev/null; wait' EXIT INT TERM
 wait -n

@@ -13,8 +13,8 @@ from django.contrib.auth.models import AnonymousUser
 from django.db import connections
 
 from channel_registry.consumers import RegistryConsumer
-from channel_registry.models import UserChannel
 from channel_registry.liveness import forget_process, process
+from channel_registry.models import UserChannel
 from channel_registry.signals import user_offline, user_online
 
 from .redis_servers import free_port

@@ -1,7 +1,8 @@
 """Real processes for the fault tests and the load script.
 
-* :class:`Daphne` — one daphne process serving ``demo_site`` with
-  ``tests.fault_settings``; start, SIGTERM, SIGKILL, RSS.
+* :class:`Daphne` / :class:`Uvicorn` — one ASGI server process (an
+  :class:`AsgiServer`) serving ``demo_site`` with ``tests.fault_settings``;
+  start, SIGTERM, SIGKILL, RSS. ``SERVERS`` maps their names to them.
 * :class:`PostgresServer` — a private PostgreSQL cluster (``initdb`` in a temp
   directory, own port, run as a non-root user when we are root); stop, start.
 * :func:`create_database` / :func:`drop_database` / :func:`migrate` — a
@@ -233,14 +234,16 @@ def migrate(database_url: str) -> None:
         raise RuntimeError(f"migrate failed:\n{result.stdout}\n{result.stderr}")
 
 
-# --------------------------------------------------------------------------- daphne
+# --------------------------------------------------------------------------- ASGI servers
 
 
-class Daphne:
-    """One daphne process serving ``demo_site.asgi:application`` with ``tests.fault_settings``.
+class AsgiServer:
+    """One ASGI server process serving ``demo_site.asgi:application`` with ``tests.fault_settings``.
 
-    Its output goes to ``tests/artifacts/faults/<name>.log``.
+    Its output goes to ``tests/artifacts/faults/<name>.log``. Subclasses give the command line.
     """
+
+    kind = "asgi"
 
     def __init__(self, env: dict, name: str = "daphne", port: int | None = None) -> None:
         self.env = env
@@ -252,12 +255,15 @@ class Daphne:
         self.log_path = LOG_DIR / f"{name}.log"
         self.process: subprocess.Popen | None = None
 
+    def command(self) -> list[str]:
+        raise NotImplementedError
+
     def spawn(self) -> None:
         """Start the process without waiting for it to serve (see :meth:`wait_ready`)."""
-        command = [sys.executable, "-m", "daphne", "-b", "127.0.0.1", "-p", str(self.port),
-                   "demo_site.asgi:application"]  # fmt: skip
         with self.log_path.open("w") as log:
-            self.process = subprocess.Popen(command, cwd=ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT)
+            self.process = subprocess.Popen(
+                self.command(), cwd=ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT
+            )
         _running.add(self)
 
     def wait_ready(self, timeout: float = 20) -> None:
@@ -269,7 +275,7 @@ class Daphne:
                 raise TimeoutError(f"{self.name} did not answer within {timeout} s:\n{self.log_tail()}")
             time.sleep(0.05)
 
-    def start(self, timeout: float = 20) -> Daphne:
+    def start(self, timeout: float = 20) -> AsgiServer:
         self.spawn()
         self.wait_ready(timeout)
         return self
@@ -354,7 +360,33 @@ class Daphne:
             return False
 
 
-def start_all(*servers: Daphne, timeout: float = 30) -> None:
+class Daphne(AsgiServer):
+    """daphne, as ``make demo`` runs it."""
+
+    kind = "daphne"
+
+    def command(self) -> list[str]:
+        return [sys.executable, "-m", "daphne", "-b", "127.0.0.1", "-p", str(self.port), "demo_site.asgi:application"]
+
+
+class Uvicorn(AsgiServer):
+    """uvicorn as the README runs it: no lifespan (Channels' ProtocolTypeRouter has no lifespan
+    handler) and a bounded graceful stop. Without the bound, a consumer that misses its
+    cancellation (Python 3.11, see TRAPS 7) or an open event stream holds SIGTERM forever."""
+
+    kind = "uvicorn"
+    graceful_timeout = 5
+
+    def command(self) -> list[str]:
+        return [sys.executable, "-m", "uvicorn", "--host", "127.0.0.1", "--port", str(self.port),
+                "--lifespan", "off", "--timeout-graceful-shutdown", str(self.graceful_timeout),
+                "demo_site.asgi:application"]  # fmt: skip
+
+
+SERVERS: dict[str, type[AsgiServer]] = {"daphne": Daphne, "uvicorn": Uvicorn}
+
+
+def start_all(*servers: AsgiServer, timeout: float = 30) -> None:
     """Start several processes in parallel: Django's import time is paid once, not per process."""
     for server in servers:
         server.spawn()

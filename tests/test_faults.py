@@ -23,7 +23,9 @@ import gc
 import io
 import json
 import os
+import re
 import secrets
+import signal
 import time
 from datetime import timedelta
 
@@ -41,8 +43,9 @@ from channel_registry.models import UserChannel
 from channel_registry.signals import user_offline
 
 from .processes import (
+    SERVERS,
     SHARED_POSTGRES,
-    Daphne,
+    AsgiServer,
     HandshakeRefused,
     PostgresServer,
     Tab,
@@ -128,7 +131,7 @@ class Stack:
         #: Names the daphne logs: tests/artifacts/faults/<test>-A.log, -B.log.
         self.test_name = test_name
         self.redis: list[RedisServer] = []
-        self.servers: list[Daphne] = []
+        self.servers: list[AsgiServer] = []
         self.tabs: list[Tab] = []
         self.prefix = f"crf{secrets.token_hex(3)}"
         self.options: dict = {}
@@ -159,15 +162,15 @@ class Stack:
             registry["ON_LIMIT"] = options.get("on_limit", "close_newest")
         self.settings.CHANNEL_REGISTRY = registry
 
-    def daphnes(self, count: int, names: str = "AB") -> list[Daphne]:
-        """Start ``count`` daphne processes (in parallel) on this stack's database and Redis."""
+    def daphnes(self, count: int, names: str = "AB", kind: str = "daphne") -> list[AsgiServer]:
+        """Start ``count`` server processes (daphne, or ``kind``) in parallel on this stack's database and Redis."""
         if not self.options:
             self.configure()
         env = settings_env(
             self.database_url, self.redis_urls, redis_prefix=self.prefix,
             secret_key=self.settings.SECRET_KEY, **self.options,
         )  # fmt: skip
-        started = [Daphne(env, name=f"{self.test_name}-{names[i]}") for i in range(count)]
+        started = [SERVERS[kind](env, name=f"{self.test_name}-{names[i]}") for i in range(count)]
         self.servers.extend(started)
         start_all(*started)
         return started
@@ -185,7 +188,7 @@ class Stack:
 
         return await sync_to_async(make)()
 
-    async def tab(self, server: Daphne, user, path: str = "/ws/registry/", **kwargs) -> Tab:
+    async def tab(self, server: AsgiServer, user, path: str = "/ws/registry/", **kwargs) -> Tab:
         """Open a socket as ``user`` (a user with a ``session``, or a raw session key)."""
         session = getattr(user, "session", user)
         label = f"{getattr(user, 'username', 'key')}@{server.name}"
@@ -193,7 +196,7 @@ class Stack:
         self.tabs.append(tab)
         return tab
 
-    async def open_tab(self, server: Daphne, user, **kwargs) -> Tab:
+    async def open_tab(self, server: AsgiServer, user, **kwargs) -> Tab:
         """A tab that must stay open; registered when this returns (the consumer accepts after the INSERT)."""
         tab = await self.tab(server, user, **kwargs)
         with contextlib.suppress(TimeoutError):
@@ -208,7 +211,7 @@ class Stack:
     async def rows(self, **filters) -> list[UserChannel]:
         return [row async for row in UserChannel.objects.filter(**filters)]
 
-    async def rows_of(self, server: Daphne) -> list[UserChannel]:
+    async def rows_of(self, server: AsgiServer) -> list[UserChannel]:
         return await self.rows(server__startswith=server.server_prefix)
 
     async def teardown(self) -> None:
@@ -358,12 +361,13 @@ def _process_key(stack: Stack, channel_name: str) -> str:
     return f"{stack.prefix}{channel_name.split('!', 1)[0]}!"
 
 
-async def test_kill_9_process_with_100_sockets(stack, offline_events):
+@pytest.mark.parametrize("server", SERVERS)
+async def test_kill_9_process_with_100_sockets(stack, offline_events, server):
     import redis
 
     [redis_server] = stack.start_redis()
     stack.configure(layer_expiry=5)
-    doomed, survivor = stack.daphnes(2)
+    doomed, survivor = stack.daphnes(2, kind=server)
     # 30 users with three tabs, all on the doomed process; 10 with one tab on each process.
     solo = await stack.users(*[f"solo{i}" for i in range(30)])
     mixed = await stack.users(*[f"mixed{i}" for i in range(10)])
@@ -430,9 +434,10 @@ async def test_kill_9_process_with_100_sockets(stack, offline_events):
     assert all(tab.is_open for tab in survivor_tabs)
 
 
-async def test_sigterm_deletes_the_process_rows_before_it_exits(stack):
+@pytest.mark.parametrize("server", SERVERS)
+async def test_sigterm_deletes_the_process_rows_before_it_exits(stack, server):
     stack.start_redis()
-    stopping, staying = stack.daphnes(2)
+    stopping, staying = stack.daphnes(2, kind=server)
     users = await stack.users(*[f"user{i}" for i in range(50)])
     tabs = await bounded(stack.tab(stopping, user) for user in users for _ in range(2))
     await bounded(stack.tab(staying, user) for user in users[:3])
@@ -447,9 +452,32 @@ async def test_sigterm_deletes_the_process_rows_before_it_exits(stack):
 
     status = await asyncio.to_thread(stopping.terminate)
 
-    assert status == 0, stopping.log_tail()
+    codes = {await tab.closed_with(5) for tab in tabs}
+    if server == "uvicorn":
+        # uvicorn sends every consumer websocket.disconnect and every client 1012 ("service
+        # restart"), waits for the consumers to return, then re-raises SIGTERM: the process ends
+        # killed by the signal, so atexit handlers (forget_process) do not run. The consumers'
+        # own disconnect has deleted the rows.
+        assert status == -signal.SIGTERM, stopping.log_tail()
+        assert codes == {1012}
+    else:
+        # daphne cancels the consumers (no websocket.disconnect) and exits normally: atexit's
+        # forget_process deletes the rows.
+        assert status == 0, stopping.log_tail()
+        assert codes == {1006}  # no close frame: the connections just drop
     # Checked right after the exit, long before STALE_AFTER or any prune.
     left = await stack.rows_of(stopping)
+    if server == "uvicorn":
+        # On Python 3.11 a consumer can miss the cancellation of its layer read (TRAPS 7) and
+        # never return after websocket.disconnect; uvicorn cancels it after
+        # --timeout-graceful-shutdown and exits without atexit, so its row stays: only such
+        # rows, and the next prune removes them, as after a kill -9.
+        cancelled = re.search(r"Cancel (\d+) running task", stopping.log_tail(1_000_000))
+        assert len(left) <= (int(cancelled.group(1)) if cancelled else 0), f"{len(left)} of 100 rows outlived the stop"
+        if left:
+            await asyncio.sleep(STALE_AFTER)
+            await sync_to_async(call_command)("prune_channels", stdout=io.StringIO())
+            left = await stack.rows_of(stopping)
     assert left == [], f"{len(left)} of 100 rows outlived the graceful stop"
     assert {row.channel_name for row in await stack.rows_of(staying)} == staying_rows
     delivery = await asend_to_users(users, {"type": NOTIFY, "data": "x"})
@@ -489,9 +517,10 @@ async def test_a_burst_of_150_connections_on_one_process(stack):
 # --------------------------------------------------------------------------- closing a user's tabs
 
 
-async def test_disconnect_user_closes_every_tab_on_every_process(stack):
+@pytest.mark.parametrize("server", SERVERS)
+async def test_disconnect_user_closes_every_tab_on_every_process(stack, server):
     stack.start_redis()
-    first, second = stack.daphnes(2)
+    first, second = stack.daphnes(2, kind=server)
     alice, bob = await stack.users("alice", "bob")
     alice_tabs = [await stack.open_tab(server, alice) for server in (first, first, second)]
     bob_tabs = [await stack.open_tab(server, bob) for server in (first, second)]

@@ -22,8 +22,7 @@ from hypothesis import HealthCheck, given
 from hypothesis import settings as hypothesis_settings
 from hypothesis import strategies as st
 
-from channel_registry.consumers import RegistryConsumer
-from channel_registry.consumers import GroupConsumer
+from channel_registry.consumers import GroupConsumer, RegistryConsumer
 
 from .conftest import rows
 

@@ -82,6 +82,18 @@ def test_nesting_past_the_parsers_recursion_limit_is_invalid_json():
     refused("invalid_json", decode_frame, '{"m": ' + "[" * 5000 + "]" * 5000 + "}", LIMIT)
 
 
+@pytest.mark.parametrize("inner", [("[", "]"), ('{"a":', "}")])
+def test_frame_depth_limit_is_the_same_on_every_interpreter(inner):
+    """Python 3.13's parser accepts 5,000 levels, 3.11's stops near 1,000: the limit is the library's."""
+    opening, closing = inner
+    depth = protocol.MAX_FRAME_DEPTH - 1  # plus the frame's own object
+    at_limit = '{"m": ' + opening * depth + "1" + closing * depth + "}"
+    assert decode_frame(at_limit, LIMIT)["m"] is not None
+    past = '{"m": ' + opening * (depth + 1) + "1" + closing * (depth + 1) + "}"
+    error = refused("invalid_json", decode_frame, past, LIMIT)
+    assert str(protocol.MAX_FRAME_DEPTH) in error.detail
+
+
 @given(st.text(st.characters(codec=None, exclude_categories=[])))
 def test_any_text_is_decoded_or_refused_with_a_protocol_error(text):
     try:

@@ -66,6 +66,9 @@ def test_quick_start_works_in_a_new_project(tmp_path):
     run(python, "manage.py", "migrate", "-v0", cwd=tmp_path)
     checked = run(python, "manage.py", "check", "--fail-level", "WARNING", cwd=tmp_path)
     assert "no issues" in checked.stdout
+    # The JS client ships as a static file of the app (the wheel test runs this against the wheel).
+    found = run(python, "manage.py", "findstatic", "channel_registry/client.js", "-v0", cwd=tmp_path).stdout
+    assert found.strip().endswith("channel_registry/static/channel_registry/client.js")
     output = run(python, "-c", CLIENT, cwd=tmp_path).stdout
     assert '"view": {"tabs_reached": 2}' in output
     assert output.count('{"type": "notification", "data": {"text": "hello from a view"}}') == 2

@@ -1,4 +1,5 @@
 import time
+from typing import Any
 
 from django.core.management.base import BaseCommand, CommandError
 
@@ -18,7 +19,7 @@ class Command(BaseCommand):
         "(crashes, restarts). Run it from cron, Celery beat, or with --every."
     )
 
-    def add_arguments(self, parser):
+    def add_arguments(self, parser: Any) -> None:
         parser.add_argument(
             "--older-than", type=positive, metavar="SECONDS",
             help="Staleness threshold (default: CHANNEL_REGISTRY['STALE_AFTER']).",
@@ -29,7 +30,9 @@ class Command(BaseCommand):
             help="Keep running, pruning every SECONDS, until interrupted.",
         )
 
-    def handle(self, *, older_than, dry_run, every, verbosity, **options):
+    def handle(
+        self, *, older_than: float | None, dry_run: bool, every: float | None, verbosity: int, **options: Any
+    ) -> None:
         if dry_run and every:
             raise CommandError("--dry-run and --every cannot be combined.")
         try:
@@ -41,7 +44,7 @@ class Command(BaseCommand):
         except KeyboardInterrupt:
             self.stdout.write("Stopped.")
 
-    def prune_once(self, older_than, dry_run):
+    def prune_once(self, older_than: float | None, dry_run: bool) -> None:
         if dry_run:
             self.stdout.write(f"{count_stale(older_than)} stale channel(s) would be deleted.")
         else:

@@ -44,6 +44,17 @@ export const State = Object.freeze({
   CLOSED: "closed",
 });
 
+/** @typedef {typeof State[keyof typeof State]} StateName One of the State values. */
+/**
+ * @typedef {object} BackoffOptions
+ * @property {number} initialDelay ceiling of the first retry's delay, ms
+ * @property {number} maxDelay ceiling of any delay, ms
+ * @property {number} stableAfter ms connected after which the backoff starts over
+ * @property {() => number} random a uniform number in [0, 1)
+ */
+/** @typedef {{ event: string, data: string, id: string }} ServerEvent One event of a text/event-stream. */
+
+/** @type {BackoffOptions} */
 const BACKOFF = {
   /** Ceiling of the first retry's delay, in ms; it doubles with every failed attempt. */
   initialDelay: 1000,
@@ -57,6 +68,9 @@ const BACKOFF = {
  * Full jitter: a uniform delay in [0, min(maxDelay, initialDelay × 2^attempt)].
  * Spreads the reconnects of every tab after a server restart instead of
  * bringing them back in waves.
+ * @param {number} attempt how many attempts failed before this one (0 for the first retry)
+ * @param {Pick<BackoffOptions, "initialDelay" | "maxDelay" | "random">} [options]
+ * @returns {number} ms to wait
  */
 export function backoffDelay(attempt, { initialDelay, maxDelay, random } = BACKOFF) {
   return random() * Math.min(maxDelay, initialDelay * 2 ** attempt);
@@ -64,6 +78,11 @@ export function backoffDelay(attempt, { initialDelay, maxDelay, random } = BACKO
 
 /** An error frame (or a missing answer) in reply to request(). */
 export class RequestError extends Error {
+  /**
+   * @param {string} code the server's error code, or "not_connected", "timeout", "closed"
+   * @param {string} detail
+   * @param {Record<string, any> | null} [frame] the server's error frame, if there was one
+   */
   constructor(code, detail, frame = null) {
     super(detail);
     this.code = code;
@@ -77,14 +96,22 @@ export class RequestError extends Error {
  * lost()) and detach() (drop its handlers, close it, tell whether one existed).
  */
 class Connection extends EventTarget {
+  /**
+   * @param {string} url
+   * @param {Partial<BackoffOptions> & Record<string, any>} options
+   */
   constructor(url, options) {
     super();
     this.url = url;
+    /** @type {BackoffOptions & Record<string, any>} the backoff ones and the subclass's own */
     this.options = { ...BACKOFF, ...options };
+    /** @type {StateName} */
     this.state = State.CLOSED;
     this.attempt = 0;
     this.stopped = true;
+    /** @type {any} a timer id (a number in browsers, an object in Node) */
     this.retryTimer = null;
+    /** @type {any} */
     this.stableTimer = null;
     this.whenOnline = () => this.reopen();
     this.whenOffline = () => {
@@ -110,6 +137,19 @@ class Connection extends EventTarget {
     this.setState(State.CLOSED);
   }
 
+  /** Open the transport; report through opened(), received() and lost(). Subclasses implement it. */
+  start() {
+    throw new Error("not implemented");
+  }
+
+  /**
+   * Drop the transport's handlers and close it. Subclasses implement it.
+   * @returns {boolean} whether there was one
+   */
+  detach() {
+    return false;
+  }
+
   reopen() {
     this.clearTimers();
     this.detach();
@@ -123,10 +163,15 @@ class Connection extends EventTarget {
     this.stableTimer = setTimeout(() => { this.attempt = 0; }, this.options.stableAfter);
   }
 
+  /** @param {{ data: any, event?: string, id?: string }} detail */
   received(detail) {
     this.emit("message", detail);
   }
 
+  /**
+   * @param {number} code
+   * @param {string} reason
+   */
   lost(code, reason) {
     this.clearTimers();
     if (this.detach()) this.emit("close", { code, reason });
@@ -157,11 +202,19 @@ class Connection extends EventTarget {
     globalThis.removeEventListener?.("online", this.whenOnline);
   }
 
+  /**
+   * @param {StateName} state
+   * @param {Record<string, any>} [detail]
+   */
   setState(state, detail = {}) {
     this.state = state;
     this.emit("state", { state, ...detail });
   }
 
+  /**
+   * @param {string} type
+   * @param {Record<string, any>} detail
+   */
   emit(type, detail) {
     this.dispatchEvent(new CustomEvent(type, { detail }));
   }
@@ -172,24 +225,38 @@ export class RegistrySocket extends Connection {
   /**
    * url: a ws(s):// URL or a path on this site ("/ws/registry/").
    * options: the backoff ones, plus pingInterval (25 s), pongTimeout (10 s), requestTimeout (10 s).
+   * @param {string} url
+   * @param {Partial<BackoffOptions> & { pingInterval?: number, pongTimeout?: number, requestTimeout?: number }} [options]
    */
   constructor(url, options = {}) {
     super(webSocketURL(url), { pingInterval: 25000, pongTimeout: 10000, requestTimeout: 10000, ...options });
+    /** @type {WebSocket | null} */
     this.socket = null;
+    /** @type {Map<string | number, { resolve: (frame: any) => void, reject: (error: RequestError) => void, timer: any }>} */
     this.pending = new Map();
     this.requestIds = 0;
+    /** @type {any} */
     this.pingTimer = null;
+    /** @type {any} */
     this.pongTimer = null;
   }
 
-  /** Send one frame; false when not connected (nothing is queued). */
+  /**
+   * Send one frame; false when not connected (nothing is queued).
+   * @param {Record<string, any>} frame
+   * @returns {boolean}
+   */
   send(frame) {
-    if (this.state !== State.OPEN) return false;
+    if (this.state !== State.OPEN || !this.socket) return false;
     this.socket.send(JSON.stringify(frame));
     return true;
   }
 
-  /** Send a frame that the server answers with `ack` (resolves) or `error` (rejects with RequestError). */
+  /**
+   * Send a frame that the server answers with `ack` (resolves) or `error` (rejects with RequestError).
+   * @param {Record<string, any> & { id?: string | number }} frame
+   * @returns {Promise<{ type: "ack", id: string | number, delivered: number | null }>}
+   */
   request(frame) {
     const id = frame.id ?? `r${++this.requestIds}`;
     return new Promise((resolve, reject) => {
@@ -224,6 +291,7 @@ export class RegistrySocket extends Connection {
     );
   }
 
+  /** @param {string} text */
   receive(text) {
     const frame = JSON.parse(text);
     if (frame.type === "pong") {
@@ -272,9 +340,15 @@ export class RegistrySocket extends Connection {
  * with the close code it carries.
  */
 export class RegistryEventStream extends Connection {
+  /**
+   * @param {string} url
+   * @param {Partial<BackoffOptions> & { idleTimeout?: number }} [options]
+   */
   constructor(url, options = {}) {
     super(url, { idleTimeout: 45000, ...options });
+    /** @type {AbortController | null} */
     this.abort = null;
+    /** @type {any} */
     this.idleTimer = null;
   }
 
@@ -287,6 +361,7 @@ export class RegistryEventStream extends Connection {
     });
   }
 
+  /** @param {AbortSignal} signal */
   async read(signal) {
     const response = await fetch(this.url, {
       headers: { Accept: "text/event-stream" },
@@ -298,7 +373,8 @@ export class RegistryEventStream extends Connection {
       this.lost(refusalCode(response), `HTTP ${response.status}`);
       return;
     }
-    const reader = response.body.pipeThrough(new TextDecoderStream()).getReader();
+    const body = /** @type {ReadableStream<BufferSource>} */ (response.body);
+    const reader = body.pipeThrough(new TextDecoderStream()).getReader();
     const parser = new EventStreamParser();
     for (;;) {
       const { value, done } = await reader.read();
@@ -311,6 +387,7 @@ export class RegistryEventStream extends Connection {
     this.lost(CLOSE_ABNORMAL, "the server ended the stream");
   }
 
+  /** @param {ServerEvent} serverEvent */
   dispatchServerEvent({ event, data, id }) {
     const frame = JSON.parse(data);
     if (event === "disconnect") {
@@ -339,17 +416,26 @@ export class RegistryEventStream extends Connection {
   }
 }
 
+/**
+ * @param {string} url
+ * @returns {string}
+ */
 function webSocketURL(url) {
   const absolute = new URL(url, globalThis.location?.href);
   absolute.protocol = absolute.protocol.replace(/^http/, "ws");
   return absolute.href;
 }
 
+/** @param {Response} response */
 function isEventStream(response) {
   return response.ok && (response.headers.get("Content-Type") || "").startsWith("text/event-stream");
 }
 
-/** The close code for a response that is not an event stream. */
+/**
+ * The close code for a response that is not an event stream.
+ * @param {Response} response
+ * @returns {number}
+ */
 function refusalCode(response) {
   if (response.status === 401 || response.redirected) return CLOSE_UNAUTHENTICATED; // redirected: a login page
   if (response.status === 403) return CLOSE_FORBIDDEN;
@@ -360,7 +446,11 @@ function refusalCode(response) {
 export class EventStreamParser {
   constructor() {
     this.buffer = "";
+    this.afterCR = false;
     this.id = "";
+    this.event = "message";
+    /** @type {string[]} */
+    this.data = [];
     this.reset();
   }
 
@@ -369,9 +459,16 @@ export class EventStreamParser {
     this.data = [];
   }
 
+  /**
+   * @param {string} text the next chunk
+   * @returns {ServerEvent[]} the events it completed
+   */
   push(text) {
+    // A chunk may end between the "\r" and the "\n" of one line ending.
+    if (this.afterCR && text.startsWith("\n")) text = text.slice(1);
+    if (text) this.afterCR = text.endsWith("\r");
     const lines = (this.buffer + text).split(/\r\n|\r|\n/);
-    this.buffer = lines.pop();
+    this.buffer = lines.pop() ?? "";
     const events = [];
     for (const line of lines) {
       if (line === "") {
