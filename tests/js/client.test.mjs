@@ -206,7 +206,8 @@ describe("RegistrySocket", () => {
     client.close();
   });
 
-  for (const [code, state] of [[4401, State.SIGNED_OUT], [4403, State.SIGNED_OUT], [4429, State.REFUSED]]) {
+  for (const [code, state] of [[4401, State.SIGNED_OUT], [4410, State.SIGNED_OUT], [4403, State.REFUSED],
+                               [4429, State.REFUSED]]) {
     test(`close code ${code} ends in "${state}" and is never retried`, () => {
       const client = socket();
       const seen = record(client);
@@ -220,6 +221,34 @@ describe("RegistrySocket", () => {
       assert.equal(FakeWebSocket.all.length, 1);
     });
   }
+
+  test("4409 (password changed) reconnects once after reauthenticateDelay, whatever the backoff", () => {
+    const client = socket({ reauthenticateDelay: 1000, random: () => 0.99 });
+    const seen = record(client, ["state"]);
+    client.connect();
+    FakeWebSocket.last.serverCloses(CLOSE_ABNORMAL);
+    mock.timers.tick(1000);
+    FakeWebSocket.last.serverOpens();
+    FakeWebSocket.last.serverCloses(4409);
+    assert.deepEqual(seen.at(-1)[1].delay, 1000);
+    assert.equal(seen.at(-1)[1].code, 4409);
+    mock.timers.tick(999);
+    assert.equal(FakeWebSocket.all.length, 2);
+    mock.timers.tick(1);
+    assert.equal(FakeWebSocket.all.length, 3);
+    // The session was not accepted again: signed out for good.
+    FakeWebSocket.last.serverCloses(4401);
+    assert.equal(client.state, State.SIGNED_OUT);
+    mock.timers.tick(120000);
+    assert.equal(FakeWebSocket.all.length, 3);
+  });
+
+  test("4503 (server unavailable) is retried with backoff", () => {
+    const client = socket();
+    client.connect();
+    FakeWebSocket.last.serverCloses(4503);
+    assert.equal(client.state, State.RECONNECTING);
+  });
 
   test("close() stops for good: one close event with 1000, the socket closed, no retry", () => {
     const client = socket();
@@ -332,7 +361,7 @@ describe("RegistryEventStream", () => {
     assert.ok(predicate(), "condition not reached");
   };
 
-  const refusals = [[401, 4401, State.SIGNED_OUT], [403, 4403, State.SIGNED_OUT], [500, CLOSE_ABNORMAL, State.RECONNECTING]];
+  const refusals = [[401, 4401, State.SIGNED_OUT], [403, 4403, State.REFUSED], [500, CLOSE_ABNORMAL, State.RECONNECTING]];
   for (const [status, code, state] of refusals) {
     test(`HTTP ${status} ends in "${state}"`, async () => {
       globalThis.fetch = async () => new Response("no", { status, headers: { "Content-Type": "text/plain" } });
@@ -349,7 +378,7 @@ describe("RegistryEventStream", () => {
     const body = [
       "retry: 3000\n\n",
       ': heartbeat\n\nid: 1\nevent: notification\ndata: {"type":"notification","data":"hi"}\n\n',
-      'event: disconnect\ndata: {"code":4403}\n\n',
+      'event: disconnect\ndata: {"code":4410}\n\n',
     ];
     globalThis.fetch = async (url, init) => {
       assert.equal(init.headers.Accept, "text/event-stream");
@@ -366,7 +395,7 @@ describe("RegistryEventStream", () => {
     await until(() => stream.state === State.SIGNED_OUT);
     assert.deepEqual(seen, [
       ["message", { data: { type: "notification", data: "hi" }, event: "notification", id: "1" }],
-      ["close", { code: 4403, reason: "disconnected by the server" }],
+      ["close", { code: 4410, reason: "disconnected by the server" }],
     ]);
     stream.close();
   });

@@ -16,7 +16,10 @@
  *   state    { state, delay?, retryAt?, code? } see State
  *
  * After a close they reconnect with exponential backoff and full jitter, except
- * after 4401/4403 (state "signed-out"), 4429 (state "refused") or close(). They never hold two
+ * after 4401/4410 (state "signed-out": the session is gone), 4403/4429 (state "refused": the
+ * server closed it for another reason that a retry would not change) or close(). After 4409 (the
+ * user's password changed) they reconnect once after `reauthenticateDelay` ms, so the session
+ * is checked again: the one that changed the password comes back. They never hold two
  * connections at once: the old one is detached and closed before a new one opens.
  */
 
@@ -27,7 +30,14 @@ export const CLOSE_UNAUTHENTICATED = 4401;
 export const CLOSE_FORBIDDEN = 4403;
 /** Over the server's per-user connection limit; retrying would only evict another tab. */
 export const CLOSE_TOO_MANY = 4429;
-const SIGNED_OUT = new Set([CLOSE_UNAUTHENTICATED, CLOSE_FORBIDDEN]);
+/** The session that opened the connection ended: logout, or the account was deactivated. */
+export const CLOSE_SESSION_ENDED = 4410;
+/** The user's credentials changed: reconnect so the server checks the session again. */
+export const CLOSE_REAUTHENTICATE = 4409;
+/** The server cannot register connections right now; retried with backoff like a network drop. */
+export const CLOSE_UNAVAILABLE = 4503;
+const SIGNED_OUT = new Set([CLOSE_UNAUTHENTICATED, CLOSE_SESSION_ENDED]);
+const REFUSED = new Set([CLOSE_FORBIDDEN, CLOSE_TOO_MANY]);
 
 export const State = Object.freeze({
   CONNECTING: "connecting",
@@ -36,9 +46,9 @@ export const State = Object.freeze({
   RECONNECTING: "reconnecting",
   /** The browser reports no network; the next attempt starts when it comes back. */
   OFFLINE: "offline",
-  /** The server refused the user (4401/4403 or HTTP 401/403); nothing is retried. */
+  /** The session is gone (4401/4410 or HTTP 401); nothing is retried. */
   SIGNED_OUT: "signed-out",
-  /** The server closed this connection for the user's connection limit (4429); nothing is retried. */
+  /** The server closed this connection for a reason a retry would not change (4403, 4429, HTTP 403). */
   REFUSED: "refused",
   /** Not started yet, or stopped by close(). */
   CLOSED: "closed",
@@ -51,6 +61,7 @@ export const State = Object.freeze({
  * @property {number} maxDelay ceiling of any delay, ms
  * @property {number} stableAfter ms connected after which the backoff starts over
  * @property {() => number} random a uniform number in [0, 1)
+ * @property {number} reauthenticateDelay ms before reconnecting after 4409 (password changed)
  */
 /** @typedef {{ event: string, data: string, id: string }} ServerEvent One event of a text/event-stream. */
 
@@ -62,6 +73,7 @@ const BACKOFF = {
   /** A connection open this long counts as stable: the next retry starts small again. */
   stableAfter: 10000,
   random: Math.random,
+  reauthenticateDelay: 1000,
 };
 
 /**
@@ -178,8 +190,14 @@ class Connection extends EventTarget {
     if (this.stopped) return;
     if (SIGNED_OUT.has(code)) {
       this.setState(State.SIGNED_OUT, { code });
-    } else if (code === CLOSE_TOO_MANY) {
+    } else if (REFUSED.has(code)) {
       this.setState(State.REFUSED, { code });
+    } else if (code === CLOSE_REAUTHENTICATE) {
+      // Long enough for the page that changed the password to have its new session cookie.
+      const delay = this.options.reauthenticateDelay;
+      this.attempt = 0;
+      this.setState(State.RECONNECTING, { delay, retryAt: Date.now() + delay, code });
+      this.retryTimer = setTimeout(() => this.reopen(), delay);
     } else {
       this.scheduleRetry();
     }
