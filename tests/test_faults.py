@@ -36,7 +36,7 @@ from django.core.management import call_command
 from django.db import connection, connections
 from django.utils import timezone
 
-from channel_registry import ChannelLayerUnavailable, adisconnect_user, asend_to_user, asend_to_users
+from channel_registry import ChannelLayerUnavailable, adisconnect_user, asend_to_user, asend_to_users, online_user_ids
 from channel_registry import groups as group_dispatch
 from channel_registry.layers import redis_layer
 from channel_registry.models import UserChannel
@@ -1000,3 +1000,81 @@ async def test_a_client_cannot_register_a_channel_for_another_user(stack):
     assert delivery.channels == 0
     await asyncio.sleep(0.2)
     assert all(tab.frames_of("notification") == [] for tab in tabs)
+
+
+# --------------------------------------------------------------------------- bookkeeping
+
+
+def change_password(user) -> None:
+    user.set_password("changed")
+    user.save()
+
+
+def deactivate(user) -> None:
+    user.is_active = False
+    user.save()
+
+
+async def test_every_documented_close_code_reaches_a_real_client(stack):
+    """Each code as the websockets client sees it through daphne (autobahn refuses 1011, for one)."""
+    stack.start_redis()
+    stack.configure(max_connections=2)
+    [server] = stack.daphnes(1)
+    alice, bob, carol, dave = await stack.users("alice", "bob", "carol", "dave")
+
+    assert await (await stack.tab(server, None)).closed_with(5) == 4401
+    forbidden = await stack.open_tab(server, alice)
+    assert await adisconnect_user(alice) == 1
+    assert await forbidden.closed_with(1) == 4403
+    first, second = await stack.open_tab(server, bob), await stack.open_tab(server, bob)
+    assert await (await stack.tab(server, bob)).closed_with(5) == 4429
+    await sync_to_async(change_password)(bob)
+    assert [await first.closed_with(1), await second.closed_with(1)] == [4409, 4409]
+    # Reconnecting with the session from before the change: Django no longer accepts it.
+    assert await (await stack.tab(server, bob)).closed_with(5) == 4401
+    gone = await stack.open_tab(server, carol)
+    await sync_to_async(deactivate)(carol)
+    assert await gone.closed_with(1) == 4410
+    assert await (await stack.tab(server, carol)).closed_with(5) == 4401
+    # The one code left (4503, registration impossible) is the PostgreSQL outage test's.
+    assert (await stack.open_tab(server, dave)).is_open
+    assert server.errors() == []
+
+
+async def test_churn_against_a_fast_heartbeat_leaves_no_row_and_nobody_online(stack):
+    """Tabs opening and closing at random next to tabs that stay open, on two processes whose
+    heartbeat runs every 20 ms: after every round, once every tab closed, no row is left."""
+    import random
+
+    stack.start_redis()
+    stack.configure(heartbeat=0.02, stale_after=5)
+    servers = stack.daphnes(2)
+    users = await stack.users(*[f"churn{i}" for i in range(24)])
+    rng = random.Random(9)
+
+    async def churn(user, until: float) -> int:
+        opened = 0
+        while time.monotonic() < until:
+            tab = await stack.tab(rng.choice(servers), user)
+            opened += 1
+            await asyncio.sleep(rng.uniform(0, 0.15))
+            await tab.close()
+            stack.tabs.remove(tab)
+        return opened
+
+    rounds = int(os.environ.get("CR_CHURN_ROUNDS", "20"))
+    for round_no in range(rounds):
+        steady = [await stack.open_tab(servers[i % 2], users[i % 8]) for i in range(16)]
+        until = time.monotonic() + 1.0
+        opened = await asyncio.gather(*(churn(user, until) for user in users[8:]))
+        assert sum(opened) > 0
+        await close_all(steady)
+        stack.tabs.clear()
+        try:
+            await await_until(lambda: row_count(expect=0), 3)
+        except TimeoutError:
+            left = [(r.user_id, r.channel_name, r.server) for r in await stack.rows()]
+            raise AssertionError(f"round {round_no}: rows left after every tab closed: {left}") from None
+        assert await sync_to_async(online_user_ids)() == set()
+    for server in servers:
+        assert server.errors() == []

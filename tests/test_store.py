@@ -1,0 +1,176 @@
+"""The row store's contract, run over every implementation; presence on every path that changes rows."""
+
+import asyncio
+from datetime import timedelta
+
+import pytest
+from asgiref.sync import sync_to_async
+from django.db import IntegrityError, connection
+from django.utils import timezone
+
+from channel_registry import postgres
+from channel_registry.cleanup import prune_dead_servers, prune_stale
+from channel_registry.consumers import RegistryConsumer
+from channel_registry.exceptions import ConnectionLimitExceeded
+from channel_registry.liveness import beat, forget_process, process
+from channel_registry.models import UserChannel
+from channel_registry.store import Registration, orm
+
+from .conftest import rows
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+STORES = {"orm": orm, "native": postgres.native}
+
+
+@pytest.fixture(params=list(STORES))
+def store(request):
+    if request.param == "native" and connection.vendor != "postgresql":
+        pytest.skip("the native store needs PostgreSQL (CR_TEST_STACK=real runs it)")
+    return STORES[request.param]
+
+
+def reg(user, server="s1", session=""):
+    return Registration(user_id=user.pk, server=server, session=session)
+
+
+async def test_first_and_last_row_are_the_transitions(store, alice, presence_events):
+    await store.add("specific.a!1", reg(alice, session="d1"))
+    await store.add("specific.a!2", reg(alice))
+    await store.remove(alice.pk, "specific.a!1")
+    assert presence_events == [("online", alice.pk)]
+    await store.remove(alice.pk, "specific.a!2")
+    assert presence_events == [("online", alice.pk), ("offline", alice.pk)]
+    assert await rows() == []
+
+
+async def test_unknown_wrong_owner_and_double_delete_change_nothing(store, alice, bob, presence_events):
+    await store.add("specific.a!1", reg(alice))
+    await store.remove(alice.pk, "specific.nobody!1")
+    await store.remove(bob.pk, "specific.a!1")  # not bob's row
+    assert [r.channel_name for r in await rows()] == ["specific.a!1"]
+    await store.remove(alice.pk, "specific.a!1")
+    await store.remove(alice.pk, "specific.a!1")
+    assert presence_events == [("online", alice.pk), ("offline", alice.pk)]
+
+
+async def test_duplicate_channel_is_refused_without_a_signal(store, alice, bob, presence_events):
+    await store.add("specific.a!1", reg(alice))
+    with pytest.raises(IntegrityError):
+        await store.add("specific.a!1", reg(bob))
+    assert presence_events == [("online", alice.pk)]
+    assert [r.user_id for r in await rows()] == [alice.pk]
+
+
+async def test_rows_keep_server_and_session(store, alice):
+    await store.add("specific.a!1", reg(alice, server="host:1", session="d" * 64))
+    [row] = await rows()
+    assert (row.server, row.session) == ("host:1", "d" * 64)
+
+
+async def test_stale_rows_are_not_live(store, alice, bob):
+    await store.add("specific.a!1", reg(alice))
+    await store.add("specific.a!2", reg(alice))
+    await store.add("specific.b!1", reg(bob))
+    old = timezone.now() - timedelta(hours=1)
+    await UserChannel.objects.filter(channel_name="specific.a!2").aupdate(last_seen=old)
+    assert sorted(await store.live_channels([alice.pk, bob.pk])) == ["specific.a!1", "specific.b!1"]
+
+
+async def test_concurrent_tabs_give_one_transition_each_way(store, alice, presence_events):
+    names = [f"specific.a!{i}" for i in range(12)]
+    await asyncio.gather(*(store.add(name, reg(alice)) for name in names))
+    await asyncio.gather(*(store.remove(alice.pk, name) for name in names))
+    assert presence_events == [("online", alice.pk), ("offline", alice.pk)]
+
+
+async def test_limit_close_newest_refuses_and_writes_nothing(store, alice, settings):
+    settings.CHANNEL_REGISTRY = {"MAX_CONNECTIONS_PER_USER": 2}
+    for i in range(2):
+        assert await store.add(f"specific.a!{i}", reg(alice)) == []
+    with pytest.raises(ConnectionLimitExceeded):
+        await store.add("specific.a!9", reg(alice))
+    assert len(await rows()) == 2
+
+
+async def test_limit_close_oldest_evicts_the_oldest_live_ones(store, alice, settings):
+    settings.CHANNEL_REGISTRY = {"MAX_CONNECTIONS_PER_USER": 2, "ON_LIMIT": "close_oldest"}
+    for i in range(2):
+        await store.add(f"specific.a!{i}", reg(alice))
+    # A stale row does not count and is not evicted.
+    await UserChannel.objects.filter(channel_name="specific.a!1").aupdate(last_seen=timezone.now() - timedelta(hours=1))
+    assert await store.add("specific.a!2", reg(alice)) == []
+    assert await store.add("specific.a!3", reg(alice)) == ["specific.a!0"]
+
+
+async def test_native_store_reads_rows_right_on_a_server_in_another_time_zone(alice):
+    if connection.vendor != "postgresql":
+        pytest.skip("PostgreSQL only")
+    name = connection.settings_dict["NAME"]
+
+    def set_zone(zone):
+        with connection.cursor() as cursor:
+            cursor.execute(f"ALTER DATABASE {connection.ops.quote_name(name)} SET timezone TO %s", [zone])
+
+    await sync_to_async(set_zone)("America/Chicago")
+    try:
+        postgres.pool._loops.clear()  # new native connections see the new default
+        await postgres.native.add("specific.a!1", reg(alice))
+        assert await postgres.native.live_channels([alice.pk]) == ["specific.a!1"]
+    finally:
+        await sync_to_async(set_zone)("UTC")
+
+
+def test_signals_alternate_on_every_path(alice, presence_events):
+    """connect, prune, heartbeat restore, close, dead-process purge, process exit: on, off, on, off …"""
+    me = process.registration(alice.pk, "")
+    orm.add_sync("specific.a!1", me)  # connect
+    process.open["specific.a!1"] = me
+    UserChannel.objects.update(last_seen=timezone.now() - timedelta(hours=1))
+    prune_stale()  # the process stalled; its row was pruned
+    beat()  # …and the heartbeat restores it
+    process.open.pop("specific.a!1")
+    orm.remove_sync(alice.pk, "specific.a!1")  # close
+    orm.add_sync("specific.dead!1", reg(alice, server="dead"))
+    UserChannel.objects.update(last_seen=timezone.now() - timedelta(minutes=5))
+    prune_dead_servers(["specific.dead!1"])  # a full queue behind a silent process
+    orm.add_sync("specific.a!2", me)
+    process.open["specific.a!2"] = me
+    forget_process()  # exit
+    assert presence_events == [("online", alice.pk), ("offline", alice.pk)] * 4
+    assert UserChannel.objects.count() == 0
+
+
+def test_the_heartbeat_never_restores_a_connection_that_closed(alice, presence_events):
+    me = process.registration(alice.pk, "")
+    process.open.update({"specific.a!1": me, "specific.a!2": me})
+    orm.add_sync("specific.a!2", me)
+    # specific.a!1 closed between the heartbeat's snapshot and its restore: its row was deleted
+    # and it left the open set; the restore asks again under the lock.
+    snapshot = dict(process.open)
+    process.open.pop("specific.a!1")
+    assert orm.restore(snapshot, still_open=process.open.__contains__) == 0
+    assert list(UserChannel.objects.values_list("channel_name", flat=True)) == ["specific.a!2"]
+    assert presence_events == [("online", alice.pk)]
+
+
+class LosesItsCancellation(RegistryConsumer):
+    """A layer receive that swallows its first cancellation, as redis-py's can on Python 3.11 (gh-86296)."""
+
+    async def _receive_until_reachable(self):
+        try:
+            await asyncio.sleep(3600)
+        except asyncio.CancelledError:
+            await asyncio.sleep(3)  # the lost cancellation: it goes on reading
+        return {"type": "registry.notify", "data": "late"}
+
+
+async def test_row_goes_at_the_clients_close_even_when_the_layer_receive_is_stuck(connect, alice):
+    socket = await connect(alice, consumer=LosesItsCancellation)
+    await socket.send_input({"type": "websocket.disconnect", "code": 1001})
+    started = asyncio.get_running_loop().time()
+    while await rows(user=alice):
+        assert asyncio.get_running_loop().time() - started < 1, "the row outlived the close by 1 s"
+        await asyncio.sleep(0.02)
+    assert not socket.future.done(), "the consumer should still be waiting for its stuck receive"
+    await socket.wait(timeout=5)
