@@ -1,5 +1,4 @@
 import asyncio
-import atexit
 import contextlib
 import itertools
 from types import SimpleNamespace
@@ -13,7 +12,7 @@ from django.contrib.auth.models import AnonymousUser
 from django.db import connections
 
 from channel_registry.consumers import RegistryConsumer
-from channel_registry.liveness import forget_process, process
+from channel_registry.liveness import process
 from channel_registry.models import UserChannel
 from channel_registry.signals import user_offline, user_online
 
@@ -28,7 +27,6 @@ def close_async_connections(django_db_setup, django_db_blocker):
     yield
     with django_db_blocker.unblock():
         asyncio.run(sync_to_async(connections.close_all)())
-    atexit.unregister(forget_process)  # the test database is gone by then
 
 
 @pytest.fixture(autouse=True)

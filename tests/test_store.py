@@ -174,3 +174,15 @@ async def test_row_goes_at_the_clients_close_even_when_the_layer_receive_is_stuc
         await asyncio.sleep(0.02)
     assert not socket.future.done(), "the consumer should still be waiting for its stuck receive"
     await socket.wait(timeout=5)
+
+
+def test_exit_cleanup_leaves_alone_a_database_it_did_not_write_to(alice):
+    """A test runner dropped the test database and pointed Django back at the real one."""
+    me = process.registration(alice.pk, "")
+    orm.add_sync("specific.a!1", me)
+    process.open["specific.a!1"] = me
+    process.database = "the_test_database_that_was_dropped"
+    assert forget_process() == 0
+    assert UserChannel.objects.count() == 1
+    process.database = connection.settings_dict["NAME"]
+    assert forget_process() == 1
