@@ -288,6 +288,19 @@ def test_groups_transport_delivers_without_counting_tabs(sign_in):
     expect(bob.page.locator("#presence-note")).to_be_visible()
 
 
+def test_logout_in_one_browser_leaves_the_other_connected(sign_in):
+    """Two browsers of one user are two sessions: logging out of one closes only its connection."""
+    laptop, phone = sign_in("carol"), sign_in("carol")
+    alice = sign_in("alice")
+    phone_state = phone.page.evaluate("() => document.querySelector('#status').dataset.state")
+    assert phone_state == "open"
+    laptop.log_out()
+    phone.page.wait_for_timeout(1000)
+    wait_connected(phone.page, timeout=100)
+    alice.send("carol", "Still here on the phone")
+    expect(newest_message(phone.page)).to_have_text("Still here on the phone", timeout=LIVE)
+
+
 def test_client_stays_signed_out_after_4401(browser, servers):
     page = browser.new_page()
     page.goto(f"{servers[0].url}/login/")
