@@ -93,6 +93,20 @@ async def connect(transactional_db):
     for communicator in opened:
         with contextlib.suppress(Exception, asyncio.CancelledError):
             await communicator.disconnect()
+    await close_layer_connections()
+
+
+async def close_layer_connections() -> None:
+    """Disconnect this test's Redis connections before its event loop closes.
+
+    A layer receive that lost its cancellation (CPython gh-86296, TRAPS 7) keeps
+    waiting on its socket, and closing the loop waits for it forever; with its
+    connection closed it fails at once.
+    """
+    for backend in list(channel_layers.backends.values()):
+        if hasattr(backend, "close_pools"):
+            with contextlib.suppress(Exception, asyncio.TimeoutError):
+                await asyncio.wait_for(backend.close_pools(), 3)
 
 
 @pytest.fixture

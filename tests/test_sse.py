@@ -18,7 +18,7 @@ from channel_registry import adisconnect_user, anotify_user, asend_to_user
 from channel_registry.liveness import process
 from channel_registry.views import RETRY_MS, EventStreamView
 
-from .conftest import rows
+from .conftest import close_layer_connections, rows
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -96,6 +96,7 @@ async def open_stream():
     for stream in streams:
         with contextlib.suppress(Exception):
             await stream.leave()
+    await close_layer_connections()
 
 
 async def test_anonymous_client_gets_401():
