@@ -74,8 +74,9 @@ class ProcessChannels:
         return not self.open and not self.closing
 
     def registration(self, user_id, session: str) -> Registration:
+        server = self.server  # first: a fork resets what follows
         self.database = connections.settings[UserChannel.objects.db]["NAME"]
-        return Registration(user_id=user_id, server=self.server, session=session)
+        return Registration(user_id=user_id, server=server, session=session)
 
 
 process = ProcessChannels()
@@ -105,10 +106,11 @@ def forget_process() -> int:
 
     daphne cancels consumers on shutdown, so their ``disconnect()`` may never
     run: every row carrying this process's server id goes, with ``user_offline``
-    for the users left without one.
+    for the users left without one — whatever the process believes it still
+    has open, since a DELETE cut short may have left a row it no longer tracks.
     """
-    if process.idle:
-        return 0
+    if process.database is None:
+        return 0  # this process never registered a connection
     if connections.settings[UserChannel.objects.db]["NAME"] != process.database:
         return 0  # a test database, dropped by the test runner before exit
     try:

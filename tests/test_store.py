@@ -186,3 +186,12 @@ def test_exit_cleanup_leaves_alone_a_database_it_did_not_write_to(alice):
     assert UserChannel.objects.count() == 1
     process.database = connection.settings_dict["NAME"]
     assert forget_process() == 1
+
+
+def test_a_new_process_remembers_the_database_of_its_first_registration():
+    from channel_registry.liveness import ProcessChannels
+
+    fresh = ProcessChannels()
+    registration = fresh.registration(1, "")
+    assert registration.server == fresh.server
+    assert fresh.database == connection.settings_dict["NAME"]
