@@ -68,8 +68,10 @@ class UserChannel(models.Model):
     # process's rows can be found (and removed) as a whole.
     server = models.CharField(max_length=100, db_index=True)
     # ``session_digest()`` of the session that opened the connection ("" without
-    # one), so logging out closes that session's connections only.
-    session = models.CharField(max_length=64, blank=True, default="", db_index=True)
+    # one), so logging out closes that session's connections only. A database
+    # default too: processes of the previous release insert rows without it
+    # during a rolling deploy.
+    session = models.CharField(max_length=64, blank=True, default="", db_default="", db_index=True)
     connected_at = models.DateTimeField(default=timezone.now)
     last_seen = models.DateTimeField(default=timezone.now, db_index=True)
 

@@ -11,6 +11,6 @@ class Migration(migrations.Migration):
         migrations.AddField(
             model_name="userchannel",
             name="session",
-            field=models.CharField(blank=True, db_index=True, default="", max_length=64),
+            field=models.CharField(blank=True, db_default="", db_index=True, default="", max_length=64),
         ),
     ]
