@@ -20,7 +20,7 @@ class CloseOnDatabaseError:
     daphne answers HTTP 500, and the browser only sees 1006 — a network drop,
     retried at once. Wrap the auth stack in this so the client sees 4503 (retry later) instead:
 
-        AllowedHostsOriginValidator(CloseOnDatabaseError(AuthMiddlewareStack(router)))
+        StrictOriginValidator(CloseOnDatabaseError(AuthMiddlewareStack(router)))
     """
 
     def __init__(self, app: Any) -> None:

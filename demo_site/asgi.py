@@ -1,8 +1,9 @@
 """The demo's ASGI application, served by daphne.
 
 HTTP goes to Django (static files included: daphne serves none); WebSockets
-need a session, and an ``Origin`` in ``ALLOWED_HOSTS`` so another site cannot
-open a socket with the user's cookies.
+need a session, and an ``Origin`` that is exactly this site's (scheme, host and
+port; or one of ``CSRF_TRUSTED_ORIGINS``), so neither another site nor another
+application on another port of the same host can open a socket with the user's cookies.
 """
 
 import os
@@ -15,16 +16,16 @@ django_application = get_asgi_application()
 # Imported once Django is set up: they load models.
 from channels.auth import AuthMiddlewareStack  # noqa: E402
 from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402
-from channels.security.websocket import AllowedHostsOriginValidator  # noqa: E402
 from django.contrib.staticfiles.handlers import ASGIStaticFilesHandler  # noqa: E402
 from django.urls import path  # noqa: E402
 
 from channel_registry.middleware import CloseOnDatabaseError  # noqa: E402
+from channel_registry.origins import StrictOriginValidator  # noqa: E402
 from demo_site.inbox.consumers import InboxConsumer, InboxGroupConsumer  # noqa: E402
 
 application = ProtocolTypeRouter({
     "http": ASGIStaticFilesHandler(django_application),
-    "websocket": AllowedHostsOriginValidator(CloseOnDatabaseError(AuthMiddlewareStack(URLRouter([
+    "websocket": StrictOriginValidator(CloseOnDatabaseError(AuthMiddlewareStack(URLRouter([
         path("ws/registry/", InboxConsumer.as_asgi()),
         path("ws/groups/", InboxGroupConsumer.as_asgi()),
     ])))),

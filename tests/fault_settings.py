@@ -16,6 +16,7 @@ from the environment (``tests/processes.py`` writes it):
 ``CRF_MAX_CONNECTIONS`` / ``CRF_ON_LIMIT``  ``MAX_CONNECTIONS_PER_USER`` / ``ON_LIMIT``.
 ``CRF_RATE_LIMIT``    ``"messages,seconds"`` or ``"none"`` (default: the library's 20 per 10 s).
 ``CRF_SECRET_KEY``    must match the process that writes the sessions.
+``CRF_CSRF_TRUSTED_ORIGINS``  comma-separated ``CSRF_TRUSTED_ORIGINS`` (also trusted for WebSockets).
 ``CRF_PRESENCE``      ``0`` disconnects the demo's presence broadcast (the load script's option).
 """
 
@@ -52,6 +53,8 @@ if _rate:
 
 SECRET_KEY = os.environ.get("CRF_SECRET_KEY") or SECRET_KEY  # noqa: F405
 ALLOWED_HOSTS = ["127.0.0.1", "localhost"]
+if os.environ.get("CRF_CSRF_TRUSTED_ORIGINS"):
+    CSRF_TRUSTED_ORIGINS = os.environ["CRF_CSRF_TRUSTED_ORIGINS"].split(",")
 # The tests create users with Django's test hasher; the login form must accept them quickly.
 PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
 

@@ -26,8 +26,9 @@ CLIENT = textwrap.dedent("""
         client = Client(HTTP_HOST="localhost")
         await sync_to_async(client.login)(username="reader", password="pw")
         cookie = f"sessionid={client.cookies['sessionid'].value}".encode()
-        tabs = [WebsocketCommunicator(application, "/ws/", headers=[(b"cookie", cookie), (b"origin", b"http://localhost")])
-                for _ in range(2)]
+        # As a browser sends them: the page's host, the cookie, the page's exact origin.
+        headers = [(b"host", b"localhost"), (b"cookie", cookie), (b"origin", b"http://localhost")]
+        tabs = [WebsocketCommunicator(application, "/ws/", headers=headers) for _ in range(2)]
         for tab in tabs:
             assert (await tab.connect())[0]
         response = await sync_to_async(client.get)("/hello/")
