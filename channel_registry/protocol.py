@@ -49,6 +49,8 @@ UNKNOWN_RECIPIENT = "unknown_recipient"
 FORBIDDEN = "forbidden"
 RATE_LIMITED = "rate_limited"
 UNAVAILABLE = "unavailable"
+#: An event stream over ``MAX_CONNECTIONS_PER_USER`` (HTTP 429; sockets get close code 4429).
+TOO_MANY_CONNECTIONS = "too_many_connections"
 
 
 class ProtocolError(Exception):

@@ -22,7 +22,7 @@ from django.views import View
 
 from . import protocol
 from .conf import registry_settings
-from .exceptions import LAYER_TRANSPORT_ERRORS, ChannelLayerUnavailable
+from .exceptions import LAYER_TRANSPORT_ERRORS, ChannelLayerUnavailable, ConnectionLimitExceeded
 from .mapping import MappingStrategy
 from .strategy import DeliveryStrategy, channel_layer
 
@@ -30,6 +30,16 @@ logger = logging.getLogger(__name__)
 
 #: Milliseconds a native ``EventSource`` waits before reconnecting (the ``retry:`` hint).
 RETRY_MS = 2000
+#: Seconds a client should wait before opening a stream again when registration failed (503).
+UNAVAILABLE_RETRY_AFTER = 5
+
+
+class StreamRefused(Exception):
+    """The stream could not be registered: the response ``get`` answers instead (429 or 503)."""
+
+    def __init__(self, response: HttpResponse) -> None:
+        super().__init__(response.status_code)
+        self.response = response
 
 
 def sse_message(event_id: int, name: str, data) -> str:
@@ -51,6 +61,19 @@ async def on_shared_thread(coroutine):
     return await asyncio.create_task(coroutine, context=contextvars.Context())
 
 
+def refusal(status: int, code: str, detail: str) -> HttpResponse:
+    """A stream refused before it opened: the status, and the same ``error`` frame a socket would get.
+
+    429 (over the connection limit) is final: opening again only works once another
+    connection closed. 503 carries ``Retry-After``.
+    """
+    response = HttpResponse(json.dumps(protocol.error_frame(code, detail)), status=status,
+                            content_type="application/json")  # fmt: skip
+    if status == 503:
+        response["Retry-After"] = str(UNAVAILABLE_RETRY_AFTER)
+    return response
+
+
 def signed_in_user_id(request):
     """The user's primary key or ``None``; sync, as ``request.auser()`` needs Django 5.0."""
     user = request.user
@@ -60,7 +83,8 @@ def signed_in_user_id(request):
 class EventStreamView(View):
     """``text/event-stream`` of everything delivered to the signed-in user.
 
-    Anonymous requests get 401. Each Channels event becomes one SSE event:
+    Anonymous requests get 401; over ``MAX_CONNECTIONS_PER_USER`` 429, and 503
+    with ``Retry-After`` while the registry cannot be written, both at once. Each Channels event becomes one SSE event:
     ``registry.notify`` → ``notification``, ``registry.direct`` → ``direct`` (the
     same JSON frames a socket receives), ``registry.disconnect`` → a last
     ``disconnect`` event carrying the close code, then the stream ends; any other
@@ -77,11 +101,38 @@ class EventStreamView(View):
         if user_id is None:
             return HttpResponse("Authentication required.", status=401, content_type="text/plain")
         session_key = getattr(getattr(request, "session", None), "session_key", None)
-        response = StreamingHttpResponse(self.stream(user_id, session_key), content_type="text/event-stream")
+        try:
+            events = await self.opened(self.stream(user_id, session_key))
+        except StreamRefused as refused:
+            return refused.response
+        response = StreamingHttpResponse(events, content_type="text/event-stream")
         response["Cache-Control"] = "no-cache"
         # nginx buffers proxied responses by default, which would hold events back.
         response["X-Accel-Buffering"] = "no"
         return response
+
+    async def opened(self, events: AsyncIterator[str]) -> AsyncIterator[str]:
+        """``events`` with its first step (registration) already run, so a refusal still gets a status.
+
+        Registered inside the generator, a stream over ``MAX_CONNECTIONS_PER_USER``
+        had already promised a 200: the client waited for a status line that
+        never came. Run here, the refusal becomes an answer the client can act on.
+        """
+        try:
+            first = await anext(events)
+        except StopAsyncIteration:
+            detail = "the server cannot open event streams right now"
+            raise StreamRefused(refusal(503, protocol.UNAVAILABLE, detail)) from None
+        except ConnectionLimitExceeded:
+            raise StreamRefused(refusal(429, protocol.TOO_MANY_CONNECTIONS, "too many open connections")) from None
+
+        async def resumed() -> AsyncIterator[str]:
+            async with aclosing(events):
+                yield first
+                async for chunk in events:
+                    yield chunk
+
+        return resumed()
 
     async def stream(self, user_id, session_key: str | None = None) -> AsyncIterator[str]:
         """Register, relay events until the client leaves, and unregister in every case.

@@ -6,12 +6,13 @@ is the ``http.disconnect`` daphne sends, not a generator closed by hand.
 
 import contextlib
 import json
+from unittest import mock
 
 import pytest
 from asgiref.sync import sync_to_async
 from asgiref.testing import ApplicationCommunicator
 from django.core.asgi import get_asgi_application
-from django.db import connection
+from django.db import OperationalError, connection
 from django.test import AsyncClient, Client, RequestFactory, override_settings
 
 from channel_registry import adisconnect_user, anotify_user, asend_to_user
@@ -102,6 +103,31 @@ async def open_stream():
 async def test_anonymous_client_gets_401():
     response = await AsyncClient().get("/events/")
     assert response.status_code == 401
+
+
+async def test_a_stream_over_the_connection_limit_is_refused_at_once_with_429(open_stream, connect, alice, settings):
+    settings.CHANNEL_REGISTRY = {"MAX_CONNECTIONS_PER_USER": 2}
+    await connect(alice)
+    await open_stream(alice)
+    refused = Stream(await sync_to_async(session_cookie)(alice))
+    await refused.app.send_input({"type": "http.request", "body": b"", "more_body": False})
+    head = await refused.app.receive_output(3)  # not a stream that never sends its status line
+    assert head["status"] == 429
+    body = json.loads((await refused.app.receive_output(3))["body"])
+    assert body == {"type": "error", "code": "too_many_connections", "detail": "too many open connections"}
+    assert len(await rows(user=alice)) == 2
+
+
+async def test_a_stream_that_cannot_register_gets_503_with_retry_after(alice):
+    stream = Stream(await sync_to_async(session_cookie)(alice))
+    # Only the registry write fails: the session and the user must still load.
+    with mock.patch("channel_registry.views.EventStreamView.strategy") as strategy:
+        strategy.register.side_effect = OperationalError("database down")
+        await stream.app.send_input({"type": "http.request", "body": b"", "more_body": False})
+        head = await stream.app.receive_output(3)
+    assert head["status"] == 503
+    assert (b"Retry-After", b"5") in head["headers"]
+    assert json.loads((await stream.app.receive_output(3))["body"])["code"] == "unavailable"
 
 
 async def test_response_headers_and_registration(open_stream, alice):

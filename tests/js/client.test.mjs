@@ -361,7 +361,10 @@ describe("RegistryEventStream", () => {
     assert.ok(predicate(), "condition not reached");
   };
 
-  const refusals = [[401, 4401, State.SIGNED_OUT], [403, 4403, State.REFUSED], [500, CLOSE_ABNORMAL, State.RECONNECTING]];
+  const refusals = [
+    [401, 4401, State.SIGNED_OUT], [403, 4403, State.REFUSED], [429, 4429, State.REFUSED],
+    [503, 4503, State.RECONNECTING], [500, CLOSE_ABNORMAL, State.RECONNECTING],
+  ];
   for (const [status, code, state] of refusals) {
     test(`HTTP ${status} ends in "${state}"`, async () => {
       globalThis.fetch = async () => new Response("no", { status, headers: { "Content-Type": "text/plain" } });
@@ -373,6 +376,21 @@ describe("RegistryEventStream", () => {
       stream.close();
     });
   }
+
+  test("a stream that never opens is abandoned after openTimeout and retried", async () => {
+    let aborted = 0;
+    globalThis.fetch = (url, init) => new Promise((resolve, reject) => {
+      init.signal.addEventListener("abort", () => { aborted++; reject(new Error("aborted")); });
+    });
+    const stream = new RegistryEventStream("http://example.test/events/", { openTimeout: 20, random: () => 0.5 });
+    const seen = record(stream, ["close"]);
+    stream.connect();
+    await new Promise((resolve) => setTimeout(resolve, 60));
+    assert.equal(stream.state, State.RECONNECTING);
+    assert.deepEqual(seen, [["close", { code: CLOSE_ABNORMAL, reason: "the stream did not open" }]]);
+    assert.equal(aborted, 1);
+    stream.close();
+  });
 
   test("server events become messages; a disconnect event ends it with its code", async () => {
     const body = [

@@ -351,19 +351,20 @@ export class RegistrySocket extends Connection {
 /**
  * A Server-Sent Events stream (channel_registry.views.EventStreamView), read
  * with fetch() rather than EventSource: the status of a refusal stays visible
- * (401/403 → "signed-out"), reconnects follow the same backoff as sockets, and
- * a stream silent for idleTimeout (45 s: three missed 15 s heartbeats) is
- * treated as dead. The server's `retry:` hint is for native EventSource
+ * (401 → "signed-out", 403 and 429 → "refused", 503 → retried), reconnects follow
+ * the same backoff as sockets, a stream that has not opened within openTimeout
+ * (10 s: no status, or no first byte) is abandoned and retried, and a stream
+ * silent for idleTimeout (45 s: three missed 15 s heartbeats) is treated as dead. The server's `retry:` hint is for native EventSource
  * clients; this one uses its backoff. A `disconnect` event ends the stream
  * with the close code it carries.
  */
 export class RegistryEventStream extends Connection {
   /**
    * @param {string} url
-   * @param {Partial<BackoffOptions> & { idleTimeout?: number }} [options]
+   * @param {Partial<BackoffOptions> & { idleTimeout?: number, openTimeout?: number }} [options]
    */
   constructor(url, options = {}) {
-    super(url, { idleTimeout: 45000, ...options });
+    super(url, { idleTimeout: 45000, openTimeout: 10000, ...options });
     /** @type {AbortController | null} */
     this.abort = null;
     /** @type {any} */
@@ -381,6 +382,7 @@ export class RegistryEventStream extends Connection {
 
   /** @param {AbortSignal} signal */
   async read(signal) {
+    this.watch(this.options.openTimeout, "the stream did not open");
     const response = await fetch(this.url, {
       headers: { Accept: "text/event-stream" },
       credentials: "same-origin",
@@ -399,7 +401,7 @@ export class RegistryEventStream extends Connection {
       if (signal.aborted) return;
       if (done) break;
       if (this.state !== State.OPEN) this.opened();
-      this.watch();
+      this.watch(this.options.idleTimeout, "no heartbeat: the stream is dead");
       for (const event of parser.push(value)) this.dispatchServerEvent(event);
     }
     this.lost(CLOSE_ABNORMAL, "the server ended the stream");
@@ -415,13 +417,14 @@ export class RegistryEventStream extends Connection {
     }
   }
 
-  /** Restart the idle watchdog: any bytes, heartbeat comments included, prove the stream alive. */
-  watch() {
+  /**
+   * Restart the watchdog: any bytes, heartbeat comments included, prove the stream alive.
+   * @param {number} timeout ms
+   * @param {string} reason
+   */
+  watch(timeout, reason) {
     clearTimeout(this.idleTimer);
-    this.idleTimer = setTimeout(
-      () => this.lost(CLOSE_ABNORMAL, "no heartbeat: the stream is dead"),
-      this.options.idleTimeout,
-    );
+    this.idleTimer = setTimeout(() => this.lost(CLOSE_ABNORMAL, reason), timeout);
   }
 
   detach() {
@@ -457,6 +460,8 @@ function isEventStream(response) {
 function refusalCode(response) {
   if (response.status === 401 || response.redirected) return CLOSE_UNAUTHENTICATED; // redirected: a login page
   if (response.status === 403) return CLOSE_FORBIDDEN;
+  if (response.status === 429) return CLOSE_TOO_MANY; // over the per-user connection limit
+  if (response.status === 503) return CLOSE_UNAVAILABLE;
   return CLOSE_ABNORMAL;
 }
 
