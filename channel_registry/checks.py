@@ -38,13 +38,21 @@ def check_options(app_configs: Any = None, **kwargs: Any) -> list[checks.CheckMe
             hint="Use at least three heartbeats, e.g. HEARTBEAT_INTERVAL=30, STALE_AFTER=90.",
             id="channel_registry.E003",
         ))
-    rate = options.RATE_LIMIT
-    if rate is not None and not (
-        isinstance(rate, tuple) and len(rate) == 2 and all(isinstance(n, (int, float)) and n > 0 for n in rate)
-    ):
+    for name, unit in (("RATE_LIMIT", "messages"), ("FANOUT_LIMIT", "copies")):
+        rate = getattr(options, name)
+        if rate is not None and not (
+            isinstance(rate, tuple) and len(rate) == 2 and all(isinstance(n, (int, float)) and n > 0 for n in rate)
+        ):
+            errors.append(checks.Error(
+                f"{name} must be None or ({unit}, seconds) with two positive numbers, not {rate!r}.",
+                id="channel_registry.E004",
+            ))
+    limit = options.MAX_CONNECTIONS_PER_USER
+    if limit is not None and not (isinstance(limit, int) and not isinstance(limit, bool) and limit > 0):
         errors.append(checks.Error(
-            f"RATE_LIMIT must be None or (messages, seconds) with two positive numbers, not {rate!r}.",
-            id="channel_registry.E004",
+            f"MAX_CONNECTIONS_PER_USER must be None or a positive integer, not {limit!r}.",
+            hint="None lets one account hold any number of sockets; the default is 50.",
+            id="channel_registry.E007",
         ))
     if options.ON_LIMIT not in ("close_newest", "close_oldest"):
         errors.append(checks.Error(

@@ -40,9 +40,21 @@ class RegistrySettings:
     SEND_CONCURRENCY: int = 50
     #: Largest text frame a consumer accepts, in bytes of UTF-8.
     MAX_MESSAGE_BYTES: int = 16 * 1024
-    #: ``(messages, seconds)``: token bucket per connection for direct messages.
-    #: ``None`` disables the limit.
+    #: ``(messages, seconds)``: direct messages per user, over all their connections
+    #: and processes (a token bucket in Redis with channels_redis). ``None`` disables it.
     RATE_LIMIT: tuple[int, float] | None = (20, 10)
+    #: ``(copies, seconds)``: connections a user's direct messages may reach, per user.
+    #: A message to someone with 40 tabs costs 40: flooding a many-tab user is what
+    #: fills a server process's shared queue. ``None`` disables it.
+    FANOUT_LIMIT: tuple[int, float] | None = (200, 10)
+    #: Whether a direct message's ack says how many connections it reached
+    #: (``delivered``). ``False``: ``null``, so a sender learns neither whether the
+    #: recipient is online nor how many devices they use.
+    ACK_DELIVERED: bool = True
+    #: Whether a recipient that ``CAN_MESSAGE`` refuses answers ``forbidden``. ``False``:
+    #: ``unknown_recipient``, the same as an id without an active account, so the
+    #: answer is no oracle for which accounts exist.
+    REVEAL_REFUSALS: bool = False
     #: Dotted path to ``callable(sender, recipient_id) -> bool`` (sync or async)
     #: deciding whether a direct message is allowed. ``None``: any active user.
     CAN_MESSAGE: str | None = None
@@ -53,7 +65,9 @@ class RegistrySettings:
     #: Seconds between two comment heartbeats on a Server-Sent Events stream.
     SSE_HEARTBEAT: float = 15
     #: Most live connections per user, counted over all processes. ``None``: no limit.
-    MAX_CONNECTIONS_PER_USER: int | None = None
+    #: More than a person keeps open (tabs and devices), few enough that one account
+    #: cannot hold thousands of sockets (~44 KB each) or multiply every message it receives.
+    MAX_CONNECTIONS_PER_USER: int | None = 50
     #: Over the limit: ``"close_newest"`` (4429 to the new one) or ``"close_oldest"``.
     ON_LIMIT: str = "close_newest"
     #: On logout (``user_logged_out``), close with 4410 the connections of
@@ -80,8 +94,9 @@ def user_options() -> dict[str, Any]:
 def registry_settings() -> RegistrySettings:
     """The effective settings; unknown keys are reported by the system check."""
     options = {k: v for k, v in user_options().items() if k in OPTION_NAMES}
-    if isinstance(options.get("RATE_LIMIT"), list):
-        options["RATE_LIMIT"] = tuple(options["RATE_LIMIT"])
+    for name in ("RATE_LIMIT", "FANOUT_LIMIT"):
+        if isinstance(options.get(name), list):
+            options[name] = tuple(options[name])
     return RegistrySettings(**options)
 
 

@@ -4,25 +4,24 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 
-from channels.db import database_sync_to_async
 from channels.generic.websocket import AsyncJsonWebsocketConsumer
-from django.contrib.auth import get_user_model
-from django.db import DatabaseError, DataError
-from django.utils.module_loading import import_string
+from django.db import DatabaseError
 
 from . import protocol
 from .conf import registry_settings
 from .exceptions import LAYER_TRANSPORT_ERRORS, ChannelLayerUnavailable, ConnectionLimitExceeded
 from .groups import GroupStrategy
 from .mapping import MappingStrategy
+from .messaging import DirectMessages
 from .protocol import CLOSE_FORBIDDEN, CLOSE_TOO_MANY, CLOSE_UNAUTHENTICATED, CLOSE_UNAVAILABLE, ProtocolError
 from .strategy import DeliveryStrategy
 
 logger = logging.getLogger(__name__)
 
 RECEIVE_RETRY_MAX = 10.0
+#: Longest a refusal over budget is held back (see ``RegistryConsumer.hold_back``).
+HOLD_BACK_MAX = 1.0
 
 
 class RegistryConsumerMixin:
@@ -121,17 +120,14 @@ class RegistryConsumer(RegistryConsumerMixin, AsyncJsonWebsocketConsumer):
     """A ready JSON consumer: notifications and direct messages between users.
 
     Extension points (override in a subclass): ``frame_types`` (add your own
-    client frame types), ``get_recipient``, ``can_message``,
-    ``build_direct_message``.
+    client frame types) and ``messages_class`` (a :class:`DirectMessages`
+    subclass: who may receive, the policy, the frame built, what happens after).
     """
 
     #: Client frame ``type`` → name of the method that answers it.
     frame_types = {"direct": "receive_direct", "ping": "receive_ping"}
-
-    async def connect(self) -> None:
-        await super().connect()
-        limit = registry_settings().RATE_LIMIT
-        self.rate_limit = limit and protocol.TokenBucket(*limit, clock=time.monotonic)
+    #: How this connection's user sends direct messages: the same class serves HTTP views.
+    messages_class: type[DirectMessages] = DirectMessages
 
     async def receive(self, text_data=None, bytes_data=None, **kwargs) -> None:
         """Answer one client frame; a bad frame gets an ``error`` frame, never a crash."""
@@ -141,9 +137,21 @@ class RegistryConsumer(RegistryConsumerMixin, AsyncJsonWebsocketConsumer):
             payload = protocol.decode_frame(text_data, registry_settings().MAX_MESSAGE_BYTES)
             reply = await self.handle_frame(payload)
         except ProtocolError as error:
+            await self.hold_back(error)
             reply = error.frame()
         if reply is not None:
             await self.send_json(reply)
+
+    async def hold_back(self, error: ProtocolError) -> None:
+        """Answer a sender over budget only after ``retry_after`` (at most ``HOLD_BACK_MAX``).
+
+        The connection reads nothing meanwhile. A client that honours ``retry_after``
+        loses nothing; one that does not — a flood, sending again as soon as it is
+        answered — is slowed to about one frame a second per connection, instead of
+        costing its process a frame and a Redis round trip each time.
+        """
+        if error.retry_after:
+            await asyncio.sleep(min(error.retry_after, HOLD_BACK_MAX))
 
     async def handle_frame(self, payload: dict) -> dict | None:
         frame_type = payload.get("type")
@@ -168,40 +176,8 @@ class RegistryConsumer(RegistryConsumerMixin, AsyncJsonWebsocketConsumer):
         return protocol.PONG
 
     async def receive_direct(self, payload: dict) -> dict:
-        direct = protocol.parse_direct(payload)
-        if self.rate_limit and not self.rate_limit.take():
-            raise ProtocolError(protocol.RATE_LIMITED, "too many messages; slow down", direct.id)
-        recipient_id = await self.get_recipient(direct.to)
-        if recipient_id is None:
-            raise ProtocolError(protocol.UNKNOWN_RECIPIENT, f"no active user with id {direct.to}", direct.id)
-        if not await self.can_message(recipient_id):
-            raise ProtocolError(protocol.FORBIDDEN, "you may not message this user", direct.id)
-        event = {"type": protocol.DIRECT_EVENT, "frame": self.build_direct_message(direct)}
-        delivery = await self.strategy.deliver([recipient_id], event)
-        return protocol.ack_frame(direct.id, delivery.sent)
-
-    async def get_recipient(self, user_id: int):
-        """The recipient's primary key if they may receive messages, else ``None``."""
-        try:
-            exists = await get_user_model().objects.filter(pk=user_id, is_active=True).aexists()
-        except DataError:  # an id outside the column's range on Django 4.2
-            return None
-        return user_id if exists else None
-
-    async def can_message(self, recipient_id) -> bool:
-        settings = registry_settings()
-        if recipient_id == self.user_id and not settings.ALLOW_SELF_MESSAGE:
-            return False
-        if settings.CAN_MESSAGE is None:
-            return True
-        policy = import_string(settings.CAN_MESSAGE)
-        if not asyncio.iscoroutinefunction(policy):
-            policy = database_sync_to_async(policy)
-        return bool(await policy(self.scope["user"], recipient_id))
-
-    def build_direct_message(self, direct: protocol.Direct) -> dict:
-        """The frame every tab of the recipient receives."""
-        return protocol.direct_frame(self.user_id, direct)
+        messages = self.messages_class(self.scope["user"], self.strategy)
+        return await messages.send(protocol.parse_direct(payload))
 
     async def registry_direct(self, event) -> None:
         await self.send_json(event["frame"])

@@ -71,13 +71,18 @@ async def send_many(
     if "__asgi_channel__" in message:
         raise ValueError("'__asgi_channel__' is reserved by the channel layer")
     channels = list(dict.fromkeys(channel_names))
-    if RedisChannelLayer is not None and isinstance(layer, RedisChannelLayer):
+    if is_redis_layer(layer):
         sender = _send_batched
     else:
         sender = _send_each
     with layer_unavailable(layer):
         full = await sender(layer, channels, message, concurrency)
     return [channel for channel in channels if channel in full]
+
+
+def is_redis_layer(layer: Any) -> bool:
+    """Whether ``layer`` is channels_redis's ``RedisChannelLayer`` (its keys and scripts are reachable)."""
+    return RedisChannelLayer is not None and isinstance(layer, RedisChannelLayer)
 
 
 async def _send_each(layer: Any, channels: list[str], message: dict[str, Any], concurrency: int) -> set[str]:

@@ -19,7 +19,7 @@ from .delivery import layer_slots, run_bounded
 from .dispatch import Dispatcher
 from .exceptions import layer_unavailable
 from .models import session_digest
-from .strategy import Delivery, DeliveryStrategy, channel_layer
+from .strategy import Admit, Delivery, DeliveryStrategy, channel_layer
 
 
 def group_name(user_id: Any) -> str:
@@ -55,7 +55,9 @@ class GroupStrategy(DeliveryStrategy):
             await _layer_call("group_discard", group, channel_name)
 
 
-    async def deliver(self, user_ids: Collection[Any], event: dict[str, Any]) -> Delivery:
+    async def deliver(self, user_ids: Collection[Any], event: dict[str, Any], admit: Admit | None = None) -> Delivery:
+        if admit is not None:
+            await admit(None)  # a group cannot be counted
         layer = channel_layer()
 
         async def send(user_id: Any) -> None:

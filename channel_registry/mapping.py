@@ -15,7 +15,7 @@ from .liveness import heartbeat, process
 from .models import UserChannel, session_digest
 from .protocol import CLOSE_TOO_MANY, DISCONNECT_EVENT
 from .store import OrmStore, live_names, orm
-from .strategy import Delivery, DeliveryStrategy, channel_layer
+from .strategy import Admit, Delivery, DeliveryStrategy, channel_layer
 
 
 def row_store() -> OrmStore:
@@ -55,8 +55,11 @@ class MappingStrategy(DeliveryStrategy):
         process.closing.pop(channel_name, None)
         heartbeat.stop_if_idle()
 
-    async def deliver(self, user_ids: Collection, event: dict) -> Delivery:
-        return await self.send_to_channels(await row_store().live_channels(user_ids), event)
+    async def deliver(self, user_ids: Collection, event: dict, admit: Admit | None = None) -> Delivery:
+        names = await row_store().live_channels(user_ids)
+        if admit is not None:
+            await admit(len(names))
+        return await self.send_to_channels(names, event)
 
     async def deliver_to_session(self, session_key: str, event: dict) -> Delivery:
         rows = await database_sync_to_async(session_rows)(session_digest(session_key))

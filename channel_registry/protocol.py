@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, NoReturn, TypeGuard
@@ -56,14 +55,16 @@ TOO_MANY_CONNECTIONS = "too_many_connections"
 class ProtocolError(Exception):
     """A frame the server refuses; becomes an ``error`` frame, never a closed socket."""
 
-    def __init__(self, code: str, detail: str, client_id: Any = None) -> None:
+    def __init__(self, code: str, detail: str, client_id: Any = None, retry_after: float | None = None) -> None:
         super().__init__(detail)
         self.code = code
         self.detail = detail
         self.client_id = client_id
+        #: Seconds after which the same frame would be accepted (``rate_limited``).
+        self.retry_after = retry_after
 
     def frame(self) -> dict[str, Any]:
-        return error_frame(self.code, self.detail, self.client_id)
+        return error_frame(self.code, self.detail, self.client_id, self.retry_after)
 
 
 @dataclass(frozen=True)
@@ -167,10 +168,12 @@ def parse_direct(payload: dict[str, Any]) -> Direct:
     return Direct(to=to, message=payload["message"], id=client_id)
 
 
-def error_frame(code: str, detail: str, client_id: Any = None) -> dict[str, Any]:
-    frame = {"type": "error", "code": code, "detail": detail}
+def error_frame(code: str, detail: str, client_id: Any = None, retry_after: float | None = None) -> dict[str, Any]:
+    frame: dict[str, Any] = {"type": "error", "code": code, "detail": detail}
     if client_id is not None:
         frame["id"] = client_id
+    if retry_after is not None:
+        frame["retry_after"] = retry_after
     return frame
 
 
@@ -199,24 +202,3 @@ PONG = {"type": "pong"}
 NOTIFY_EVENT = "registry.notify"
 DIRECT_EVENT = "registry.direct"
 DISCONNECT_EVENT = "registry.disconnect"
-
-
-class TokenBucket:
-    """``rate`` tokens per ``per`` seconds, refilled continuously; in memory, per connection."""
-
-    def __init__(self, rate: int, per: float, clock: Callable[[], float]) -> None:
-        self.capacity = rate
-        self.refill = rate / per
-        self.clock = clock
-        self.tokens = float(rate)
-        self.stamp = clock()
-
-    def take(self) -> bool:
-        now = self.clock()
-        self.tokens = min(self.capacity, self.tokens + (now - self.stamp) * self.refill)
-        self.stamp = now
-        if self.tokens < 1:
-            return False
-        self.tokens -= 1
-        return True
-

@@ -9,7 +9,7 @@ view and the benchmark are written once against this class.
 
 from __future__ import annotations
 
-from collections.abc import Collection
+from collections.abc import Awaitable, Callable, Collection
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -34,6 +34,12 @@ class Delivery:
     failed: list[str] = field(default_factory=list)
 
 
+#: Called by ``deliver`` between finding the channels and sending, with how many it
+#: found (``None``: the strategy cannot count); raising stops the delivery there.
+#: This is where a sender's budget pays for copies before they exist.
+Admit = Callable[[int | None], Awaitable[None]]
+
+
 def channel_layer() -> Any:
     """The layer named by the ``CHANNEL_LAYER`` option, or a clear error."""
     alias = registry_settings().CHANNEL_LAYER
@@ -56,8 +62,8 @@ class DeliveryStrategy:
         """Forget the connection; safe to call for one that is already gone."""
         raise NotImplementedError
 
-    async def deliver(self, user_ids: Collection[Any], event: dict[str, Any]) -> Delivery:
-        """Send ``event`` to every live connection of every user in ``user_ids``."""
+    async def deliver(self, user_ids: Collection[Any], event: dict[str, Any], admit: Admit | None = None) -> Delivery:
+        """Send ``event`` to every live connection of every user in ``user_ids``, if ``admit`` lets it."""
         raise NotImplementedError
 
     async def deliver_to_session(self, session_key: str, event: dict[str, Any]) -> Delivery:

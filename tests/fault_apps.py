@@ -13,3 +13,10 @@ class QuietInboxConfig(InboxConfig):
 
     def ready(self) -> None:
         pass
+
+
+def nobody_may_message_dave(sender, recipient_id) -> bool:
+    """A ``CAN_MESSAGE`` policy for the abuse suite: dave has blocked everyone."""
+    from django.contrib.auth import get_user_model
+
+    return not get_user_model().objects.filter(pk=recipient_id, username="dave").exists()

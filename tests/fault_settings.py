@@ -15,6 +15,9 @@ from the environment (``tests/processes.py`` writes it):
 ``CRF_HEARTBEAT`` / ``CRF_STALE_AFTER``  ``HEARTBEAT_INTERVAL`` / ``STALE_AFTER`` (0.5 / 2).
 ``CRF_MAX_CONNECTIONS`` / ``CRF_ON_LIMIT``  ``MAX_CONNECTIONS_PER_USER`` / ``ON_LIMIT``.
 ``CRF_RATE_LIMIT``    ``"messages,seconds"`` or ``"none"`` (default: the library's 20 per 10 s).
+``CRF_FANOUT_LIMIT``  ``"copies,seconds"`` or ``"none"`` (default: the library's 200 per 10 s).
+``CRF_ACK_DELIVERED`` / ``CRF_REVEAL_REFUSALS``  ``0`` or ``1``.
+``CRF_CAN_MESSAGE``   dotted path of a ``CAN_MESSAGE`` policy.
 ``CRF_SECRET_KEY``    must match the process that writes the sessions.
 ``CRF_CSRF_TRUSTED_ORIGINS``  comma-separated ``CSRF_TRUSTED_ORIGINS`` (also trusted for WebSockets).
 ``CRF_PRESENCE``      ``0`` disconnects the demo's presence broadcast (the load script's option).
@@ -47,9 +50,15 @@ CHANNEL_REGISTRY = {
 if os.environ.get("CRF_MAX_CONNECTIONS"):
     CHANNEL_REGISTRY["MAX_CONNECTIONS_PER_USER"] = int(os.environ["CRF_MAX_CONNECTIONS"])
     CHANNEL_REGISTRY["ON_LIMIT"] = os.environ.get("CRF_ON_LIMIT", "close_newest")
-_rate = os.environ.get("CRF_RATE_LIMIT")
-if _rate:
-    CHANNEL_REGISTRY["RATE_LIMIT"] = None if _rate == "none" else tuple(float(x) for x in _rate.split(","))
+for _name in ("RATE_LIMIT", "FANOUT_LIMIT"):
+    _rate = os.environ.get(f"CRF_{_name}")
+    if _rate:
+        CHANNEL_REGISTRY[_name] = None if _rate == "none" else tuple(float(x) for x in _rate.split(","))
+for _name in ("ACK_DELIVERED", "REVEAL_REFUSALS"):
+    if os.environ.get(f"CRF_{_name}"):
+        CHANNEL_REGISTRY[_name] = os.environ[f"CRF_{_name}"] == "1"
+if os.environ.get("CRF_CAN_MESSAGE"):
+    CHANNEL_REGISTRY["CAN_MESSAGE"] = os.environ["CRF_CAN_MESSAGE"]
 
 SECRET_KEY = os.environ.get("CRF_SECRET_KEY") or SECRET_KEY  # noqa: F405
 ALLOWED_HOSTS = ["127.0.0.1", "localhost"]

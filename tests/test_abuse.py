@@ -8,12 +8,18 @@ those of the fault tests (``tests/test_faults.py``): real daphne serving
 
 from __future__ import annotations
 
+import asyncio
+import json
 import os
+import statistics
+import sys
+import time
+from collections import Counter
 
 import pytest
 
 from . import test_faults
-from .processes import HandshakeRefused
+from .processes import ROOT, HandshakeRefused, http_request
 
 # The fault tests' fixtures: a throw-away database for the module, and a stack per test.
 demo_database = test_faults.demo_database
@@ -87,3 +93,161 @@ async def test_only_the_exact_allowed_origins_open_a_socket(stack):
 
     assert outcomes == {template: "open" if opens else "refused" for template, opens in ORIGINS}
     assert await stack.rows() == []  # the refused ones never reached the registry
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def direct(to, message, frame_id) -> dict:
+    return {"type": "direct", "to": getattr(to, "pk", to), "message": message, "id": frame_id}
+
+
+def p99(samples: list[float]) -> float:
+    return statistics.quantiles(samples, n=100, method="inclusive")[98]
+
+
+async def open_tabs(stack, server, user, count: int) -> list:
+    return await test_faults.bounded([stack.open_tab(server, user) for _ in range(count)], limit=10)
+
+
+async def converse(pairs, rounds: int, label: str, gap: float = 0.05) -> tuple[list[float], list[dict]]:
+    """Bystanders messaging each other, one message at a time per pair: (latencies in ms, acks).
+
+    The latency is from sending the frame to the recipient's tab holding it; a message
+    acknowledged as reaching no tab (a full queue says ``delivered: 0``) has none.
+    """
+    latencies, acks = [], []
+
+    async def talk(pair_index, first, second) -> None:
+        for i in range(rounds):
+            (sender, _), (receiver, to) = (first, second) if i % 2 == 0 else (second, first)
+            frame_id = f"{label}{pair_index}.{i}"
+            started = time.perf_counter()
+            await sender.send(direct(to, "hello", frame_id))
+            ack = await sender.wait_for(lambda f, i=frame_id: f.get("id") == i and f["type"] in ("ack", "error"), 30)
+            acks.append(ack)
+            if ack.get("delivered"):
+                await receiver.wait_for(lambda f, i=frame_id: f.get("type") == "direct" and f.get("id") == i, 30)
+                latencies.append((time.perf_counter() - started) * 1000)
+            await asyncio.sleep(gap)
+
+    await asyncio.gather(*(talk(n, *pair) for n, pair in enumerate(pairs)))
+    return latencies, acks
+
+
+class Flood:
+    """``tests/flood_client.py`` in a process of its own: ``sockets`` sockets sending back to back."""
+
+    def __init__(self, server, user, to, sockets: int) -> None:
+        self.args = [str(server.port), user.session, str(to.pk), str(sockets)]
+
+    async def __aenter__(self) -> Flood:
+        self.process = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "tests.flood_client", *self.args, cwd=ROOT,
+            stdout=asyncio.subprocess.PIPE, env={**os.environ, "PYTHONPATH": str(ROOT)},
+        )  # fmt: skip
+        assert await asyncio.wait_for(self.process.stdout.readline(), 20) == b"ready\n"
+        return self
+
+    async def __aexit__(self, *exc_info) -> None:
+        self.process.terminate()
+        output, _ = await asyncio.wait_for(self.process.communicate(), 30)
+        #: The flooder's answers by kind: "ack", "rate_limited", …
+        self.answers = Counter(json.loads(output.decode().strip().splitlines()[-1]))
+
+
+# --------------------------------------------------------------------------- findings 1 to 4
+
+
+async def test_one_account_cannot_hold_more_than_the_default_connection_limit(stack):
+    """Finding 1: 2,000 sockets of one account were all accepted. The default limit is 50."""
+    stack.start_redis()
+    [server] = stack.daphnes(1)
+    [mallory] = await stack.users("mallory")
+    tabs = await test_faults.bounded([stack.tab(server, mallory) for _ in range(60)], limit=10)
+    await asyncio.sleep(0.5)
+    codes = Counter(tab.close_code if not tab.is_open else "open" for tab in tabs)
+    assert codes == {"open": 50, 4429: 10}
+    assert len(await stack.rows(user=mallory)) == 50
+
+
+async def test_an_event_stream_over_the_limit_is_refused_at_once(stack):
+    """Finding 4: the stream hung with no status line for 40 s; now 429 with an error body."""
+    stack.start_redis()
+    stack.configure(max_connections=2)
+    [server] = stack.daphnes(1)
+    [alice] = await stack.users("alice")
+    await open_tabs(stack, server, alice, 2)
+    started = time.monotonic()
+    status, _, body = await asyncio.to_thread(
+        http_request, server.port, "GET", "/events/", cookies={"sessionid": alice.session},
+        headers={"Accept": "text/event-stream"}, timeout=10,
+    )  # fmt: skip
+    assert time.monotonic() - started < 2
+    assert status == 429 and json.loads(body)["code"] == "too_many_connections"
+    assert len(await stack.rows(user=alice)) == 2
+    assert not [line for line in server.errors() if "ConnectionLimitExceeded" in line]
+
+
+@pytest.mark.parametrize("limits", ["none", "defaults"])
+async def test_a_flood_into_many_tabs_is_bounded_and_bystanders_keep_their_latency(stack, limits):
+    """Findings 2 and 3: a second account with 10 sockets on process B sent to a user holding
+    many tabs on process A; bystanders on A slowed down and lost messages (a full queue).
+
+    With the defaults the flooder's budget is per user (20 messages / 10 s) and pays for
+    every copy before it is sent (200 per 10 s): its messages are refused on its own
+    process, each refusal held back so the flood slows to a frame a second per socket, and
+    the bystanders' p99 stays within 2x of the quiet run with every message delivered.
+    "none" turns the limits off and shows the harm: copies multiply, and bystanders'
+    messages are slow or acknowledged as reaching no tab (the queue was full).
+    """
+    stack.start_redis()
+    if limits == "none":
+        stack.configure(rate_limit="none", fanout_limit="none", max_connections=1000)
+    first, second = stack.daphnes(2)
+    bob, mallory, *bystanders = await stack.users("bob", "mallory", *(f"bystander{n}" for n in range(8)))
+    bob_tabs = await open_tabs(stack, first, bob, 50)
+    people = [(await stack.open_tab(first, user), user) for user in bystanders]
+    pairs = list(zip(people[::2], people[1::2], strict=True))
+
+    # Quiet and flooded phases alternate, so the machine's background load (2 shared CPUs)
+    # weighs on both alike. 4 pairs x 6 messages per phase, two phases each: every
+    # bystander sends 12 in all, within their own budget. Without limits each message
+    # takes seconds: one short phase shows the harm.
+    rounds, phases = (6, 2) if limits == "defaults" else (4, 1)
+    quiet, loud, acks, answers = [], [], [], Counter()
+    first_flood, flood_seconds = None, 0.0
+    for phase in range(phases):
+        latencies, replies = await converse(pairs, rounds, f"q{phase}.")
+        quiet += latencies
+        acks += replies
+        started = time.monotonic()
+        first_flood = first_flood or started
+        async with Flood(second, mallory, bob, sockets=10) as flood:
+            await asyncio.sleep(0.3)
+            latencies, replies = await converse(pairs, rounds, f"l{phase}.")
+        flood_seconds += time.monotonic() - started
+        loud += latencies
+        acks += replies
+        answers += flood.answers
+    await asyncio.sleep(0.5)
+    copies = sum(len(tab.frames_of("direct")) for tab in bob_tabs)
+    lost = sum(not ack.get("delivered") for ack in acks)
+    print(f"\n[{limits}] bystander p50/p99 ms quiet {statistics.median(quiet):.1f}/{p99(quiet):.1f}, "
+          f"flood {statistics.median(loud):.1f}/{p99(loud):.1f}, {lost} of {len(acks)} not delivered; "
+          f"flooder answers {dict(answers)}; copies into bob's 50 tabs {copies}")  # fmt: skip
+
+    if limits == "none":
+        assert copies > 2000, "without limits the flood multiplies freely"
+        assert lost or p99(loud) > 2 * p99(quiet), "and the bystanders notice"
+        return
+    assert lost == 0 and [a["delivered"] for a in acks] == [1] * 96
+    # Within 2x of the quiet run; below 10 ms a scheduling hiccup on this shared machine is not a signal.
+    assert p99(loud) <= 2 * max(p99(quiet), 10.0), (sorted(quiet), sorted(loud))
+    # Slowed: each refusal is held back ~1 s, so each socket gets about one answer a second.
+    assert answers["rate_limited"] <= 10 * (flood_seconds + phases)
+    # Copies are paid before they are sent: 200 of burst, 20 a second after that.
+    assert copies <= 200 + 20 * (time.monotonic() - first_flood)
+
+
+# --------------------------------------------------------------------------- findings 5 to 8

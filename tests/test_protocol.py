@@ -84,6 +84,22 @@ def error(code: str, client_id=None) -> dict:
     return frame
 
 
+def rate_limited(client_id, within: float) -> dict:
+    """The refusal of a sender over budget: when to try again, in seconds, at most ``within``."""
+    return {**error("rate_limited", client_id), "retry_after": Between(0, within)}
+
+
+class Between:
+    def __init__(self, low: float, high: float) -> None:
+        self.low, self.high = low, high
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, (int, float)) and self.low < other <= self.high
+
+    def __repr__(self) -> str:
+        return f"<number in ({self.low}, {self.high}]>"
+
+
 def direct(sender, message, client_id=None) -> dict:
     """The frame every tab of the recipient receives."""
     return {"type": "direct", "from": sender.pk, "message": message, "id": client_id, "sent_at": SENT_AT}
@@ -463,7 +479,11 @@ async def test_allow_self_message_delivers_to_all_your_tabs_the_sending_one_incl
 @pytest.mark.parametrize(
     "policy", ["tests.test_protocol.same_last_name", "tests.test_protocol.asame_last_name"], ids=["sync", "async"]
 )
-async def test_can_message_policy_decides_and_a_refusal_is_forbidden(consumer, connect, make_user, settings, policy):
+async def test_can_message_policy_decides_and_a_refusal_looks_like_a_missing_account(
+    consumer, connect, make_user, settings, policy
+):
+    """Finding 6: ``forbidden`` for an existing id and ``unknown_recipient`` for a missing one
+    told any sender which accounts exist. By default both answer the same."""
     settings.CHANNEL_REGISTRY = {"CAN_MESSAGE": policy}
     make = sync_to_async(make_user)
     ann, ben, cat = await make("ann", last_name="Lee"), await make("ben", last_name="Lee"), await make("cat")
@@ -471,15 +491,39 @@ async def test_can_message_policy_decides_and_a_refusal_is_forbidden(consumer, c
     ben_tab, cat_tab = await connect(ben, consumer=consumer), await connect(cat, consumer=consumer)
 
     await sender.send_json_to({"type": "direct", "to": cat.pk, "message": "hi", "id": "no"})
-    assert await answer(sender) == error("forbidden", "no")
+    refused = await answer(sender)
+    await sender.send_json_to({"type": "direct", "to": MISSING_USER_ID, "message": "hi", "id": "no"})
+    missing = await answer(sender)
+    assert refused == error("unknown_recipient", "no")
+    assert {**refused, "detail": ""} == {**missing, "detail": ""}  # the detail only repeats the id sent
     await sender.send_json_to({"type": "direct", "to": ben.pk, "message": "hi", "id": "yes"})
     assert await answer(sender) == ack(consumer, "yes", 1)
 
     assert await answer(ben_tab) == direct(ann, "hi", "yes")
     assert await cat_tab.receive_nothing()
 
+    settings.CHANNEL_REGISTRY = {"CAN_MESSAGE": policy, "REVEAL_REFUSALS": True}
+    await sender.send_json_to({"type": "direct", "to": cat.pk, "message": "hi", "id": "no"})
+    assert await answer(sender) == error("forbidden", "no")
+    await sender.send_json_to({"type": "direct", "to": MISSING_USER_ID, "message": "hi", "id": "no"})
+    assert await answer(sender) == error("unknown_recipient", "no")
+    assert await cat_tab.receive_nothing()
 
-# Rate limit: a token bucket per connection.
+
+async def test_ack_delivered_false_discloses_nothing_about_the_recipients_connections(
+    consumer, open_as, alice, bob, settings
+):
+    settings.CHANNEL_REGISTRY = {"ACK_DELIVERED": False}
+    sender = await open_as(alice)
+    await sender.send_json_to({"type": "direct", "to": bob.pk, "message": "offline", "id": 1})
+    offline = await answer(sender)
+    tabs = [await open_as(bob), await open_as(bob)]
+    await sender.send_json_to({"type": "direct", "to": bob.pk, "message": "online", "id": 1})
+    assert offline == await answer(sender) == {"type": "ack", "id": 1, "delivered": None}
+    assert [(await answer(tab))["message"] for tab in tabs] == ["online", "online"]
+
+
+# Rate limit: token buckets per user, over all of their connections.
 
 
 def frames_to(user, count: int, start: int = 0) -> list[dict]:
@@ -489,7 +533,7 @@ def frames_to(user, count: int, start: int = 0) -> list[dict]:
 async def test_default_rate_limit_allows_20_messages_then_refuses(chat):
     for frame in frames_to(chat.bob, 20):
         assert await chat.send(frame) == ack(chat.consumer, frame["id"], 1)
-    assert await chat.send(frames_to(chat.bob, 1, start=20)[0]) == error("rate_limited", 20)
+    assert await chat.send(frames_to(chat.bob, 1, start=20)[0]) == rate_limited(20, within=0.5)
     assert [(await answer(chat.recipient))["message"] for _ in range(20)] == list(range(20))
     assert await chat.recipient.receive_nothing()
 
@@ -503,7 +547,7 @@ async def test_rate_limit_trips_then_recovers_once_tokens_refill(consumer, open_
         await sender.send_json_to(frame)
         assert await answer(sender) == ack(consumer, frame["id"], 1)
     await sender.send_json_to(first[3])
-    assert await answer(sender) == error("rate_limited", 3)
+    assert await answer(sender) == rate_limited(3, within=0.2)
     await sender.send_json_to({"type": "ping"})
     assert await answer(sender) == PONG  # the connection stays usable meanwhile
 
@@ -515,18 +559,35 @@ async def test_rate_limit_trips_then_recovers_once_tokens_refill(consumer, open_
     assert await tab.receive_nothing()
 
 
-async def test_rate_limit_is_per_connection(consumer, open_as, alice, bob, settings):
+async def test_rate_limit_is_per_user_over_all_their_connections(consumer, open_as, alice, bob, settings):
+    """Finding 2: ten sockets used to mean ten budgets."""
     settings.CHANNEL_REGISTRY = {"RATE_LIMIT": (2, 60)}
-    busy, fresh = await open_as(alice), await open_as(alice)
+    first, second = await open_as(alice), await open_as(alice)
     await open_as(bob)
-    for frame in frames_to(bob, 2):
-        await busy.send_json_to(frame)
-        assert (await answer(busy))["type"] == "ack"
-    await busy.send_json_to(frames_to(bob, 1, start=2)[0])
-    assert await answer(busy) == error("rate_limited", 2)
+    for socket, frame in zip([first, second], frames_to(bob, 2), strict=True):
+        await socket.send_json_to(frame)
+        assert (await answer(socket))["type"] == "ack"
+    for socket in (first, second, await open_as(alice)):
+        await socket.send_json_to(frames_to(bob, 1, start=2)[0])
+        assert await answer(socket) == rate_limited(2, within=30)
+    bob_sender = await open_as(bob)
+    await bob_sender.send_json_to(frames_to(alice, 1, start=3)[0])
+    assert await answer(bob_sender) == ack(consumer, 3, 3)  # another user's budget is their own
 
-    await fresh.send_json_to(frames_to(bob, 1, start=3)[0])
-    assert await answer(fresh) == ack(consumer, 3, 1)
+
+async def test_fanout_limit_charges_every_copy_to_the_sender(consumer, open_as, alice, bob, carol, settings):
+    settings.CHANNEL_REGISTRY = {"RATE_LIMIT": None, "FANOUT_LIMIT": (4, 60)}
+    sender = await open_as(alice)
+    bob_tabs = [await open_as(bob) for _ in range(3)]
+    await open_as(carol)
+    await sender.send_json_to(frames_to(bob, 1)[0])
+    assert await answer(sender) == ack(consumer, 0, 3)
+    await sender.send_json_to(frames_to(bob, 1, start=1)[0])  # one token left: sent, and the copies put it in debt
+    assert await answer(sender) == ack(consumer, 1, 3)
+    if consumer is RegistryConsumer:  # groups cannot count copies: there only RATE_LIMIT applies
+        await sender.send_json_to(frames_to(carol, 1, start=2)[0])
+        assert await answer(sender) == rate_limited(2, within=60)
+        assert [(await answer(tab))["message"] for tab in bob_tabs for _ in range(2)] == [0, 1] * 3
 
 
 async def test_rate_limit_none_disables_it(consumer, open_as, alice, bob, settings):
@@ -547,7 +608,7 @@ async def test_rate_limit_is_decided_without_the_database(
     async with database_unreachable():
         # Reaching the database here would answer "unavailable".
         await sender.send_json_to({"type": "direct", "to": bob.pk, "message": 2, "id": "x"})
-        assert await answer(sender, wait=10) == error("rate_limited", "x")
+        assert await answer(sender, wait=10) == rate_limited("x", within=60)
 
 
 async def test_database_outage_answers_unavailable_and_the_socket_outlives_it(chat, database_unreachable):

@@ -9,7 +9,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from channel_registry import protocol
-from channel_registry.protocol import Direct, ProtocolError, TokenBucket, decode_frame, parse_direct
+from channel_registry.protocol import Direct, ProtocolError, decode_frame, parse_direct
 
 LIMIT = 16 * 1024
 
@@ -212,48 +212,3 @@ def test_direct_frame_names_the_given_sender_and_a_utc_millisecond_timestamp():
     moment = datetime.fromisoformat(sent_at)
     assert moment.utcoffset() == timedelta(0)
     assert abs(datetime.now(UTC) - moment) < timedelta(seconds=5)
-
-
-# TokenBucket
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
-def test_bucket_allows_a_burst_of_rate_then_refuses():
-    bucket = TokenBucket(3, 10, clock=Clock())
-    assert [bucket.take() for _ in range(4)] == [True, True, True, False]
-
-
-def test_bucket_refills_continuously_one_token_per_period_over_rate():
-    clock = Clock()
-    bucket = TokenBucket(4, 2, clock=clock)  # a token every 0.5 s
-    assert all(bucket.take() for _ in range(4))
-    clock.now += 0.49
-    assert not bucket.take()
-    clock.now += 0.02
-    assert bucket.take()
-    assert not bucket.take()
-
-
-def test_refused_takes_do_not_delay_the_refill():
-    clock = Clock()
-    bucket = TokenBucket(1, 1, clock=clock)
-    assert bucket.take()
-    for _ in range(5):
-        clock.now += 0.1
-        assert not bucket.take()
-    clock.now += 0.51
-    assert bucket.take()
-
-
-def test_bucket_never_holds_more_than_rate_after_a_long_idle():
-    clock = Clock()
-    bucket = TokenBucket(2, 1, clock=clock)
-    clock.now += 3600
-    assert [bucket.take() for _ in range(3)] == [True, True, False]

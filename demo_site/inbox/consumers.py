@@ -2,19 +2,26 @@
 
 from channel_registry import protocol
 from channel_registry.consumers import GroupConsumer, RegistryConsumer
+from channel_registry.messaging import DirectMessages
+from channel_registry.strategy import Delivery
 
 from .models import Notification
 from .presence import PRESENCE_GROUP, broadcast_presence
 
 
-async def store_direct(sender_id, direct: protocol.Direct) -> None:
-    await Notification.objects.acreate(recipient_id=direct.to, sender_id=sender_id, message=direct.message)
+class InboxMessages(DirectMessages):
+    """The one path of "a user sends a direct message" in the demo, socket or ``POST /messages/``:
+    the library's checks and budgets, then a stored copy of every message that went out."""
+
+    async def delivered(self, direct: protocol.Direct, delivery: Delivery) -> None:
+        await Notification.objects.acreate(recipient_id=direct.to, sender_id=self.sender.pk, message=direct.message)
 
 
 class InboxMixin:
-    """Joins the presence group, and keeps a copy of every direct message sent."""
+    """Joins the presence group, and sends direct messages through :class:`InboxMessages`."""
 
     groups = [PRESENCE_GROUP]
+    messages_class = InboxMessages
 
     async def connect(self) -> None:
         broadcast_presence.attach()
@@ -23,11 +30,6 @@ class InboxMixin:
     async def demo_presence(self, event) -> None:
         if self.user_id is not None:  # a refused socket is closing
             await self.send_json(event)
-
-    async def receive_direct(self, payload: dict) -> dict:
-        ack = await super().receive_direct(payload)  # raises when refused: nothing stored
-        await store_direct(self.user_id, protocol.parse_direct(payload))
-        return ack
 
 
 class InboxConsumer(InboxMixin, RegistryConsumer):

@@ -15,6 +15,10 @@ logger = logging.getLogger(__name__)
 #: Every demo connection (both consumers and the event stream) joins this group.
 PRESENCE_GROUP = "demo.presence"
 PRESENCE_EVENT = "demo.presence"
+#: Presence changes within this many seconds of a broadcast share the next one: a user
+#: opening and closing sockets in a loop costs every inbox at most two frames a second
+#: per server process, each carrying the latest list, instead of a query and a frame per change.
+COALESCE_SECONDS = 0.5
 
 
 def online_people() -> list[dict]:
@@ -41,11 +45,15 @@ class PresenceBroadcast:
     the receiver, which then waits forever, and the interpreter waits for the
     thread. So the receiver only schedules the broadcast on the loop that serves
     the connections, and never blocks on it.
+
+    Broadcasts are coalesced: one runs at once, then changes that arrive while
+    it runs or during the next ``COALESCE_SECONDS`` are sent together once.
     """
 
     def __init__(self) -> None:
         self.loop = None
-        self.tasks = set()
+        self.task = None
+        self.dirty = False
 
     def attach(self) -> None:
         """Called by every demo connection, from the loop that serves it, before it registers."""
@@ -62,9 +70,15 @@ class PresenceBroadcast:
             pass
 
     def start(self) -> None:
-        task = asyncio.ensure_future(send_presence())
-        self.tasks.add(task)  # the loop keeps only weak references to tasks
-        task.add_done_callback(self.tasks.discard)
+        self.dirty = True
+        if self.task is None or self.task.done():
+            self.task = asyncio.ensure_future(self.run())  # held here: the loop keeps only weak references
+
+    async def run(self) -> None:
+        while self.dirty:
+            self.dirty = False
+            await send_presence()
+            await asyncio.sleep(COALESCE_SECONDS)
 
 
 broadcast_presence = PresenceBroadcast()

@@ -1,17 +1,21 @@
 """The inbox page and the small JSON endpoints it calls with fetch()."""
 
+import math
+
 from asgiref.sync import sync_to_async
 from django.contrib.auth import get_user_model
+from django.db import DatabaseError
 from django.http import JsonResponse
 from django.shortcuts import render
 from django.utils import timezone
 from django.views.decorators.http import require_GET, require_POST
 
-from channel_registry import asend_to_user, protocol
+from channel_registry import ChannelLayerUnavailable, protocol
 from channel_registry.conf import registry_settings
+from channel_registry.mapping import MappingStrategy
 from channel_registry.views import EventStreamView
 
-from .consumers import store_direct
+from .consumers import InboxMessages
 from .models import Notification
 from .presence import PRESENCE_GROUP, broadcast_presence, online_people
 
@@ -44,28 +48,33 @@ async def presence(request):
 async def send_message(request):
     """A direct message from a page on the event-stream transport, which cannot send.
 
-    The same frames as the socket protocol: a ``direct`` frame in, an ``ack`` or
-    ``error`` frame out, and the recipient's tabs get the same ``direct`` frame.
+    The same frames as the socket protocol — a ``direct`` frame in, an ``ack`` or
+    ``error`` frame out — and the same code path (:class:`InboxMessages`), so
+    ``CAN_MESSAGE``, the sender's budgets and the privacy options apply alike.
     """
     user = await request.auser()
     try:
         payload = protocol.decode_frame(request.body.decode(), registry_settings().MAX_MESSAGE_BYTES)
-        direct = protocol.parse_direct(payload)
-        if not await recipient_exists(user.pk, direct.to):
-            raise protocol.ProtocolError(protocol.UNKNOWN_RECIPIENT, f"no other active user with id {direct.to}")
+        ack = await InboxMessages(user, MappingStrategy()).send(protocol.parse_direct(payload))
     except protocol.ProtocolError as error:
-        return JsonResponse(error.frame(), status=400)
+        return error_response(error)
     except UnicodeDecodeError:
         return JsonResponse(protocol.error_frame(protocol.INVALID_JSON, "body is not UTF-8"), status=400)
-    frame = protocol.direct_frame(user.pk, direct)
-    delivery = await asend_to_user(direct.to, {"type": protocol.DIRECT_EVENT, "frame": frame})
-    await store_direct(user.pk, direct)
-    return JsonResponse(protocol.ack_frame(direct.id, delivery.sent))
+    except (DatabaseError, ChannelLayerUnavailable):
+        unavailable = protocol.ProtocolError(protocol.UNAVAILABLE, "the server cannot deliver messages right now")
+        return error_response(unavailable)
+    return JsonResponse(ack)
 
 
-async def recipient_exists(sender_id, recipient_id) -> bool:
-    users = get_user_model().objects.filter(pk=recipient_id, is_active=True).exclude(pk=sender_id)
-    return await users.aexists()
+#: HTTP status of each error code; the body is the error frame a socket would get.
+ERROR_STATUS = {protocol.RATE_LIMITED: 429, protocol.UNAVAILABLE: 503, protocol.FORBIDDEN: 403}
+
+
+def error_response(error: protocol.ProtocolError) -> JsonResponse:
+    response = JsonResponse(error.frame(), status=ERROR_STATUS.get(error.code, 400))
+    if error.retry_after is not None:
+        response["Retry-After"] = str(math.ceil(error.retry_after))
+    return response
 
 
 @require_GET

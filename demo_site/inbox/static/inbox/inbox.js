@@ -137,7 +137,8 @@ async function requestJSON(url, { method = "GET", body } = {}) {
 }
 
 function describeAck({ delivered }, recipient) {
-  if (delivered === null) return "Sent. The groups transport cannot count tabs.";
+  if (delivered === null && transport === "groups") return "Sent. The groups transport cannot count tabs.";
+  if (delivered === null) return "Sent."; // ACK_DELIVERED is off: the server does not tell who is online
   if (delivered === 0) return `${recipient} is offline; the message waits in their unread list.`;
   return `Delivered to ${delivered} ${delivered === 1 ? "tab" : "tabs"}.`;
 }
@@ -156,7 +157,8 @@ async function send(event) {
     compose.elements.message.value = "";
   } catch (error) {
     ack.dataset.result = "error";
-    ack.textContent = `Not sent: ${error.message}`;
+    const wait = error.frame?.retry_after;
+    ack.textContent = `Not sent: ${error.message}` + (wait ? ` (try again in ${Math.ceil(wait)} s)` : "");
   }
 }
 

@@ -1,0 +1,136 @@
+"""Per-user send budgets: token buckets shared by all of a user's connections, on every process.
+
+A limit per connection is no limit: one account opening ten sockets gets ten
+budgets. The buckets here are keyed by user. With channels_redis they live in
+Redis, next to the layer's own keys (under its ``prefix``), and one small Lua
+script checks and spends them atomically, so a user's sockets on three server
+processes draw from one budget. With any other layer (the in-memory one serves
+a single process by definition) they live in this process, one set per layer.
+
+A bucket holds ``rate`` tokens and refills continuously over ``per`` seconds.
+A spend names what it ``needs`` now and what it ``costs``. The two differ only
+when one cost is larger than the whole bucket (a message to a user with more
+connections than ``FANOUT_LIMIT`` allows copies): it may then take the bucket
+into debt, which later spends wait out in full, so the average holds.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+import weakref
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from .delivery import is_redis_layer, layer_slots
+from .exceptions import layer_unavailable
+
+#: KEYS: the buckets. ARGV: per bucket rate, period (ms), cost, need.
+#: All or nothing: returns {1, 0} after spending, or {0, ms until every bucket has what it needs}.
+#: Redis's own clock, so every process sees the same time.
+SPEND_SCRIPT = """
+local clock = redis.call('TIME')
+local now = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
+local levels, wait = {}, 0
+for i, key in ipairs(KEYS) do
+    local rate, period, need = tonumber(ARGV[4 * i - 3]), tonumber(ARGV[4 * i - 2]), tonumber(ARGV[4 * i])
+    local state = redis.call('HMGET', key, 'tokens', 'stamp')
+    local tokens, stamp = tonumber(state[1]) or rate, tonumber(state[2]) or now
+    tokens = math.min(rate, tokens + math.max(0, now - stamp) * rate / period)
+    levels[i] = tokens
+    if tokens < need then
+        wait = math.max(wait, math.ceil((need - tokens) * period / rate))
+    end
+end
+if wait > 0 then
+    return {0, wait}
+end
+for i, key in ipairs(KEYS) do
+    local rate, period, cost = tonumber(ARGV[4 * i - 3]), tonumber(ARGV[4 * i - 2]), tonumber(ARGV[4 * i - 1])
+    local tokens = levels[i] - cost
+    redis.call('HSET', key, 'tokens', tostring(tokens), 'stamp', now)
+    redis.call('PEXPIRE', key, math.ceil((rate - tokens) * period / rate) + 1000)
+end
+return {1, 0}
+"""
+
+
+@dataclass(frozen=True)
+class Spend:
+    """One bucket of one user: ``name`` with ``rate`` tokens per ``per`` seconds."""
+
+    name: str
+    rate: float
+    per: float
+    cost: float = 1
+    need: float = 1
+
+
+@dataclass(frozen=True)
+class Verdict:
+    allowed: bool
+    #: Seconds until the refused spend would succeed; 0 when allowed.
+    retry_after: float = 0
+
+
+async def spend(layer: Any, user_id: Any, spends: Sequence[Spend]) -> Verdict:
+    """Spend from ``user_id``'s buckets, all or none. Raises ``ChannelLayerUnavailable`` when Redis is down."""
+    if not spends:
+        return Verdict(True)
+    if is_redis_layer(layer):
+        return await _spend_redis(layer, user_id, spends)
+    return _local_buckets(layer).spend(user_id, spends, time.monotonic())
+
+
+async def _spend_redis(layer: Any, user_id: Any, spends: Sequence[Spend]) -> Verdict:
+    base = f"registry.budget.{user_id}"
+    keys = [f"{layer.prefix}{base}.{item.name}" for item in spends]
+    args = [value for item in spends for value in (item.rate, round(item.per * 1000), item.cost, item.need)]
+    with layer_unavailable(layer):
+        async with layer_slots():
+            connection = layer.connection(layer.consistent_hash(base))
+            allowed, wait_ms = await connection.register_script(SPEND_SCRIPT)(keys=keys, args=args)
+    return Verdict(bool(allowed), wait_ms / 1000)
+
+
+class LocalBuckets:
+    """The buckets of one process (any layer but channels_redis): ``{(user, name): (tokens, stamp)}``."""
+
+    #: Forget buckets that refilled completely once this many are held.
+    PRUNE_AT = 10_000
+
+    def __init__(self) -> None:
+        self.levels: dict[tuple[Any, str], tuple[float, float]] = {}
+
+    def spend(self, user_id: Any, spends: Sequence[Spend], now: float) -> Verdict:
+        if len(self.levels) >= self.PRUNE_AT:
+            self.prune(now, {item.name: item for item in spends})
+        levels = [(item, self.level((user_id, item.name), item, now)) for item in spends]
+        wait = max(((item.need - tokens) * item.per / item.rate for item, tokens in levels), default=0.0)
+        if wait > 0:
+            return Verdict(False, math.ceil(wait * 1000) / 1000)
+        for item, tokens in levels:
+            self.levels[(user_id, item.name)] = (tokens - item.cost, now)
+        return Verdict(True)
+
+    def level(self, key: tuple[Any, str], item: Spend, now: float) -> float:
+        tokens, stamp = self.levels.get(key, (item.rate, now))
+        return min(item.rate, tokens + (now - stamp) * item.rate / item.per)
+
+    def prune(self, now: float, known: dict[str, Spend]) -> None:
+        for key in list(self.levels):
+            item = known.get(key[1])
+            if item is None or self.level(key, item, now) >= item.rate:
+                del self.levels[key]
+
+
+_local: weakref.WeakKeyDictionary[Any, LocalBuckets] = weakref.WeakKeyDictionary()
+
+
+def _local_buckets(layer: Any) -> LocalBuckets:
+    """One set per layer instance: a new layer (a test, a reloaded configuration) starts full."""
+    buckets = _local.get(layer)
+    if buckets is None:
+        buckets = _local[layer] = LocalBuckets()
+    return buckets

@@ -1,0 +1,108 @@
+"""A user sends a direct message: the checks and the delivery every transport shares.
+
+``RegistryConsumer`` uses :class:`DirectMessages` for its ``direct`` frames; an
+HTTP view that lets a page send (the demo's ``POST /messages/``) uses the same
+class, so the policy (``CAN_MESSAGE``), the sender's budgets and what the ack
+discloses cannot differ between transports. In order:
+
+1. the sender's message budget (``RATE_LIMIT``), before anything else: probing
+   for recipients costs too;
+2. the recipient: an active user the policy lets the sender reach. A refusal
+   answers ``unknown_recipient`` like a missing account unless ``REVEAL_REFUSALS``;
+3. the copies: once the recipient's live connections are found and before anything
+   is sent, the sender's ``FANOUT_LIMIT`` pays one token per connection, so a
+   refused flood never reaches the recipient's server process at all;
+4. delivery, and the ack, with ``delivered`` only if ``ACK_DELIVERED``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from functools import partial
+from typing import Any
+
+from channels.db import database_sync_to_async
+from django.contrib.auth import get_user_model
+from django.db import DataError
+from django.utils.module_loading import import_string
+
+from . import budget, protocol
+from .conf import registry_settings
+from .protocol import Direct, ProtocolError
+from .strategy import Delivery, DeliveryStrategy, channel_layer
+
+
+class DirectMessages:
+    """Direct messages from one signed-in user. Subclass to change a step.
+
+    Extension points: ``get_recipient``, ``can_message``, ``build_direct_message``
+    and ``delivered`` (runs once a message went out, e.g. to store it).
+    """
+
+    def __init__(self, sender: Any, strategy: DeliveryStrategy) -> None:
+        self.sender = sender
+        self.strategy = strategy
+
+    async def send(self, direct: Direct) -> dict[str, Any]:
+        """Deliver ``direct`` and return the sender's ``ack`` frame; raise ``ProtocolError`` when refused."""
+        limit = registry_settings().RATE_LIMIT
+        if limit:
+            await self.spend(budget.Spend("messages", *limit), direct)
+        recipient_id = await self.get_recipient(direct.to)
+        if recipient_id is not None and recipient_id == self.sender.pk:
+            if not registry_settings().ALLOW_SELF_MESSAGE:
+                raise ProtocolError(protocol.FORBIDDEN, "you may not message yourself", direct.id)
+        elif recipient_id is None or not await self.can_message(recipient_id):
+            raise self.refusal(direct, found=recipient_id is not None)
+        event = {"type": protocol.DIRECT_EVENT, "frame": self.build_direct_message(direct)}
+        delivery = await self.strategy.deliver([recipient_id], event, admit=partial(self.pay_copies, direct))
+        await self.delivered(direct, delivery)
+        return protocol.ack_frame(direct.id, delivery.sent if registry_settings().ACK_DELIVERED else None)
+
+    async def spend(self, item: budget.Spend, direct: Direct) -> None:
+        verdict = await budget.spend(channel_layer(), self.sender.pk, [item])
+        if not verdict.allowed:
+            raise ProtocolError(
+                protocol.RATE_LIMITED, f"too many {item.name}; slow down", direct.id, retry_after=verdict.retry_after
+            )
+
+    async def pay_copies(self, direct: Direct, copies: int | None) -> None:
+        """One ``FANOUT_LIMIT`` token per connection reached: a user with many tabs costs more to flood.
+
+        A recipient with more connections than the whole bucket can still be reached
+        once it is full; the debt then holds the sender back. Groups cannot count: free.
+        """
+        limit = registry_settings().FANOUT_LIMIT
+        if limit and copies:
+            await self.spend(budget.Spend("copies", *limit, cost=copies, need=min(copies, limit[0])), direct)
+
+    def refusal(self, direct: Direct, found: bool) -> ProtocolError:
+        """The same answer for "no such account" and "not for you", unless refusals may be revealed."""
+        if found and registry_settings().REVEAL_REFUSALS:
+            return ProtocolError(protocol.FORBIDDEN, "you may not message this user", direct.id)
+        return ProtocolError(protocol.UNKNOWN_RECIPIENT, f"no user with id {direct.to} you can message", direct.id)
+
+    async def get_recipient(self, user_id: int) -> Any:
+        """The recipient's primary key if they may receive messages, else ``None``."""
+        try:
+            exists = await get_user_model().objects.filter(pk=user_id, is_active=True).aexists()
+        except DataError:  # an id outside the column's range
+            return None
+        return user_id if exists else None
+
+    async def can_message(self, recipient_id: Any) -> bool:
+        """``CAN_MESSAGE(sender, recipient_id)``; any active user when it is not set."""
+        path = registry_settings().CAN_MESSAGE
+        if path is None:
+            return True
+        policy = import_string(path)
+        if not asyncio.iscoroutinefunction(policy):
+            policy = database_sync_to_async(policy)
+        return bool(await policy(self.sender, recipient_id))
+
+    def build_direct_message(self, direct: Direct) -> dict[str, Any]:
+        """The frame every connection of the recipient receives; the sender comes from here, never the payload."""
+        return protocol.direct_frame(self.sender.pk, direct)
+
+    async def delivered(self, direct: Direct, delivery: Delivery) -> None:
+        """Called once a message went out (to no connection, when the recipient is offline)."""
