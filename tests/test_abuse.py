@@ -17,9 +17,11 @@ import time
 from collections import Counter
 
 import pytest
+from asgiref.sync import sync_to_async
+from django.db import connection
 
 from . import test_faults
-from .processes import ROOT, HandshakeRefused, http_request
+from .processes import ROOT, HandshakeRefused, csrf_token, http_request
 
 # The fault tests' fixtures: a throw-away database for the module, and a stack per test.
 demo_database = test_faults.demo_database
@@ -251,3 +253,96 @@ async def test_a_flood_into_many_tabs_is_bounded_and_bystanders_keep_their_laten
 
 
 # --------------------------------------------------------------------------- findings 5 to 8
+
+
+def post_direct(server, user, frame: dict) -> tuple[int, dict, dict]:
+    """``POST /messages/`` as ``user``, as the demo page does it: (status, headers, JSON body)."""
+    token = csrf_token(server.port)
+    status, headers, body = http_request(
+        server.port, "POST", "/messages/", cookies={"sessionid": user.session, "csrftoken": token},
+        headers={"X-CSRFToken": token, "Content-Type": "application/json"}, body=json.dumps(frame).encode(),
+    )  # fmt: skip
+    return status, dict(headers), json.loads(body)
+
+
+def stored_for(user) -> int:
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT count(*) FROM inbox_notification WHERE recipient_id = %s", [user.pk])
+        return cursor.fetchone()[0]
+
+
+BLOCKING_POLICY = "tests.fault_apps.nobody_may_message_dave"
+
+
+async def test_refusals_and_acks_tell_a_sender_nothing_the_policy_hides(stack):
+    """Finding 6: ``forbidden`` (exists) vs ``unknown_recipient`` (does not) was an oracle for
+    accounts, and ``delivered: N`` told anyone who is online and on how many devices."""
+    stack.start_redis()
+    stack.configure(can_message=BLOCKING_POLICY, ack_delivered=0)
+    [server] = stack.daphnes(1)
+    mallory, alice, carol, dave = await stack.users("mallory", "alice", "carol", "dave")
+    await open_tabs(stack, server, alice, 2)
+    await stack.open_tab(server, dave)
+    sender = await stack.open_tab(server, mallory)
+    missing = 10**9
+
+    blocked = await sender.request(direct(dave, "hi", "x"))
+    nobody = await sender.request(direct(missing, "hi", "x"))
+    assert blocked["code"] == nobody["code"] == "unknown_recipient"
+    assert blocked["detail"].replace(str(dave.pk), "N") == nobody["detail"].replace(str(missing), "N")
+    # Online on two tabs, or offline: the same ack.
+    assert await sender.request(direct(alice, "hi", "a")) == {"type": "ack", "id": "a", "delivered": None}
+    assert await sender.request(direct(carol, "hi", "a")) == {"type": "ack", "id": "a", "delivered": None}
+
+    (status, _, blocked), (other_status, _, nobody) = [
+        await asyncio.to_thread(post_direct, server, mallory, direct(to, "hi", "h")) for to in (dave.pk, missing)
+    ]
+    assert status == other_status == 400 and blocked["code"] == nobody["code"] == "unknown_recipient"
+
+
+async def test_the_http_send_path_obeys_the_policy_and_the_budget_of_the_socket_path(stack):
+    """Finding 7: ``POST /messages/`` stored a message to a blocked recipient and had no rate limit."""
+    stack.start_redis()
+    stack.configure(can_message=BLOCKING_POLICY)
+    [server] = stack.daphnes(1)
+    mallory, alice, dave = await stack.users("mallory", "alice", "dave")
+    alice_tab = await stack.open_tab(server, alice)
+    dave_tab = await stack.open_tab(server, dave)
+
+    status, _, reply = await asyncio.to_thread(post_direct, server, mallory, direct(dave, "blocked?", "b"))
+    assert (status, reply["code"]) == (400, "unknown_recipient")
+    big = "x" * 15_000
+    answers = [await asyncio.to_thread(post_direct, server, mallory, direct(alice, big, n)) for n in range(21)]
+    assert [status for status, _, _ in answers] == [200] * 20 + [429]
+    status, headers, refused = answers[-1]
+    assert refused["code"] == "rate_limited" and 0 < refused["retry_after"] <= 10
+    assert 1 <= int(headers["Retry-After"]) <= 10
+    # The budget is the user's, whatever the transport: the socket is over it too.
+    socket = await stack.open_tab(server, mallory)
+    assert (await socket.request(direct(alice, "via the socket", "s")))["code"] == "rate_limited"
+
+    assert await sync_to_async(stored_for)(dave) == 0 and dave_tab.frames_of("direct") == []
+    assert await sync_to_async(stored_for)(alice) == 20
+    assert len(alice_tab.frames_of("direct")) == 20
+
+
+async def test_presence_changes_are_coalesced_for_everyone_else(stack):
+    """Finding 8: 200 connect/close cycles of one user pushed 228 presence frames to every tab."""
+    stack.start_redis()
+    [server] = stack.daphnes(1)
+    alice, mallory = await stack.users("alice", "mallory")
+    watcher = await stack.open_tab(server, alice)
+    await watcher.wait_for(lambda f: f.get("type") == "demo.presence", 5)
+    before = len(watcher.frames_of("demo.presence"))
+
+    started = time.monotonic()
+    for _ in range(40):
+        tab = await stack.open_tab(server, mallory)
+        await tab.close()
+    churn_seconds = time.monotonic() - started
+    await asyncio.sleep(1.5)  # the last coalesced broadcast
+
+    frames = watcher.frames_of("demo.presence")[before:]
+    # At most one broadcast per 0.5 s, plus the one that starts a burst and the trailing one.
+    assert 1 <= len(frames) <= churn_seconds / 0.5 + 3, (len(frames), churn_seconds)
+    assert [person["username"] for person in frames[-1]["online"]] == ["alice"]
