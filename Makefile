@@ -28,7 +28,7 @@ test-real: $(VENV)/.installed-test
 	CR_TEST_STACK=real $(BIN)/pytest $(PYTEST_ARGS)
 
 test-memory: $(VENV)/.installed-test
-	CR_TEST_STACK=memory $(BIN)/pytest -m "not faults and not browser" $(PYTEST_ARGS)
+	CR_TEST_STACK=memory $(BIN)/pytest -m "not faults and not browser and not abuse" $(PYTEST_ARGS)
 
 # ruff everywhere; mypy strict on channel_registry/ (pyproject.toml); tsc over the JS client (tsconfig.json).
 # Node's own test runner over the client's pure parts (backoff, SSE parsing, state machine).

@@ -121,7 +121,7 @@ def _run_suite(session: nox.Session, python: str, django: str) -> None:
     session.run(python_bin, "-c", "import sys, django; print('Python', sys.version.split()[0], '+ Django', "
                 "django.get_version())", external=True)  # fmt: skip
     session.run(
-        python_bin, "-m", "pytest", "-m", "not faults and not browser", "-q", "-p", "no:cacheprovider",
+        python_bin, "-m", "pytest", "-m", "not faults and not browser and not abuse", "-q", "-p", "no:cacheprovider",
         *session.posargs, external=True, env={"CR_TEST_STACK": "memory"},
     )  # fmt: skip
 

@@ -17,6 +17,8 @@ def scope(origin, host="chat.example.com", scheme="ws", extra=()):
 
 @pytest.fixture(autouse=True)
 def site(settings):
+    # The refusing consumer opens a layer channel; in memory, none is left reading Redis.
+    settings.CHANNEL_LAYERS = {"default": {"BACKEND": "channels.layers.InMemoryChannelLayer"}}
     settings.ALLOWED_HOSTS = ["chat.example.com"]
     settings.CSRF_TRUSTED_ORIGINS = ["https://app.example.com"]
 
@@ -55,6 +57,7 @@ def test_host_must_be_allowed_and_headers_single():
     assert not origin_allowed(doubled)
 
 
+@pytest.mark.django_db  # Channels closes old database connections around a consumer's handlers
 async def test_refused_handshake_never_reaches_the_application():
     reached, sent = [], []
 

@@ -575,19 +575,26 @@ async def test_rate_limit_is_per_user_over_all_their_connections(consumer, open_
     assert await answer(bob_sender) == ack(consumer, 3, 3)  # another user's budget is their own
 
 
-async def test_fanout_limit_charges_every_copy_to_the_sender(consumer, open_as, alice, bob, carol, settings):
-    settings.CHANNEL_REGISTRY = {"RATE_LIMIT": None, "FANOUT_LIMIT": (4, 60)}
+async def test_fanout_limit_charges_every_copy_to_the_sender_before_sending(
+    consumer, open_as, alice, bob, carol, settings
+):
+    settings.CHANNEL_REGISTRY = {"RATE_LIMIT": None, "FANOUT_LIMIT": (4, 60)}  # a copy every 15 s
     sender = await open_as(alice)
     bob_tabs = [await open_as(bob) for _ in range(3)]
-    await open_as(carol)
+    carol_tab = await open_as(carol)
     await sender.send_json_to(frames_to(bob, 1)[0])
-    assert await answer(sender) == ack(consumer, 0, 3)
-    await sender.send_json_to(frames_to(bob, 1, start=1)[0])  # one token left: sent, and the copies put it in debt
-    assert await answer(sender) == ack(consumer, 1, 3)
+    assert await answer(sender) == ack(consumer, 0, 3)  # 3 copies paid: 1 left
+    await sender.send_json_to(frames_to(bob, 1, start=1)[0])
     if consumer is RegistryConsumer:  # groups cannot count copies: there only RATE_LIMIT applies
+        assert await answer(sender) == rate_limited(1, within=30)  # 2 more copies: 30 s
         await sender.send_json_to(frames_to(carol, 1, start=2)[0])
-        assert await answer(sender) == rate_limited(2, within=60)
-        assert [(await answer(tab))["message"] for tab in bob_tabs for _ in range(2)] == [0, 1] * 3
+        assert await answer(sender) == ack(consumer, 2, 1)  # one copy still fits
+        assert [(await answer(tab))["message"] for tab in bob_tabs] == [0, 0, 0]
+        assert (await answer(carol_tab))["message"] == 2
+        for tab in bob_tabs:
+            assert await tab.receive_nothing()  # the refused message made no copy at all
+    else:
+        assert await answer(sender) == ack(consumer, 1, 3)
 
 
 async def test_rate_limit_none_disables_it(consumer, open_as, alice, bob, settings):
