@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Collection
+from typing import Any
 
 from channels.db import database_sync_to_async
 
 from . import postgres
 from .cleanup import prune_dead_servers
 from .conf import registry_settings
-from .delivery import send_many
+from .delivery import send_batches, send_many
 from .exceptions import ConnectionLimitExceeded
 from .liveness import heartbeat, process
 from .models import UserChannel, session_digest
@@ -55,20 +55,27 @@ class MappingStrategy(DeliveryStrategy):
         process.closing.pop(channel_name, None)
         heartbeat.stop_if_idle()
 
-    async def deliver(self, user_ids: Collection, event: dict) -> Delivery:
-        return await self.send_to_channels(await row_store().live_channels(user_ids), event)
+    async def route(self, events: dict[Any, dict]) -> Delivery:
+        live = await row_store().live_channels(events)
+        # Users sharing one event object share one batch: one message per process key, not per user.
+        batches: dict[int, tuple[dict, list[str]]] = {}
+        for user_id, names in live.items():
+            batches.setdefault(id(events[user_id]), (events[user_id], []))[1].extend(names)
+        return await self.send_batches(list(batches.values()))
 
     async def deliver_to_session(self, session_key: str, event: dict) -> Delivery:
         rows = await database_sync_to_async(session_rows)(session_digest(session_key))
-        return await self.send_to_channels(live_names(rows), event)
+        return await self.send_batches([(event, live_names(rows))])
 
-    async def send_to_channels(self, names: list[str], event: dict) -> Delivery:
-        if not names:
+    async def send_batches(self, batches: list[tuple[dict, list[str]]]) -> Delivery:
+        channels = sum(len(names) for _, names in batches)
+        if not channels:
             return Delivery(channels=0, sent=0, failed=[])
-        failed = await self.send(names, event)
+        concurrency = registry_settings().SEND_CONCURRENCY
+        failed = await send_batches(channel_layer(), batches, concurrency=concurrency)
         if failed:
             await database_sync_to_async(prune_dead_servers)(failed)
-        return Delivery(channels=len(names), sent=len(names) - len(failed), failed=failed)
+        return Delivery(channels=channels, sent=channels - len(failed), failed=failed)
 
     async def send(self, names: list[str], event: dict) -> list[str]:
         return await send_many(channel_layer(), names, event, concurrency=registry_settings().SEND_CONCURRENCY)

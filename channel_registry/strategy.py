@@ -17,6 +17,7 @@ from channels.layers import get_channel_layer
 from django.core.exceptions import ImproperlyConfigured
 
 from .conf import registry_settings
+from .history import history_for, stamped
 
 
 @dataclass(frozen=True)
@@ -56,8 +57,22 @@ class DeliveryStrategy:
         """Forget the connection; safe to call for one that is already gone."""
         raise NotImplementedError
 
-    async def deliver(self, user_ids: Collection[Any], event: dict[str, Any]) -> Delivery:
-        """Send ``event`` to every live connection of every user in ``user_ids``."""
+    async def deliver(self, user_ids: Collection[Any], event: dict[str, Any], *, recover: bool = False) -> Delivery:
+        """Send ``event`` to every live connection of every user in ``user_ids``.
+
+        With ``recover``, the event is first appended to each user's history and
+        goes out carrying that user's position. Stored before the lookup: a
+        connection registered too late to be found reads the event from the
+        history on connect (see ``cursor.py``).
+        """
+        history = history_for(channel_layer()) if recover else None
+        if history is None:
+            return await self.route(dict.fromkeys(user_ids, event))
+        positions = await history.append(user_ids, event)
+        return await self.route({user_id: stamped(event, position) for user_id, position in positions.items()})
+
+    async def route(self, events: dict[Any, dict[str, Any]]) -> Delivery:
+        """Send each user's event (often one shared object) to that user's live connections."""
         raise NotImplementedError
 
     async def deliver_to_session(self, session_key: str, event: dict[str, Any]) -> Delivery:

@@ -19,7 +19,7 @@ from channel_registry.layers import redis_layer
 from channel_registry.liveness import beat, forget_process, process
 from channel_registry.models import UserChannel
 
-from .conftest import rows
+from .conftest import at, rows
 from .redis_servers import RedisServer
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -138,7 +138,7 @@ async def test_connection_limit_close_oldest_keeps_the_newest(connect, alice, se
     assert await closed_with(old, 4429)
     assert [r.channel_name for r in await rows(user=alice)] == [new.channel_name]
     assert (await asend_to_user(alice, EVENT)).sent == 1
-    assert await new.receive_json_from() == {"type": "notification", "data": "x"}
+    assert await new.receive_json_from() == {"type": "notification", "data": "x", **at(new, 1)}
 
 
 def fill(layer, channel) -> None:
