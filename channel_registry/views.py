@@ -114,7 +114,7 @@ class EventStreamView(View):
             for group in self.groups:
                 await layer.group_add(group, channel)
             history = history_for(layer)
-            cursor = history and Cursor(history, user_id)
+            cursor = Cursor(history, user_id) if history else None
             first = await cursor.start(since) if cursor else []
             yield f"retry: {RETRY_MS}\n\n"
             for event in first:

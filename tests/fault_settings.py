@@ -15,6 +15,7 @@ from the environment (``tests/processes.py`` writes it):
 ``CRF_HEARTBEAT`` / ``CRF_STALE_AFTER``  ``HEARTBEAT_INTERVAL`` / ``STALE_AFTER`` (0.5 / 2).
 ``CRF_MAX_CONNECTIONS`` / ``CRF_ON_LIMIT``  ``MAX_CONNECTIONS_PER_USER`` / ``ON_LIMIT``.
 ``CRF_RATE_LIMIT``    ``"messages,seconds"`` or ``"none"`` (default: the library's 20 per 10 s).
+``CRF_HISTORY_SIZE``  ``HISTORY_SIZE`` and ``RECOVERY_LIMIT`` (default: the library's 300).
 ``CRF_SECRET_KEY``    must match the process that writes the sessions.
 ``CRF_PRESENCE``      ``0`` disconnects the demo's presence broadcast (the load script's option).
 """
@@ -46,6 +47,8 @@ CHANNEL_REGISTRY = {
 if os.environ.get("CRF_MAX_CONNECTIONS"):
     CHANNEL_REGISTRY["MAX_CONNECTIONS_PER_USER"] = int(os.environ["CRF_MAX_CONNECTIONS"])
     CHANNEL_REGISTRY["ON_LIMIT"] = os.environ.get("CRF_ON_LIMIT", "close_newest")
+if os.environ.get("CRF_HISTORY_SIZE"):
+    CHANNEL_REGISTRY["HISTORY_SIZE"] = CHANNEL_REGISTRY["RECOVERY_LIMIT"] = int(os.environ["CRF_HISTORY_SIZE"])
 _rate = os.environ.get("CRF_RATE_LIMIT")
 if _rate:
     CHANNEL_REGISTRY["RATE_LIMIT"] = None if _rate == "none" else tuple(float(x) for x in _rate.split(","))
