@@ -434,6 +434,49 @@ def test_client_treats_a_missing_pong_as_dead_and_never_holds_two_sockets(sign_i
     assert result["most"] == 1
 
 
+NATIVE_EVENT_SOURCE = """() => {
+    window.got = [];
+    window.recovered = [];
+    const source = new EventSource("/events/");
+    for (const name of ["direct", "notification"]) {
+        source.addEventListener(name, (event) => window.got.push({ ...JSON.parse(event.data), lastEventId: event.lastEventId }));
+    }
+    source.addEventListener("position", (event) => { window.position = event.lastEventId; });
+    source.addEventListener("recovered", (event) => window.recovered.push(JSON.parse(event.data)));
+}"""
+
+
+def test_native_event_source_gets_what_it_missed_while_the_server_restarted(sign_in, servers):
+    """The browser's own EventSource reconnects with Last-Event-ID; the server replays the gap once."""
+    alice, bob = sign_in("alice"), sign_in("bob")
+    page = bob.context.new_page()
+    page.goto(f"{bob.server.url}/login/")  # a page of the site with no connection of its own
+    page.evaluate(NATIVE_EVENT_SOURCE)
+    page.wait_for_function("() => window.position !== undefined", timeout=LIVE)
+    alice.send("bob", "before")
+    page.wait_for_function("() => window.got.length === 1", timeout=LIVE)
+
+    servers[1].stop()
+    for n in range(3):
+        alice.send("bob", f"missed {n}")
+        expect(alice.page.locator("#ack")).to_have_text(re.compile("bob is offline"), timeout=LIVE)
+        alice.page.locator("#ack").evaluate("(ack) => { ack.textContent = ''; }")
+    servers[1].start()
+
+    page.wait_for_function("() => window.recovered.length === 1", timeout=20000)
+    alice.send("bob", "live")
+    page.wait_for_function("() => window.got.some((frame) => frame.message === 'live')", timeout=LIVE)
+    page.wait_for_timeout(300)  # a duplicate would have come by now
+    got = page.evaluate("window.got")
+    assert [frame["message"] for frame in got] == ["before", "missed 0", "missed 1", "missed 2", "live"]
+    assert [frame["lastEventId"] for frame in got] == [f"{frame['epoch']}:{frame['seq']}" for frame in got]
+    assert [frame["seq"] for frame in got] == list(range(got[0]["seq"], got[0]["seq"] + 5))
+    assert page.evaluate("window.recovered")[0]["count"] == 3
+    # Bob's inbox (its own client, with its own backoff) may come back before or after "live".
+    expect(bob.page.locator("#history-note")).to_have_text(re.compile(r"^[34] missed messages recovered$"), timeout=20000)
+    page.close()
+
+
 def test_page_reconnects_by_itself_after_daphne_restarts(sign_in, servers):
     alice, bob = sign_in("alice"), sign_in("bob")
     status = bob.page.locator("#status")
