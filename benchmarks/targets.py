@@ -219,7 +219,9 @@ async def target_2(scale: Scale) -> Table:
                 short = sum(d.sent != channels for d in m_deliveries)
                 peaks = {}
                 for name, dispatcher in STRATEGIES.items():
-                    peaks[name] = await peak_memory(lambda d=dispatcher, u=users: d.asend_to_users(u, EVENT, recover=ROUTING_ONLY))
+                    peaks[name] = await peak_memory(
+                        lambda d=dispatcher, u=users: d.asend_to_users(u, EVENT, recover=ROUTING_ONLY)
+                    )
                     await world.drain()
                 m, g = summary(m_times), summary(g_times)
                 speedup = ratio(g["p50"], m["p50"])

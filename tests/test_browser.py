@@ -439,7 +439,9 @@ NATIVE_EVENT_SOURCE = """() => {
     window.recovered = [];
     const source = new EventSource("/events/");
     for (const name of ["direct", "notification"]) {
-        source.addEventListener(name, (event) => window.got.push({ ...JSON.parse(event.data), lastEventId: event.lastEventId }));
+        source.addEventListener(name, (event) => {
+            window.got.push({ ...JSON.parse(event.data), lastEventId: event.lastEventId });
+        });
     }
     source.addEventListener("position", (event) => { window.position = event.lastEventId; });
     source.addEventListener("recovered", (event) => window.recovered.push(JSON.parse(event.data)));
@@ -473,7 +475,8 @@ def test_native_event_source_gets_what_it_missed_while_the_server_restarted(sign
     assert [frame["seq"] for frame in got] == list(range(got[0]["seq"], got[0]["seq"] + 5))
     assert page.evaluate("window.recovered")[0]["count"] == 3
     # Bob's inbox (its own client, with its own backoff) may come back before or after "live".
-    expect(bob.page.locator("#history-note")).to_have_text(re.compile(r"^[34] missed messages recovered$"), timeout=20000)
+    note = bob.page.locator("#history-note")
+    expect(note).to_have_text(re.compile(r"^[34] missed messages recovered$"), timeout=20000)
     page.close()
 
 
