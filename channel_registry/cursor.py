@@ -26,7 +26,7 @@ from __future__ import annotations
 from typing import Any
 
 from .exceptions import ChannelLayerUnavailable
-from .history import RESET_EPOCH, RESET_INVALID, RESET_UNAVAILABLE, History, Position, position_of
+from .history import RESET_EPOCH, RESET_INVALID, RESET_UNAVAILABLE, History, Position, position_for, resolved
 
 #: Channels events the cursor emits for the connection to turn into frames.
 POSITION_EVENT = "registry.position"
@@ -73,7 +73,7 @@ class Cursor:
     async def admit(self, event: dict[str, Any]) -> list[dict[str, Any]]:
         """What to pass on for one incoming event: usually itself, nothing for a
         duplicate, the missing events before it for a gap."""
-        position = position_of(event)
+        position = position_for(event, self.user_id)
         if position is None or self.position is None:
             return [event]
         if position.epoch != self.position.epoch:
@@ -84,7 +84,7 @@ class Cursor:
             return []
         if position.seq == self.position.seq + 1:
             self.position = position
-            return [event]
+            return [resolved(event, position)]
         return await self.fill_gap(event, position)
 
     async def fill_gap(self, event: dict[str, Any], position: Position) -> list[dict[str, Any]]:
@@ -93,7 +93,7 @@ class Cursor:
             recovery = await self.history.read(self.user_id, self.position)
         except ChannelLayerUnavailable:
             self.position = position
-            return [control(RESET_EVENT, position, reason=RESET_UNAVAILABLE), event]
+            return [control(RESET_EVENT, position, reason=RESET_UNAVAILABLE), resolved(event, position)]
         # The head may be past this event: the later ones arrive live too, and are dropped then.
         self.position = recovery.head
         if recovery.reset:

@@ -11,12 +11,14 @@ approaches can be compared on the same workload, with the same protocol.
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from typing import Any
 
 from .conf import registry_settings
 from .delivery import layer_slots, run_bounded
 from .dispatch import Dispatcher
 from .exceptions import layer_unavailable
+from .history import Position, stamped
 from .models import session_digest
 from .strategy import Delivery, DeliveryStrategy, channel_layer
 
@@ -53,15 +55,18 @@ class GroupStrategy(DeliveryStrategy):
         for group in connection_groups(user_id, session_key):
             await _layer_call("group_discard", group, channel_name)
 
-    async def route(self, events: dict[Any, dict[str, Any]]) -> Delivery:
+    async def route(
+        self, user_ids: Collection[Any], event: dict[str, Any], positions: dict[Any, Position] | None = None
+    ) -> Delivery:
         layer = channel_layer()
 
         async def send(user_id: Any) -> None:
-            await layer.group_send(group_name(user_id), events[user_id])
+            message = stamped(event, {user_id: positions[user_id]}) if positions else event
+            await layer.group_send(group_name(user_id), message)
 
         # One group_send per user, within the process's budget of commands in flight.
         with layer_unavailable(layer):
-            await run_bounded(list(events), send, registry_settings().SEND_CONCURRENCY)
+            await run_bounded(list(user_ids), send, registry_settings().SEND_CONCURRENCY)
         return Delivery(channels=None, sent=None, failed=[])
 
     async def deliver_to_session(self, session_key: str, event: dict[str, Any]) -> Delivery:

@@ -80,13 +80,26 @@ class Recovery:
     reset: str | None = None
 
 
-def stamped(event: dict[str, Any], position: Position) -> dict[str, Any]:
-    """The event as delivered: a copy carrying its position."""
+def stamped(event: dict[str, Any], positions: dict[Any, Position]) -> dict[str, Any]:
+    """The event as sent: a copy carrying each addressed user's position.
+
+    One message reaches all of a server process's channels it names, whichever
+    user they belong to (``__asgi_channel__``), so it carries the position of
+    every user it is for; each connection picks its own (``position_for``).
+    Keys are strings: msgpack refuses other map keys by default.
+    """
+    return {**event, POSITION_KEY: {str(user): [p.epoch, p.seq] for user, p in positions.items()}}
+
+
+def resolved(event: dict[str, Any], position: Position) -> dict[str, Any]:
+    """The event as one connection passes it on: carrying its own ``[epoch, seq]``."""
     return {**event, POSITION_KEY: [position.epoch, position.seq]}
 
 
-def position_of(event: dict[str, Any]) -> Position | None:
-    value = event.get(POSITION_KEY)
+def position_for(event: dict[str, Any], user_id: Any) -> Position | None:
+    """``user_id``'s position in a sent event; ``None`` for an event that is not recoverable."""
+    positions = event.get(POSITION_KEY)
+    value = positions.get(str(user_id)) if isinstance(positions, dict) else None
     return Position(value[0], value[1]) if value else None
 
 
@@ -151,7 +164,7 @@ class MemoryHistory(History):
         missed = [(n, sent, e) for n, sent, e in events if n > since.seq]
         if len(missed) != head.seq - since.seq or (missed and missed[0][1] < oldest_kept):
             return Recovery(head, reset=RESET_EXPIRED)
-        return Recovery(head, [stamped(e, Position(epoch, n)) for n, _, e in missed])
+        return Recovery(head, [resolved(e, Position(epoch, n)) for n, _, e in missed])
 
 
 #: Per user: the head hash (epoch, seq), then the stream of events, id ``<seq>-0``.
@@ -259,7 +272,7 @@ class RedisHistory(History):
         if payloads and payloads[0] is None:
             return Recovery(head, reset=RESET_EXPIRED)
         return Recovery(head, [
-            stamped(self.layer.deserialize(payload), Position(head.epoch, since.seq + i))
+            resolved(self.layer.deserialize(payload), Position(head.epoch, since.seq + i))
             for i, payload in enumerate(payloads, start=1)
         ])
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from typing import Any
 
 from channels.db import database_sync_to_async
@@ -11,6 +12,7 @@ from .cleanup import prune_dead_servers
 from .conf import registry_settings
 from .delivery import send_batches, send_many
 from .exceptions import ConnectionLimitExceeded
+from .history import Position, stamped
 from .liveness import heartbeat, process
 from .models import UserChannel, session_digest
 from .protocol import CLOSE_TOO_MANY, DISCONNECT_EVENT
@@ -55,13 +57,20 @@ class MappingStrategy(DeliveryStrategy):
         process.closing.pop(channel_name, None)
         heartbeat.stop_if_idle()
 
-    async def route(self, events: dict[Any, dict]) -> Delivery:
-        live = await row_store().live_channels(events)
-        # Users sharing one event object share one batch: one message per process key, not per user.
-        batches: dict[int, tuple[dict, list[str]]] = {}
+    async def route(self, user_ids: Collection, event: dict, positions: dict[Any, Position] | None = None) -> Delivery:
+        live = await row_store().live_channels(user_ids)
+        if positions is None:
+            return await self.send_batches([(event, [name for names in live.values() for name in names])])
+        # Still one message per server process (the key its channels share), not one per user:
+        # it carries the position of each user it reaches there.
+        layer = channel_layer()
+        by_process: dict[str, tuple[dict[Any, Position], list[str]]] = {}
         for user_id, names in live.items():
-            batches.setdefault(id(events[user_id]), (events[user_id], []))[1].extend(names)
-        return await self.send_batches(list(batches.values()))
+            for name in names:
+                users, channels = by_process.setdefault(layer.non_local_name(name), ({}, []))
+                users[user_id] = positions[user_id]
+                channels.append(name)
+        return await self.send_batches([(stamped(event, users), channels) for users, channels in by_process.values()])
 
     async def deliver_to_session(self, session_key: str, event: dict) -> Delivery:
         rows = await database_sync_to_async(session_rows)(session_digest(session_key))

@@ -195,7 +195,7 @@ def with_position(frame: dict[str, Any], event: dict[str, Any]) -> dict[str, Any
     """``frame`` plus the ``epoch`` and ``seq`` of the recoverable event it carries (the
     event's internal position key left out, when the frame is the event itself)."""
     position = event.get(POSITION_KEY)
-    if not position:
+    if not isinstance(position, list):  # not recoverable, or not passed through a cursor
         return frame
     fields = {name: value for name, value in frame.items() if name != POSITION_KEY}
     return {**fields, "epoch": position[0], "seq": position[1]}

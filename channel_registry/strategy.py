@@ -17,7 +17,7 @@ from channels.layers import get_channel_layer
 from django.core.exceptions import ImproperlyConfigured
 
 from .conf import registry_settings
-from .history import history_for, stamped
+from .history import Position, history_for
 
 
 @dataclass(frozen=True)
@@ -67,12 +67,13 @@ class DeliveryStrategy:
         """
         history = history_for(channel_layer()) if recover else None
         if history is None:
-            return await self.route(dict.fromkeys(user_ids, event))
-        positions = await history.append(user_ids, event)
-        return await self.route({user_id: stamped(event, position) for user_id, position in positions.items()})
+            return await self.route(user_ids, event)
+        return await self.route(user_ids, event, await history.append(user_ids, event))
 
-    async def route(self, events: dict[Any, dict[str, Any]]) -> Delivery:
-        """Send each user's event (often one shared object) to that user's live connections."""
+    async def route(
+        self, user_ids: Collection[Any], event: dict[str, Any], positions: dict[Any, Position] | None = None
+    ) -> Delivery:
+        """Send ``event`` to the users' live connections, stamped with their ``positions`` if given."""
         raise NotImplementedError
 
     async def deliver_to_session(self, session_key: str, event: dict[str, Any]) -> Delivery:

@@ -154,10 +154,10 @@ class EventStreamView(View):
 
     def sse(self, event: dict) -> str:
         name, data = self.encode(event)
-        position = event.get(protocol.POSITION_KEY)
         if event["type"] in HISTORY_EVENTS:
-            position = [event["epoch"], event["seq"]]
-        return sse_message(name, data, f"{position[0]}:{position[1]}" if position else None)
+            return sse_message(name, data, f"{event['epoch']}:{event['seq']}")
+        position = event.get(protocol.POSITION_KEY)
+        return sse_message(name, data, f"{position[0]}:{position[1]}" if isinstance(position, list) else None)
 
     def encode(self, event: dict) -> tuple[str, object]:
         """The SSE event name and data for one Channels event; override to add types."""

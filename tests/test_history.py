@@ -23,6 +23,7 @@ from channel_registry.history import (
     Position,
     RedisHistory,
     history_for,
+    position_for,
 )
 from channel_registry.protocol import POSITION_KEY
 
@@ -160,7 +161,7 @@ async def test_cursor_drops_duplicates_and_fills_a_gap_from_the_history(history)
     stamped = []
     for n in range(4):
         position = (await history.append([1], {**EVENT, "n": n}))[1]
-        stamped.append({**EVENT, "n": n, POSITION_KEY: [position.epoch, position.seq]})
+        stamped.append({**EVENT, "n": n, POSITION_KEY: {"1": [position.epoch, position.seq], "2": ["other", 9]}})
     assert positions(await cursor.admit(stamped[0])) == [1]
     assert await cursor.admit(stamped[0]) == []  # already passed
     # 4 arrives before 2 and 3 (another sender's): they come from the history, in order.
@@ -195,7 +196,7 @@ async def test_cursor_reports_a_history_lost_while_connected(make_layer):
     await send(history, 1, 1)
     await layer.flush()
     new = await send(history, 1, 2)
-    out = await cursor.admit({**EVENT, POSITION_KEY: [new[1].epoch, 2]})
+    out = await cursor.admit({**EVENT, POSITION_KEY: {"1": [new[1].epoch, 2]}})
     assert out[0] == {"type": "registry.reset", "epoch": new[0].epoch, "seq": 0, "reason": RESET_EPOCH}
     assert positions(out[1:]) == [1, 2]
 
@@ -240,3 +241,30 @@ async def test_both_consumers_resume_from_the_same_history(connect, alice, strat
     await dispatcher.anotify_user(alice, "live")
     assert await back.receive_json_from() == {"type": "notification", "data": "live", "epoch": epoch, "seq": 4}
     assert await back.receive_nothing()
+
+
+@pytest.mark.django_db(transaction=True)
+async def test_a_fan_out_with_history_is_still_one_message_per_server_process(make_user, layer):
+    """Each user's position rides in the process's one message; each connection reads its own."""
+    from asgiref.sync import sync_to_async
+    from channels_redis.core import RedisChannelLayer
+
+    from channel_registry import asend_to_users
+    from channel_registry.models import UserChannel
+
+    users = [await sync_to_async(make_user)() for _ in range(30)]
+    channels = {}
+    for user in users:
+        channels[user.pk] = await layer.new_channel()  # all of this process: one Redis key
+        await UserChannel.objects.acreate(user=user, channel_name=channels[user.pk], server="test")
+    await asend_to_users(users[:10], EVENT)  # the first ten are one event ahead
+
+    delivery = await asend_to_users(users, EVENT)
+
+    assert delivery.sent == 30 and delivery.failed == []
+    if isinstance(layer, RedisChannelLayer):
+        key = layer.prefix + layer.non_local_name(channels[users[0].pk])
+        assert await layer.connection(0).zcard(key) == 2  # two fan-outs, one message each (one Redis host)
+    for user in users:
+        received = [await layer.receive(channels[user.pk]) for _ in range(2 if user in users[:10] else 1)]
+        assert position_for(received[-1], user.pk).seq == (2 if user in users[:10] else 1)

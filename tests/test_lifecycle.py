@@ -260,5 +260,9 @@ async def test_redis_outage_raises_one_error_and_delivery_resumes(connect, alice
         redis.start()
         await sender.send_json_to({"type": "direct", "to": bob.pk, "message": "after", "id": "b"})
         assert await sender.receive_json_from(timeout=10) == {"type": "ack", "id": "b", "delivered": 1}
+        # The restart emptied Redis, the history with it: the open socket is told before the message.
+        reset = await receiver.receive_json_from(timeout=15)
+        assert (reset["type"], reset["reason"], reset["seq"]) == ("reset", "epoch", 0)
+        assert reset["epoch"] != receiver.position["epoch"]
         frame = await receiver.receive_json_from(timeout=15)
-        assert frame["message"] == "after" and frame["from"] == alice.pk
+        assert frame["message"] == "after" and frame["from"] == alice.pk and frame["seq"] == 1
