@@ -39,7 +39,7 @@ except ImportError:  # pragma: no cover
 
 #: Why a position could not be honoured (the ``reason`` of a ``reset`` frame).
 RESET_EPOCH = "epoch"  # another history: lost since, or never this user's
-RESET_EXPIRED = "expired"  # an event after it is no longer kept
+RESET_EXPIRED = "expired"  # an event after it is no longer kept (HISTORY_SIZE, HISTORY_TTL)
 RESET_TOO_MANY = "too_many"  # more than RECOVERY_LIMIT events behind
 RESET_INVALID = "invalid"  # malformed, or ahead of the history
 RESET_UNAVAILABLE = "unavailable"  # the history could not be read
@@ -107,13 +107,16 @@ def new_epoch() -> str:
     return secrets.token_hex(6)
 
 
-def check_limits(head: Position, since: Position, limit: int) -> str | None:
+def check_limits(head: Position, since: Position) -> str | None:
     """The reset reason that needs no event to decide, or ``None``."""
+    options = registry_settings()
     if since.epoch != head.epoch:
         return RESET_EPOCH
     if since.seq > head.seq:
         return RESET_INVALID
-    if head.seq - since.seq > limit:
+    if head.seq - since.seq > options.HISTORY_SIZE:
+        return RESET_EXPIRED  # the events after it are no longer kept
+    if head.seq - since.seq > options.RECOVERY_LIMIT:
         return RESET_TOO_MANY
     return None
 
@@ -157,7 +160,7 @@ class MemoryHistory(History):
         options = registry_settings()
         if since is None:
             return Recovery(head)
-        reset = check_limits(head, since, options.RECOVERY_LIMIT)
+        reset = check_limits(head, since)
         if reset:
             return Recovery(head, reset=reset)
         oldest_kept = time.time() - options.HISTORY_TTL
@@ -265,7 +268,7 @@ class RedisHistory(History):
         head = Position(answer[0].decode(), int(answer[1]))
         if since is None:
             return Recovery(head)
-        reset = check_limits(head, since, options.RECOVERY_LIMIT)
+        reset = check_limits(head, since)
         if reset:
             return Recovery(head, reset=reset)
         payloads = answer[2:]

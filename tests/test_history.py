@@ -75,9 +75,11 @@ async def test_one_append_serves_many_users_each_with_its_own_position(history):
     assert {user: p.seq for user, p in positions.items()} == {1: 3, 2: 1, 3: 1}
 
 
-@pytest.mark.parametrize("case", ["foreign epoch", "ahead", "too many", "expired"])
+@pytest.mark.parametrize("case", ["foreign epoch", "ahead", "too many", "older than kept", "expired"])
 async def test_positions_that_cannot_be_honoured_say_why(history, case):
     options = {"HISTORY_SIZE": 5, "RECOVERY_LIMIT": 5, "HISTORY_TTL": 600}
+    if case == "too many":
+        options["HISTORY_SIZE"] = 10
     if case == "expired":
         options["HISTORY_TTL"] = 0.3
     with override_settings(CHANNEL_REGISTRY=options):
@@ -87,11 +89,15 @@ async def test_positions_that_cannot_be_honoured_say_why(history, case):
             "foreign epoch": (Position("f00d", 2), RESET_EPOCH),
             "ahead": (Position(head.epoch, 9), RESET_INVALID),
             "too many": (Position(head.epoch, 0), None),  # 4 behind: within the limit
+            "older than kept": (Position(head.epoch, 0), None),
             "expired": (Position(head.epoch, 1), RESET_EXPIRED),
         }[case]
         if case == "too many":
-            await send(history, 1, 2)  # now 6 behind a limit of 5
+            await send(history, 1, 2)  # now 6 behind a limit of 5, all 6 kept
             reason = RESET_TOO_MANY
+        if case == "older than kept":
+            await send(history, 1, 2)  # 6 behind, 5 kept: the one after it is gone
+            reason = RESET_EXPIRED
         if case == "expired":
             await asyncio.sleep(0.4)
         recovery = await history.read(1, since)

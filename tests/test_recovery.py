@@ -112,7 +112,7 @@ async def test_positions_that_cannot_be_honoured_get_an_explicit_reset(stack):
         await tab.close()
         return frame
 
-    assert await reset_for(f"{epoch}:1") == {"type": "reset", "reason": "too_many", "epoch": epoch, "seq": 8}
+    assert await reset_for(f"{epoch}:1") == {"type": "reset", "reason": "expired", "epoch": epoch, "seq": 8}
     assert await reset_for("0123456789ab:3") == {"type": "reset", "reason": "epoch", "epoch": epoch, "seq": 8}
     assert (await reset_for(f"{epoch}:99"))["reason"] == "invalid"
     assert (await reset_for(f"{epoch}:6")) == {"type": "recovered", "count": 2, "epoch": epoch, "seq": 8}
