@@ -341,24 +341,6 @@ describe("RegistrySocket", () => {
       else delete globalThis.navigator;
     }
   });
-});
-
-// --------------------------------------------------------------------------- the event stream
-
-describe("history position", () => {
-  let savedWebSocket;
-
-  beforeEach(() => {
-    savedWebSocket = globalThis.WebSocket;
-    globalThis.WebSocket = FakeWebSocket;
-    FakeWebSocket.all = [];
-    mock.timers.enable({ apis: ["setTimeout", "setInterval"] });
-  });
-
-  afterEach(() => {
-    mock.timers.reset();
-    globalThis.WebSocket = savedWebSocket;
-  });
 
   test("the first connection asks for nothing; a reconnect resumes from the newest position", () => {
     const client = new RegistrySocket("http://example.test/ws/registry/", { random: () => 0 });
@@ -397,6 +379,8 @@ describe("history position", () => {
     client.close();
   });
 });
+
+// --------------------------------------------------------------------------- the event stream
 
 describe("RegistryEventStream", () => {
   let savedFetch;
