@@ -33,6 +33,9 @@ from .probes import BlockingCallbacks, LoopLag
 from .stats import Table, progress, ratio, sample, summary
 
 EVENT = {"type": "bench.message", "text": "x" * 64}
+#: Targets 1 to 6 compare routing, so they send without the per-user history (both strategies would
+#: append to it alike); the history target measures what it adds.
+ROUTING_ONLY = False
 STRATEGIES = {"mapping": dispatch.mapping, "groups": groups.groups}
 
 
@@ -96,7 +99,7 @@ async def compare(calls: dict, iterations: int, *, rounds: int = 50, between=Non
 
 def to_user(dispatcher, users: list[int]):
     async def call(i: int):
-        return await dispatcher.asend_to_user(users[i % len(users)], EVENT)
+        return await dispatcher.asend_to_user(users[i % len(users)], EVENT, recover=ROUTING_ONLY)
 
     return call
 
@@ -133,7 +136,7 @@ async def target_1(scale: Scale) -> Table:
             floor = summary(await sample(plain_send, n, warmup=50, rounds=5, between=world.drain))
             for count in (1, 3):
                 users = world.with_channels(count)
-                delivery = await dispatch.mapping.asend_to_user(users[0], EVENT)
+                delivery = await dispatch.mapping.asend_to_user(users[0], EVENT, recover=ROUTING_ONLY)
                 assert delivery.sent == count and not delivery.failed, delivery
                 times = await compare({k: to_user(d, users) for k, d in STRATEGIES.items()}, n, between=world.drain)
                 m, g = summary(times["mapping"]), summary(times["groups"])
@@ -168,7 +171,7 @@ async def fan_out(dispatcher, users: list[int], reps: int, world: w.World) -> tu
     for _ in range(reps):
         start = time.perf_counter()
         try:
-            deliveries.append(await dispatcher.asend_to_users(users, EVENT))
+            deliveries.append(await dispatcher.asend_to_users(users, EVENT, recover=ROUTING_ONLY))
         except Exception as error:  # reported in the table: "never fails for size"
             errors[type(error).__name__] += 1
         times.append(time.perf_counter() - start)
@@ -216,7 +219,9 @@ async def target_2(scale: Scale) -> Table:
                 short = sum(d.sent != channels for d in m_deliveries)
                 peaks = {}
                 for name, dispatcher in STRATEGIES.items():
-                    peaks[name] = await peak_memory(lambda d=dispatcher, u=users: d.asend_to_users(u, EVENT))
+                    peaks[name] = await peak_memory(
+                        lambda d=dispatcher, u=users: d.asend_to_users(u, EVENT, recover=ROUTING_ONLY)
+                    )
                     await world.drain()
                 m, g = summary(m_times), summary(g_times)
                 speedup = ratio(g["p50"], m["p50"])
@@ -277,7 +282,7 @@ class Load:
                 start = clock()
                 try:
                     async with self.gate:
-                        await self.dispatcher.asend_to_user(user, EVENT)
+                        await self.dispatcher.asend_to_user(user, EVENT, recover=ROUTING_ONLY)
                 except Exception as error:
                     self.errors[type(error).__name__] += 1
                 else:
@@ -515,7 +520,7 @@ async def reachable_sockets(strategy: str, users: list[int], layer) -> int:
 
         async def reach(user) -> None:
             nonlocal total
-            delivery = await dispatch.mapping.asend_to_user(user, EVENT)
+            delivery = await dispatch.mapping.asend_to_user(user, EVENT, recover=ROUTING_ONLY)
             total += delivery.sent  # not `total += await …`: that reads total before awaiting
 
         await run_bounded(users, reach, 20)
@@ -732,6 +737,69 @@ async def target_sharding(scale: Scale) -> Table:
     return table
 
 
+# --- history -----------------------------------------------------------------------------
+
+
+async def target_history(scale: Scale) -> Table:
+    from channel_registry.cursor import Cursor
+    from channel_registry.history import RedisHistory, history_for
+
+    table = Table("history", "History — send_to_user with the per-user history vs without (ms), resume cost", [
+        "case", "p50", "p99", "ratio p50", "ratio p99",
+    ])  # fmt: skip
+    progress("history: send_to_user with and without, on Redis")
+    world = await w.build_world("default", [1] * 400, seed=7)
+    users = world.with_channels(1)
+
+    def send(recover: bool):
+        async def call(i: int):
+            return await dispatch.mapping.asend_to_user(users[i % len(users)], EVENT, recover=recover)
+
+        return call
+
+    times = await compare({"without": send(False), "with": send(True)}, scale.sends, between=world.drain)
+    without, with_history = summary(times["without"]), summary(times["with"])
+    r50, r99 = ratio(with_history["p50"], without["p50"]), ratio(with_history["p99"], without["p99"])
+    table.add("send_to_user, 1 channel, recover=False", without["p50"], without["p99"], None, None)
+    table.add("send_to_user, 1 channel, recover=True (default)", with_history["p50"], with_history["p99"], r50, r99)
+    for which, value in (("p50", r50), ("p99", r99)):
+        table.check(f"send_to_user with history / without, {which} ≤ 1.5", value <= 1.5, f"{value:.2f}x")
+
+    history = history_for(world.layer)
+    assert isinstance(history, RedisHistory)
+    reader = users[0]
+    since = (await history.read(reader, None)).head
+    for _ in range(100):
+        await history.append([reader], EVENT)
+
+    async def resume(_):
+        events = await Cursor(history, reader).start(str(since))
+        assert len(events) == 101  # 100 events and "recovered"
+
+    async def new_client(_):
+        await Cursor(history, reader).start(None)
+
+    resumed, fresh = summary(await sample(resume, 500, warmup=20)), summary(await sample(new_client, 500, warmup=20))
+    table.add("resume: read and decode 100 missed events", resumed["p50"], resumed["p99"], None, None)
+    table.add("connect of a new client: read the position", fresh["p50"], fresh["p99"], None, None)
+
+    full = users[1]
+    for _ in range(300):
+        await history.append([full], EVENT)
+    shard, head_key, stream_key = history.keys(full)
+    connection = world.layer.connection(shard)
+    stream_bytes = await connection.memory_usage(stream_key)
+    head_bytes = await connection.memory_usage(head_key)
+    table.data = {"without": without, "with": with_history, "resume_100": resumed, "new_client": fresh,
+                  "bytes_300_events": stream_bytes, "bytes_head": head_bytes}  # fmt: skip
+    table.notes.append(
+        f"Redis memory for one user with the default 300 events of {len(EVENT['text'])}-character text: "
+        f"{stream_bytes:,} bytes of stream + {head_bytes:,} bytes of head (MEMORY USAGE)."
+    )
+    await world.drain()
+    return table
+
+
 TARGETS = {
     "1": target_1,
     "2": target_2,
@@ -740,4 +808,5 @@ TARGETS = {
     "5": target_5,
     "6": target_6,
     "sharding": target_sharding,
+    "history": target_history,
 }

@@ -64,6 +64,12 @@ def check_options(app_configs: Any = None, **kwargs: Any) -> list[checks.CheckMe
             f"CLOSE_ON_LOGOUT must be 'session', 'user' or None, not {options.CLOSE_ON_LOGOUT!r}.",
             id="channel_registry.E013",
         ))
+    if options.HISTORY and not 1 <= options.RECOVERY_LIMIT <= options.HISTORY_SIZE:
+        errors.append(checks.Error(
+            f"RECOVERY_LIMIT ({options.RECOVERY_LIMIT}) must be between 1 and HISTORY_SIZE "
+            f"({options.HISTORY_SIZE}): a reconnect can only replay events the history keeps.",
+            id="channel_registry.E014",
+        ))
     if options.CAN_MESSAGE is not None:
         try:
             import_string(options.CAN_MESSAGE)
@@ -101,10 +107,10 @@ def check_channel_layer(app_configs: Any = None, **kwargs: Any) -> list[checks.C
             "(or the in-memory layer for a single process).",
             id="channel_registry.E010",
         )]
+    messages = _check_history_support(layer.get("BACKEND", ""))
     if layer.get("BACKEND") != REDIS_LAYER:
-        return []
+        return messages
     hosts = layer.get("CONFIG", {}).get("hosts") or ["redis://localhost:6379"]
-    messages = []
     for host in hosts:
         timeout = _configured_timeout(host)
         too_short = timeout is not None and timeout is not ... and timeout <= BLOCKING_READ
@@ -124,6 +130,24 @@ def check_channel_layer(app_configs: Any = None, **kwargs: Any) -> list[checks.C
             id="channel_registry.I012",
         ))
     return messages
+
+
+def _check_history_support(backend: str) -> list[checks.CheckMessage]:
+    if not registry_settings().HISTORY:
+        return []
+    from .history import history_layer_types
+
+    try:
+        if issubclass(import_string(backend), history_layer_types()):
+            return []
+    except ImportError:
+        pass
+    return [checks.Warning(
+        f"HISTORY is on but {backend!r} keeps no history: clients that reconnect cannot recover "
+        "the events they missed, and events carry no position.",
+        hint="Use channel_registry.layers.redis_layer() or the in-memory layer, or set HISTORY=False.",
+        id="channel_registry.W015",
+    )]
 
 
 @checks.register()

@@ -80,6 +80,15 @@ class RegistrySettings:
     CLOSE_ON_PASSWORD_CHANGE: bool = True
     #: When a user is saved with ``is_active=False``, close all their connections with 4410.
     CLOSE_ON_DEACTIVATION: bool = True
+    #: Keep a per-user history of recoverable events, so a client that reconnects
+    #: gets what it missed (see ``history.py``). Needs the Redis or in-memory layer.
+    HISTORY: bool = True
+    #: Events kept per user (Centrifugo's per-user example: 300 events for 10 minutes).
+    HISTORY_SIZE: int = 300
+    #: Seconds an event stays recoverable after it was sent.
+    HISTORY_TTL: float = 600
+    #: Most events one reconnect replays; further behind, the client gets a reset.
+    RECOVERY_LIMIT: int = 300
 
 
 OPTION_NAMES = frozenset(f.name for f in fields(RegistrySettings))

@@ -3,25 +3,35 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
+from urllib.parse import parse_qs
 
 from channels.generic.websocket import AsyncJsonWebsocketConsumer
 from django.db import DatabaseError
 
 from . import protocol
 from .conf import registry_settings
+from .cursor import Cursor
 from .exceptions import LAYER_TRANSPORT_ERRORS, ChannelLayerUnavailable, ConnectionLimitExceeded
 from .groups import GroupStrategy
+from .history import history_for
 from .mapping import MappingStrategy
 from .messaging import DirectMessages
 from .protocol import CLOSE_FORBIDDEN, CLOSE_TOO_MANY, CLOSE_UNAUTHENTICATED, CLOSE_UNAVAILABLE, ProtocolError
-from .strategy import DeliveryStrategy
+from .strategy import DeliveryStrategy, channel_layer
 
 logger = logging.getLogger(__name__)
 
 RECEIVE_RETRY_MAX = 10.0
 #: Longest a refusal over budget is held back (see ``RegistryConsumer.hold_back``).
 HOLD_BACK_MAX = 1.0
+
+
+def query_param(scope: dict, name: str) -> str | None:
+    """The first value of ``name`` in the connection's query string."""
+    values = parse_qs(scope.get("query_string", b"").decode("latin-1")).get(name)
+    return values[0] if values else None
 
 
 class RegistryConsumerMixin:
@@ -38,6 +48,8 @@ class RegistryConsumerMixin:
     user_id = None
     #: The unregistration started when the client's close arrived.
     _unregistering: asyncio.Future | None = None
+    #: Where this connection is in its user's history; ``None`` without one.
+    cursor: Cursor | None = None
 
     async def connect(self) -> None:
         user = self.scope.get("user")
@@ -58,6 +70,40 @@ class RegistryConsumerMixin:
         self.user_id = user.pk
         # Accepted only once registered: a client that sees "open" is reachable.
         await self.accept()
+        await self.start_history()
+
+    async def start_history(self) -> None:
+        """Send the stream position, and what the client missed since the ``?since=`` it gave.
+
+        Read after registering, never before: see ``cursor.py`` for why that order
+        loses nothing.
+        """
+        history = history_for(channel_layer())
+        if history is None:
+            return
+        cursor = Cursor(history, self.user_id)
+        try:
+            events = await cursor.start(query_param(self.scope, "since"))
+        except ChannelLayerUnavailable:
+            logger.warning("channel_registry: history unavailable for %s", self.channel_name, exc_info=True)
+            await self.close(code=CLOSE_UNAVAILABLE)
+            return
+        self.cursor = cursor
+        for event in events:
+            await super().dispatch(event)
+
+    async def dispatch(self, message) -> None:
+        # Recoverable events pass the cursor: duplicates dropped, gaps filled, in seq order.
+        if self.cursor is None:
+            await super().dispatch(message)
+            return
+        for event in await self.cursor.admit(message):
+            await super().dispatch(event)
+
+    async def registry_position(self, event) -> None:
+        await self.send(text_data=json.dumps(protocol.history_frame(event)))
+
+    registry_recovered = registry_reset = registry_position
 
     async def refuse(self, code: int) -> None:
         await self.accept()
@@ -180,10 +226,10 @@ class RegistryConsumer(RegistryConsumerMixin, AsyncJsonWebsocketConsumer):
         return await messages.send(protocol.parse_direct(payload))
 
     async def registry_direct(self, event) -> None:
-        await self.send_json(event["frame"])
+        await self.send_json(protocol.with_position(event["frame"], event))
 
     async def registry_notify(self, event) -> None:
-        await self.send_json(protocol.notification_frame(event["data"]))
+        await self.send_json(protocol.with_position(protocol.notification_frame(event["data"]), event))
 
 
 class GroupConsumer(RegistryConsumer):

@@ -54,6 +54,10 @@ return full
 """
 
 
+#: One message and the channels it goes to.
+Batch = tuple[dict[str, Any], Sequence[str]]
+
+
 async def send_many(
     layer: Any, channel_names: Sequence[str], message: dict[str, Any], *, concurrency: int = 50
 ) -> list[str]:
@@ -66,18 +70,23 @@ async def send_many(
 
     Raises ``ChannelLayerUnavailable`` (chained) when the layer cannot be reached.
     """
+    return await send_batches(layer, [(message, channel_names)], concurrency=concurrency)
+
+
+async def send_batches(layer: Any, batches: Sequence[Batch], *, concurrency: int = 50) -> list[str]:
+    """``send_many`` for several messages at once (each user's own position, say), in one pass per shard."""
     if concurrency < 1:
         raise ValueError("concurrency must be at least 1")
-    if "__asgi_channel__" in message:
+    if any("__asgi_channel__" in message for message, _ in batches):
         raise ValueError("'__asgi_channel__' is reserved by the channel layer")
-    channels = list(dict.fromkeys(channel_names))
+    batches = [(message, list(dict.fromkeys(names))) for message, names in batches]
     if is_redis_layer(layer):
         sender = _send_batched
     else:
         sender = _send_each
     with layer_unavailable(layer):
-        full = await sender(layer, channels, message, concurrency)
-    return [channel for channel in channels if channel in full]
+        full = await sender(layer, batches, concurrency)
+    return [channel for _, names in batches for channel in names if channel in full]
 
 
 def is_redis_layer(layer: Any) -> bool:
@@ -85,7 +94,7 @@ def is_redis_layer(layer: Any) -> bool:
     return RedisChannelLayer is not None and isinstance(layer, RedisChannelLayer)
 
 
-async def _send_each(layer: Any, channels: list[str], message: dict[str, Any], concurrency: int) -> set[str]:
+async def _send_each(layer: Any, batches: Sequence[Batch], concurrency: int) -> set[str]:
     """Generic path: the layer's own ``send``, ``concurrency`` at a time.
 
     ``RedisPubSubChannelLayer`` takes this path on purpose. Its ``send`` is one
@@ -97,59 +106,57 @@ async def _send_each(layer: Any, channels: list[str], message: dict[str, Any], c
     """
     full = set()
 
-    async def send_one(channel: str) -> None:
+    async def send_one(pair: tuple[str, dict[str, Any]]) -> None:
+        channel, message = pair
         try:
             await layer.send(channel, message)
         except ChannelFull:
             full.add(channel)
 
-    await run_bounded(channels, send_one, concurrency)
+    pairs = [(channel, message) for message, names in batches for channel in names]
+    await run_bounded(pairs, send_one, concurrency)
     return full
 
 
-async def _send_batched(layer: Any, channels: list[str], message: dict[str, Any], concurrency: int) -> set[str]:
+async def _send_batched(layer: Any, batches: Sequence[Batch], concurrency: int) -> set[str]:
     """Redis fast path: one EVAL per chunk of keys per shard.
 
     Process-local channels ("specific.<client_prefix>!<id>") share one key per
-    process, ``prefix + non_local_name``; that key gets ONE message listing them
-    all in ``__asgi_channel__``, exactly as ``group_send`` writes it, so a full
-    key reports every channel in it. The shard is ``consistent_hash`` of the
-    non-local name, which is where ``receive`` reads (plain ``send`` hashes the
-    full name and misses it on several hosts: channels_redis#221). General
-    channels get their own key, the message as ``send`` writes it, and the shard
-    of their name (``receive`` polls every shard in turn for them).
+    process, ``prefix + non_local_name``; that key gets ONE message per batch
+    listing its channels in ``__asgi_channel__``, exactly as ``group_send``
+    writes it, so a full key reports every channel in it. The shard is
+    ``consistent_hash`` of the non-local name, which is where ``receive`` reads
+    (plain ``send`` hashes the full name and misses it on several hosts:
+    channels_redis#221). General channels get their own key, the message as
+    ``send`` writes it, and the shard of their name (``receive`` polls every
+    shard in turn for them). A key may appear once per batch in one script.
     """
-    by_name: dict[str, list[str]] = defaultdict(list)
-    for channel in channels:
-        layer.require_valid_channel_name(channel)
-        by_name[layer.non_local_name(channel)].append(channel)
-
-    keys_by_shard: dict[int, list[str]] = defaultdict(list)
-    payloads: dict[str, tuple[bytes, int]] = {}
-    members: dict[str, list[str]] = {}
-    for name, targets in by_name.items():
-        key = layer.prefix + name
-        body = {**message, "__asgi_channel__": targets} if "!" in name else message
-        payloads[key] = (layer.serialize(body), layer.get_capacity(targets[0]))
-        members[key] = targets
-        keys_by_shard[layer.consistent_hash(name)].append(key)
+    entries_by_shard: dict[int, list[tuple[str, bytes, int, list[str]]]] = defaultdict(list)
+    for message, channels in batches:
+        by_name: dict[str, list[str]] = defaultdict(list)
+        for channel in channels:
+            layer.require_valid_channel_name(channel)
+            by_name[layer.non_local_name(channel)].append(channel)
+        for name, targets in by_name.items():
+            body = {**message, "__asgi_channel__": targets} if "!" in name else message
+            entry = (layer.prefix + name, layer.serialize(body), layer.get_capacity(targets[0]), targets)
+            entries_by_shard[layer.consistent_hash(name)].append(entry)
 
     now = time.time()
     tail = [int(now) - int(layer.expiry), now, int(layer.expiry)]
     full: set[str] = set()
 
-    async def send_chunk(chunk: tuple[int, list[str]]) -> None:
-        shard, keys = chunk
-        connection = layer.connection(shard)
-        script = connection.register_script(SEND_SCRIPT)
-        args = [payloads[key][0] for key in keys] + [payloads[key][1] for key in keys]
-        for position in await script(keys=keys, args=args + tail):
-            full.update(members[keys[position - 1]])
+    async def send_chunk(chunk: tuple[int, list[tuple[str, bytes, int, list[str]]]]) -> None:
+        shard, entries = chunk
+        script = layer.connection(shard).register_script(SEND_SCRIPT)
+        args = [entry[1] for entry in entries] + [entry[2] for entry in entries]
+        for position in await script(keys=[entry[0] for entry in entries], args=args + tail):
+            full.update(entries[position - 1][3])
 
     chunks = [
-        (shard, keys[start : start + CHUNK_KEYS])
-        for shard, keys in keys_by_shard.items()
-        for start in range(0, len(keys), CHUNK_KEYS)
+        (shard, entries[start : start + CHUNK_KEYS])
+        for shard, entries in entries_by_shard.items()
+        for start in range(0, len(entries), CHUNK_KEYS)
     ]
     await run_bounded(chunks, send_chunk, concurrency)
     return full

@@ -7,6 +7,7 @@ exposes the same functions bound to the group strategy.
 from __future__ import annotations
 
 from collections.abc import Callable, Coroutine, Iterable
+from functools import partial
 from typing import Any, TypeVar
 
 from asgiref.sync import async_to_sync
@@ -14,7 +15,7 @@ from asgiref.sync import async_to_sync
 from .mapping import MappingStrategy
 from .models import user_pk
 from .postgres import sync_caller
-from .protocol import CLOSE_FORBIDDEN, DISCONNECT_EVENT, NOTIFY_EVENT
+from .protocol import CLOSE_FORBIDDEN, DISCONNECT_EVENT, NOTIFY_EVENT, POSITION_KEY
 from .strategy import Delivery, DeliveryStrategy
 
 T = TypeVar("T")
@@ -29,6 +30,8 @@ def check_event(event: Any) -> dict[str, Any]:
         raise ValueError("event needs a 'type' key holding a non-empty string, e.g. 'chat.message'")
     if "__asgi_channel__" in event:
         raise ValueError("'__asgi_channel__' is reserved by the channel layer")
+    if POSITION_KEY in event:
+        raise ValueError(f"{POSITION_KEY!r} is set by the history, not by the sender")
     return event
 
 
@@ -38,19 +41,24 @@ class Dispatcher:
     def __init__(self, strategy: DeliveryStrategy) -> None:
         self.strategy = strategy
 
-    async def asend_to_user(self, user: Any, event: dict[str, Any]) -> Delivery:
-        """Send a Channels event to every live connection of ``user`` (instance or pk)."""
-        return await self.strategy.deliver([user_pk(user)], check_event(event))
+    async def asend_to_user(self, user: Any, event: dict[str, Any], *, recover: bool = True) -> Delivery:
+        """Send a Channels event to every live connection of ``user`` (instance or pk).
 
-    async def asend_to_users(self, users: Iterable[Any], event: dict[str, Any]) -> Delivery:
+        ``recover``: keep it in the user's history, so a connection that was
+        reconnecting gets it when it comes back. ``False`` for ephemeral events
+        (typing, presence) that are worthless late.
+        """
+        return await self.strategy.deliver([user_pk(user)], check_event(event), recover=recover)
+
+    async def asend_to_users(self, users: Iterable[Any], event: dict[str, Any], *, recover: bool = True) -> Delivery:
         """Send one event to many users with one registry lookup; one ``Delivery`` for all."""
         user_ids = {user_pk(u) for u in users}
         if not user_ids:
             return Delivery(channels=0, sent=0, failed=[])
-        return await self.strategy.deliver(user_ids, check_event(event))
+        return await self.strategy.deliver(user_ids, check_event(event), recover=recover)
 
     async def anotify_user(self, user: Any, data: Any) -> Delivery:
-        """Send ``data`` as a ``{"type": "notification"}`` frame to ``user``'s sockets."""
+        """Send ``data`` as a ``{"type": "notification"}`` frame to ``user``'s sockets; recoverable."""
         return await self.asend_to_user(user, {"type": NOTIFY_EVENT, "data": data})
 
     async def adisconnect_user(self, user: Any, code: int = CLOSE_FORBIDDEN) -> int | None:
@@ -59,7 +67,7 @@ class Dispatcher:
         Sockets close with ``code``; event streams end. ``None`` when the strategy
         cannot count (groups).
         """
-        delivery = await self.asend_to_user(user, {"type": DISCONNECT_EVENT, "code": code})
+        delivery = await self.asend_to_user(user, {"type": DISCONNECT_EVENT, "code": code}, recover=False)
         return delivery.sent
 
     async def adisconnect_session(self, session_key: str, code: int) -> int | None:
@@ -67,12 +75,12 @@ class Dispatcher:
         delivery = await self.strategy.deliver_to_session(session_key, {"type": DISCONNECT_EVENT, "code": code})
         return delivery.sent
 
-    def send_to_user(self, user: Any, event: dict[str, Any]) -> Delivery:
+    def send_to_user(self, user: Any, event: dict[str, Any], *, recover: bool = True) -> Delivery:
         """Sync wrapper for views, management commands and Celery tasks."""
-        return _from_sync(self.asend_to_user, user, event)
+        return _from_sync(partial(self.asend_to_user, recover=recover), user, event)
 
-    def send_to_users(self, users: Iterable[Any], event: dict[str, Any]) -> Delivery:
-        return _from_sync(self.asend_to_users, users, event)
+    def send_to_users(self, users: Iterable[Any], event: dict[str, Any], *, recover: bool = True) -> Delivery:
+        return _from_sync(partial(self.asend_to_users, recover=recover), users, event)
 
     def notify_user(self, user: Any, data: Any) -> Delivery:
         return _from_sync(self.anotify_user, user, data)

@@ -18,8 +18,9 @@ from .conf import registry_settings
 from .delivery import layer_slots, run_bounded
 from .dispatch import Dispatcher
 from .exceptions import layer_unavailable
+from .history import Position, stamped
 from .models import session_digest
-from .strategy import Admit, Delivery, DeliveryStrategy, channel_layer
+from .strategy import Delivery, DeliveryStrategy, channel_layer
 
 
 def group_name(user_id: Any) -> str:
@@ -54,14 +55,14 @@ class GroupStrategy(DeliveryStrategy):
         for group in connection_groups(user_id, session_key):
             await _layer_call("group_discard", group, channel_name)
 
-
-    async def deliver(self, user_ids: Collection[Any], event: dict[str, Any], admit: Admit | None = None) -> Delivery:
-        if admit is not None:
-            await admit(None)  # a group cannot be counted
+    async def route(
+        self, user_ids: Collection[Any], event: dict[str, Any], positions: dict[Any, Position] | None = None
+    ) -> Delivery:
         layer = channel_layer()
 
         async def send(user_id: Any) -> None:
-            await layer.group_send(group_name(user_id), event)
+            message = stamped(event, {user_id: positions[user_id]}) if positions else event
+            await layer.group_send(group_name(user_id), message)
 
         # One group_send per user, within the process's budget of commands in flight.
         with layer_unavailable(layer):

@@ -3,19 +3,21 @@
 from __future__ import annotations
 
 from collections.abc import Collection
+from typing import Any
 
 from channels.db import database_sync_to_async
 
 from . import postgres
 from .cleanup import prune_dead_servers
 from .conf import registry_settings
-from .delivery import send_many
+from .delivery import send_batches, send_many
 from .exceptions import ConnectionLimitExceeded
+from .history import Position, stamped
 from .liveness import heartbeat, process
 from .models import UserChannel, session_digest
 from .protocol import CLOSE_TOO_MANY, DISCONNECT_EVENT
 from .store import OrmStore, live_names, orm
-from .strategy import Admit, Delivery, DeliveryStrategy, channel_layer
+from .strategy import Delivery, DeliveryStrategy, channel_layer
 
 
 def row_store() -> OrmStore:
@@ -55,23 +57,38 @@ class MappingStrategy(DeliveryStrategy):
         process.closing.pop(channel_name, None)
         heartbeat.stop_if_idle()
 
-    async def deliver(self, user_ids: Collection, event: dict, admit: Admit | None = None) -> Delivery:
-        names = await row_store().live_channels(user_ids)
-        if admit is not None:
-            await admit(len(names))
-        return await self.send_to_channels(names, event)
+    async def route(self, user_ids: Collection, event: dict, positions: dict[Any, Position] | None = None) -> Delivery:
+        live = await row_store().live_channels(user_ids)
+        if positions is None:
+            return await self.send_batches([(event, [name for names in live.values() for name in names])])
+        # Still one message per server process (the key its channels share), not one per user:
+        # it carries the position of each user it reaches there.
+        layer = channel_layer()
+        by_process: dict[str, tuple[dict[Any, Position], list[str]]] = {}
+        for user_id, names in live.items():
+            for name in names:
+                users, channels = by_process.setdefault(layer.non_local_name(name), ({}, []))
+                users[user_id] = positions[user_id]
+                channels.append(name)
+        return await self.send_batches([(stamped(event, users), channels) for users, channels in by_process.values()])
+
+    async def reach(self, user_ids: Collection) -> int:
+        live = await row_store().live_channels(user_ids)
+        return sum(len(names) for names in live.values())
 
     async def deliver_to_session(self, session_key: str, event: dict) -> Delivery:
         rows = await database_sync_to_async(session_rows)(session_digest(session_key))
-        return await self.send_to_channels(live_names(rows), event)
+        return await self.send_batches([(event, live_names(rows))])
 
-    async def send_to_channels(self, names: list[str], event: dict) -> Delivery:
-        if not names:
+    async def send_batches(self, batches: list[tuple[dict, list[str]]]) -> Delivery:
+        channels = sum(len(names) for _, names in batches)
+        if not channels:
             return Delivery(channels=0, sent=0, failed=[])
-        failed = await self.send(names, event)
+        concurrency = registry_settings().SEND_CONCURRENCY
+        failed = await send_batches(channel_layer(), batches, concurrency=concurrency)
         if failed:
             await database_sync_to_async(prune_dead_servers)(failed)
-        return Delivery(channels=len(names), sent=len(names) - len(failed), failed=failed)
+        return Delivery(channels=channels, sent=channels - len(failed), failed=failed)
 
     async def send(self, names: list[str], event: dict) -> list[str]:
         return await send_many(channel_layer(), names, event, concurrency=registry_settings().SEND_CONCURRENCY)

@@ -9,16 +9,15 @@ discloses cannot differ between transports. In order:
    for recipients costs too;
 2. the recipient: an active user the policy lets the sender reach. A refusal
    answers ``unknown_recipient`` like a missing account unless ``REVEAL_REFUSALS``;
-3. the copies: once the recipient's live connections are found and before anything
-   is sent, the sender's ``FANOUT_LIMIT`` pays one token per connection, so a
-   refused flood never reaches the recipient's server process at all;
+3. the copies: the recipient's live connections are counted and, before anything
+   is stored or sent, the sender's ``FANOUT_LIMIT`` pays one token per connection,
+   so a refused flood never reaches the recipient's history or server process;
 4. delivery, and the ack, with ``delivered`` only if ``ACK_DELIVERED``.
 """
 
 from __future__ import annotations
 
 import asyncio
-from functools import partial
 from typing import Any
 
 from channels.db import database_sync_to_async
@@ -55,7 +54,9 @@ class DirectMessages:
         elif recipient_id is None or not await self.can_message(recipient_id):
             raise self.refusal(direct, found=recipient_id is not None)
         event = {"type": protocol.DIRECT_EVENT, "frame": self.build_direct_message(direct)}
-        delivery = await self.strategy.deliver([recipient_id], event, admit=partial(self.pay_copies, direct))
+        await self.pay_copies(direct, await self.strategy.reach([recipient_id]))
+        # Recoverable: a connection of the recipient that reconnects replays it (see history.py).
+        delivery = await self.strategy.deliver([recipient_id], event, recover=True)
         await self.delivered(direct, delivery)
         return protocol.ack_frame(direct.id, delivery.sent if registry_settings().ACK_DELIVERED else None)
 

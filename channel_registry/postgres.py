@@ -25,7 +25,7 @@ from .conf import registry_settings
 from .exceptions import ConnectionLimitExceeded
 from .models import UserChannel, stale_cutoff
 from .signals import user_offline, user_online
-from .store import OrmStore, Registration, announce, limit_outcome, live_names
+from .store import OrmStore, Registration, announce, limit_outcome, live_by_user, live_names
 
 try:
     import psycopg
@@ -63,7 +63,7 @@ class Statements:
         table = quote(UserChannel._meta.db_table)
         user_id = quote(UserChannel._meta.get_field("user").column)
         # The same row lock as the ORM path: connects, disconnects and prunes of one user take turns.
-        self.user_rows = f"SELECT channel_name, last_seen FROM {table} WHERE {user_id} = ANY(%s)"
+        self.user_rows = f"SELECT {user_id}, channel_name, last_seen FROM {table} WHERE {user_id} = ANY(%s)"
         self.lock_user = f"SELECT 1 FROM {quote(user_meta.db_table)} WHERE {quote(user_meta.pk.column)} = %s FOR UPDATE"
         columns = f"{user_id}, channel_name, server, session, connected_at, last_seen"
         # A CTE's SELECT sees the table as it was before the CTE's own INSERT/DELETE:
@@ -236,9 +236,9 @@ class PostgresStore(OrmStore):
         if deleted and not has_others:
             await announce(user_offline, [user_id])
 
-    async def live_channels(self, user_ids) -> list[str]:
+    async def live_channels(self, user_ids) -> dict:
         """One prepared-shape query, one array parameter."""
-        return live_names(await pool.fetch_all(pool.statements.user_rows, [list(user_ids)]))
+        return live_by_user(await pool.fetch_all(pool.statements.user_rows, [list(user_ids)]))
 
 
 native = PostgresStore()

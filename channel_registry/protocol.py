@@ -196,9 +196,26 @@ def notification_frame(data: Any) -> dict[str, Any]:
     return {"type": "notification", "data": data}
 
 
+def with_position(frame: dict[str, Any], event: dict[str, Any]) -> dict[str, Any]:
+    """``frame`` plus the ``epoch`` and ``seq`` of the recoverable event it carries (the
+    event's internal position key left out, when the frame is the event itself)."""
+    position = event.get(POSITION_KEY)
+    if not isinstance(position, list):  # not recoverable, or not passed through a cursor
+        return frame
+    fields = {name: value for name, value in frame.items() if name != POSITION_KEY}
+    return {**fields, "epoch": position[0], "seq": position[1]}
+
+
+def history_frame(event: dict[str, Any]) -> dict[str, Any]:
+    """``position``, ``recovered`` or ``reset``: the cursor's event as the client sees it."""
+    return {**event, "type": event["type"].removeprefix("registry.")}
+
+
 PONG = {"type": "pong"}
 
 #: Channels events the registry consumers handle.
 NOTIFY_EVENT = "registry.notify"
 DIRECT_EVENT = "registry.direct"
 DISCONNECT_EVENT = "registry.disconnect"
+#: The key a recoverable event carries its ``[epoch, seq]`` under (set by the history).
+POSITION_KEY = "registry.position"

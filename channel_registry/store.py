@@ -17,9 +17,11 @@ over both.
 from __future__ import annotations
 
 import logging
+from collections import defaultdict
 from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Any
 
 from channels.db import database_sync_to_async
 from django.contrib.auth import get_user_model
@@ -76,6 +78,15 @@ def live_names(rows: Iterable[tuple[str, datetime]], cutoff: datetime | None = N
     return [name for name, last_seen in rows if last_seen >= cutoff]
 
 
+def live_by_user(rows: Iterable[tuple[Any, str, datetime]]) -> dict[Any, list[str]]:
+    """``live_names`` per user, for ``(user_id, channel_name, last_seen)`` rows; users with none left out."""
+    by_user: dict[Any, list[tuple[str, datetime]]] = defaultdict(list)
+    for user_id, name, last_seen in rows:
+        by_user[user_id].append((name, last_seen))
+    cutoff = stale_cutoff()
+    return {user_id: names for user_id, user_rows in by_user.items() if (names := live_names(user_rows, cutoff))}
+
+
 def limit_outcome(user_id, live: list[str]) -> list[str]:
     """Live channels (oldest first) to close so one more connection fits.
 
@@ -121,9 +132,9 @@ class OrmStore:
         """Delete the user's row for ``channel_name``, if it has one; ``user_offline`` if it was the last."""
         await database_sync_to_async(self.remove_sync)(user_id, channel_name)
 
-    async def live_channels(self, user_ids: Collection) -> list[str]:
-        """Channel names of the users' rows that are not stale."""
-        return live_names(await database_sync_to_async(self.rows_sync)(user_ids))
+    async def live_channels(self, user_ids: Collection) -> dict[Any, list[str]]:
+        """Per user, the channel names of their rows that are not stale."""
+        return live_by_user(await database_sync_to_async(self.rows_sync)(user_ids))
 
     def add_sync(self, channel_name: str, registration: Registration) -> list[str]:
         user_id = registration.user_id
@@ -145,8 +156,9 @@ class OrmStore:
         if last:
             send_presence(user_offline, user_id)
 
-    def rows_sync(self, user_ids: Collection) -> list[tuple[str, datetime]]:
-        return list(UserChannel.objects.for_users(user_ids).order_by().values_list("channel_name", "last_seen"))
+    def rows_sync(self, user_ids: Collection) -> list[tuple[Any, str, datetime]]:
+        rows = UserChannel.objects.for_users(user_ids).order_by()
+        return list(rows.values_list("user_id", "channel_name", "last_seen"))
 
     # ------------------------------------------------------------------ housekeeping (sync)
 

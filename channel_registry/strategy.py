@@ -9,7 +9,7 @@ view and the benchmark are written once against this class.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Collection
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -17,6 +17,7 @@ from channels.layers import get_channel_layer
 from django.core.exceptions import ImproperlyConfigured
 
 from .conf import registry_settings
+from .history import Position, history_for
 
 
 @dataclass(frozen=True)
@@ -32,12 +33,6 @@ class Delivery:
     channels: int | None
     sent: int | None
     failed: list[str] = field(default_factory=list)
-
-
-#: Called by ``deliver`` between finding the channels and sending, with how many it
-#: found (``None``: the strategy cannot count); raising stops the delivery there.
-#: This is where a sender's budget pays for copies before they exist.
-Admit = Callable[[int | None], Awaitable[None]]
 
 
 def channel_layer() -> Any:
@@ -62,10 +57,32 @@ class DeliveryStrategy:
         """Forget the connection; safe to call for one that is already gone."""
         raise NotImplementedError
 
-    async def deliver(self, user_ids: Collection[Any], event: dict[str, Any], admit: Admit | None = None) -> Delivery:
-        """Send ``event`` to every live connection of every user in ``user_ids``, if ``admit`` lets it."""
+    async def deliver(self, user_ids: Collection[Any], event: dict[str, Any], *, recover: bool = False) -> Delivery:
+        """Send ``event`` to every live connection of every user in ``user_ids``.
+
+        With ``recover``, the event is first appended to each user's history and
+        goes out carrying that user's position. Stored before the lookup: a
+        connection registered too late to be found reads the event from the
+        history on connect (see ``cursor.py``).
+        """
+        history = history_for(channel_layer()) if recover else None
+        if history is None:
+            return await self.route(user_ids, event)
+        return await self.route(user_ids, event, await history.append(user_ids, event))
+
+    async def route(
+        self, user_ids: Collection[Any], event: dict[str, Any], positions: dict[Any, Position] | None = None
+    ) -> Delivery:
+        """Send ``event`` to the users' live connections, stamped with their ``positions`` if given."""
         raise NotImplementedError
 
     async def deliver_to_session(self, session_key: str, event: dict[str, Any]) -> Delivery:
         """Send ``event`` to every live connection opened by the session ``session_key``."""
         raise NotImplementedError
+
+    async def reach(self, user_ids: Collection[Any]) -> int | None:
+        """How many live connections ``deliver`` would send to now; ``None`` when it cannot count.
+
+        What a sender's copy budget (``FANOUT_LIMIT``) pays before anything is stored or sent.
+        """
+        return None

@@ -13,7 +13,6 @@ import json
 import logging
 from collections.abc import AsyncIterator
 from contextlib import aclosing
-from itertools import count
 
 from asgiref.sync import sync_to_async
 from django.db import DatabaseError, connections
@@ -22,7 +21,9 @@ from django.views import View
 
 from . import protocol
 from .conf import registry_settings
+from .cursor import HISTORY_EVENTS, Cursor
 from .exceptions import LAYER_TRANSPORT_ERRORS, ChannelLayerUnavailable, ConnectionLimitExceeded
+from .history import history_for
 from .mapping import MappingStrategy
 from .strategy import DeliveryStrategy, channel_layer
 
@@ -42,11 +43,17 @@ class StreamRefused(Exception):
         self.response = response
 
 
-def sse_message(event_id: int, name: str, data) -> str:
-    """One event in the text/event-stream format; the JSON holds no raw newline."""
+def sse_message(name: str, data, event_id: str | None = None) -> str:
+    """One event in the text/event-stream format; the JSON holds no raw newline.
+
+    ``event_id`` is the event's history position: the browser sends the last one
+    back as ``Last-Event-ID`` when it reconnects. Events without one (not
+    recoverable) leave the browser's last id as it was.
+    """
     name = name.replace("\r", "").replace("\n", "")
     payload = json.dumps(data, ensure_ascii=False, separators=(",", ":"))
-    return f"id: {event_id}\nevent: {name}\ndata: {payload}\n\n"
+    id_line = f"id: {event_id}\n" if event_id else ""
+    return f"{id_line}event: {name}\ndata: {payload}\n\n"
 
 
 async def on_shared_thread(coroutine):
@@ -101,8 +108,10 @@ class EventStreamView(View):
         if user_id is None:
             return HttpResponse("Authentication required.", status=401, content_type="text/plain")
         session_key = getattr(getattr(request, "session", None), "session_key", None)
+        # The browser's own reconnects send Last-Event-ID; a client opening a new stream passes ?since=.
+        since = request.headers.get("Last-Event-ID") or request.GET.get("since")
         try:
-            events = await self.opened(self.stream(user_id, session_key))
+            events = await self.opened(self.stream(user_id, session_key, since))
         except StreamRefused as refused:
             return refused.response
         response = StreamingHttpResponse(events, content_type="text/event-stream")
@@ -134,7 +143,7 @@ class EventStreamView(View):
 
         return resumed()
 
-    async def stream(self, user_id, session_key: str | None = None) -> AsyncIterator[str]:
+    async def stream(self, user_id, session_key: str | None = None, since: str | None = None) -> AsyncIterator[str]:
         """Register, relay events until the client leaves, and unregister in every case.
 
         Registration happens here rather than in ``get`` so the generator that
@@ -154,20 +163,26 @@ class EventStreamView(View):
         try:
             for group in self.groups:
                 await layer.group_add(group, channel)
+            history = history_for(layer)
+            cursor = Cursor(history, user_id) if history else None
+            first = await cursor.start(since) if cursor else []
             yield f"retry: {RETRY_MS}\n\n"
-            async with aclosing(self.relay(layer, channel)) as chunks:
+            for event in first:
+                yield self.sse(event)
+            async with aclosing(self.relay(layer, channel, cursor)) as chunks:
                 async for chunk in chunks:
                     yield chunk
+        except ChannelLayerUnavailable:
+            logger.warning("channel_registry: history unavailable for event stream %s", channel, exc_info=True)
         finally:
             await self.leave(user_id, layer, channel, session_key)
 
-    async def relay(self, layer, channel: str) -> AsyncIterator[str]:
+    async def relay(self, layer, channel: str, cursor: Cursor | None = None) -> AsyncIterator[str]:
         """Events as SSE text, with a comment whenever ``SSE_HEARTBEAT`` seconds pass quietly.
 
         One ``receive`` stays pending across heartbeats: cancelling a layer's
         receive mid-read can lose the message it was reading.
         """
-        ids = count(1)
         pending = None
         try:
             while True:
@@ -179,20 +194,31 @@ class EventStreamView(View):
                 event, pending = pending.result(), None
                 if event["type"] == protocol.DISCONNECT_EVENT:
                     code = event.get("code", protocol.CLOSE_FORBIDDEN)
-                    yield sse_message(next(ids), "disconnect", {"type": "disconnect", "code": code})
+                    yield sse_message("disconnect", {"type": "disconnect", "code": code})
                     return
-                yield sse_message(next(ids), *self.encode(event))
+                for admitted in await cursor.admit(event) if cursor else [event]:
+                    yield self.sse(admitted)
         finally:
             if pending is not None:
                 pending.cancel()
 
+    def sse(self, event: dict) -> str:
+        name, data = self.encode(event)
+        if event["type"] in HISTORY_EVENTS:
+            return sse_message(name, data, f"{event['epoch']}:{event['seq']}")
+        position = event.get(protocol.POSITION_KEY)
+        return sse_message(name, data, f"{position[0]}:{position[1]}" if isinstance(position, list) else None)
+
     def encode(self, event: dict) -> tuple[str, object]:
         """The SSE event name and data for one Channels event; override to add types."""
         if event["type"] == protocol.NOTIFY_EVENT:
-            return "notification", protocol.notification_frame(event["data"])
+            return "notification", protocol.with_position(protocol.notification_frame(event["data"]), event)
         if event["type"] == protocol.DIRECT_EVENT:
-            return "direct", event["frame"]
-        return event["type"], event
+            return "direct", protocol.with_position(event["frame"], event)
+        if event["type"] in HISTORY_EVENTS:
+            frame = protocol.history_frame(event)
+            return frame["type"], frame
+        return event["type"], protocol.with_position(event, event)
 
     async def leave(self, user_id, layer, channel: str, session_key: str | None) -> None:
         """Unregister first: presence and delivery read the row; a group membership only expires."""

@@ -1,11 +1,15 @@
 from django.contrib.auth import views as auth_views
-from django.urls import path
+from django.urls import path, reverse_lazy
 
 from demo_site.inbox import views
 
 urlpatterns = [
     path("login/", auth_views.LoginView.as_view(template_name="inbox/login.html"), name="login"),
     path("logout/", auth_views.LogoutView.as_view(), name="logout"),
+    # Changing the password closes the user's connections (CLOSE_ON_PASSWORD_CHANGE): this
+    # session's come back, other browsers' are signed out.
+    path("password/", auth_views.PasswordChangeView.as_view(
+        template_name="inbox/password_change.html", success_url=reverse_lazy("inbox")), name="password-change"),
     path("", views.inbox, name="inbox"),
     path("events/", views.InboxEventStream.as_view(), name="events"),
     path("presence/", views.presence, name="presence"),

@@ -1,6 +1,7 @@
 import asyncio
 import contextlib
 import itertools
+import json
 from types import SimpleNamespace
 
 import pytest
@@ -11,6 +12,7 @@ from django.contrib.auth import get_user_model
 from django.contrib.auth.models import AnonymousUser
 from django.db import connections
 
+from channel_registry.conf import registry_settings
 from channel_registry.consumers import RegistryConsumer
 from channel_registry.liveness import process
 from channel_registry.models import UserChannel
@@ -76,8 +78,9 @@ async def connect(transactional_db):
     """Open a WebSocket to a consumer as ``user``; every socket is closed after the test."""
     opened = []
 
-    async def open_socket(user, consumer=RegistryConsumer, expect_accept=True, session_key=None):
-        communicator = WebsocketCommunicator(consumer.as_asgi(), "/ws/")
+    async def open_socket(user, consumer=RegistryConsumer, expect_accept=True, session_key=None, since=None):
+        """``since``: the client's history position; then the test reads the first frames itself."""
+        communicator = WebsocketCommunicator(consumer.as_asgi(), f"/ws/?since={since}" if since else "/ws/")
         communicator.scope["user"] = user if user is not None else AnonymousUser()
         if session_key:
             communicator.scope["session"] = SimpleNamespace(session_key=session_key)
@@ -87,6 +90,8 @@ async def connect(transactional_db):
         # The mapping strategy's new channel, for tests that need to name it.
         communicator.channel_name = next(iter(set(process.open) - before), None)
         opened.append(communicator)
+        if connected and since is None and registry_settings().HISTORY:
+            communicator.position = await first_position(communicator)
         return communicator
 
     yield open_socket
@@ -94,6 +99,23 @@ async def connect(transactional_db):
         with contextlib.suppress(Exception, asyncio.CancelledError):
             await communicator.disconnect()
     await close_layer_connections()
+
+
+def at(socket, seq: int) -> dict:
+    """The ``epoch`` and ``seq`` fields of a recoverable frame: ``seq`` in the history ``socket`` started in."""
+    return {"epoch": socket.position["epoch"], "seq": seq}
+
+
+async def first_position(communicator):
+    """The ``position`` frame every new client gets first (``None`` when the socket was refused, or
+    without a history); a close is left in the queue for the test."""
+    output = await communicator.receive_output(2)
+    if output["type"] != "websocket.send":
+        communicator.output_queue.put_nowait(output)
+        return None
+    frame = json.loads(output["text"])
+    assert frame["type"] == "position", frame
+    return frame
 
 
 async def close_layer_connections() -> None:

@@ -18,6 +18,7 @@ from the environment (``tests/processes.py`` writes it):
 ``CRF_FANOUT_LIMIT``  ``"copies,seconds"`` or ``"none"`` (default: the library's 200 per 10 s).
 ``CRF_ACK_DELIVERED`` / ``CRF_REVEAL_REFUSALS``  ``0`` or ``1``.
 ``CRF_CAN_MESSAGE``   dotted path of a ``CAN_MESSAGE`` policy.
+``CRF_HISTORY_SIZE``  ``HISTORY_SIZE`` and ``RECOVERY_LIMIT`` (default: the library's 300).
 ``CRF_SECRET_KEY``    must match the process that writes the sessions.
 ``CRF_CSRF_TRUSTED_ORIGINS``  comma-separated ``CSRF_TRUSTED_ORIGINS`` (also trusted for WebSockets).
 ``CRF_PRESENCE``      ``0`` disconnects the demo's presence broadcast (the load script's option).
@@ -50,6 +51,8 @@ CHANNEL_REGISTRY = {
 if os.environ.get("CRF_MAX_CONNECTIONS"):
     CHANNEL_REGISTRY["MAX_CONNECTIONS_PER_USER"] = int(os.environ["CRF_MAX_CONNECTIONS"])
     CHANNEL_REGISTRY["ON_LIMIT"] = os.environ.get("CRF_ON_LIMIT", "close_newest")
+if os.environ.get("CRF_HISTORY_SIZE"):
+    CHANNEL_REGISTRY["HISTORY_SIZE"] = CHANNEL_REGISTRY["RECOVERY_LIMIT"] = int(os.environ["CRF_HISTORY_SIZE"])
 for _name in ("RATE_LIMIT", "FANOUT_LIMIT"):
     _rate = os.environ.get(f"CRF_{_name}")
     if _rate:

@@ -565,6 +565,17 @@ class Tab:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._arrived.wait(), remaining)
 
+    async def more_than(self, seen: int, within: float) -> None:
+        """Wait until the tab holds more than ``seen`` frames or is closed, at most ``within`` seconds."""
+        deadline = time.monotonic() + within
+        while len(self.frames) <= seen and not self.closed.is_set():
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return
+            self._arrived.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._arrived.wait(), remaining)
+
     async def next_direct(self, within: float = 5) -> dict:
         return await self.wait_for(lambda f: f.get("type") == "direct", within)
 

@@ -301,6 +301,45 @@ def test_logout_in_one_browser_leaves_the_other_connected(sign_in):
     expect(newest_message(phone.page)).to_have_text("Still here on the phone", timeout=LIVE)
 
 
+def state_of(page):
+    return page.locator("#status")
+
+
+def test_password_change_signs_other_browsers_out_and_keeps_its_own(sign_in, demo_env):
+    """The browser that changed the password stays connected; the other one's socket and stream end."""
+    laptop, phone = sign_in("carol"), sign_in("carol")
+    phone_stream = phone.new_tab()
+    phone_stream.click(".segmented label:has-text('SSE')")
+    wait_connected(phone_stream)
+    form = laptop.context.new_page()
+    form.goto(f"{laptop.server.url}/password/")
+    form.fill("input[name=old_password]", PASSWORD)
+    for field in ("new_password1", "new_password2"):
+        form.fill(f"input[name={field}]", "a-new-pass-456")
+    try:
+        form.click("button[type=submit]")
+        for page in (phone.page, phone_stream):
+            expect(state_of(page)).not_to_have_attribute("data-state", "open", timeout=1000)
+        for page in (phone.page, phone_stream):
+            expect(state_of(page)).to_have_attribute("data-state", "signed-out", timeout=LIVE)
+        expect(form).to_have_url(f"{laptop.server.url}/")
+        wait_connected(form, timeout=LIVE)
+        wait_connected(laptop.page, timeout=LIVE)  # closed with 4409, came back with the same session
+    finally:
+        manage(demo_env, "demo_users")  # the password of the other tests
+
+
+def test_deactivation_closes_every_browser_of_the_user(sign_in, demo_env):
+    laptop, phone = sign_in("carol"), sign_in("carol")
+    set_active = "from django.contrib.auth.models import User; u = User.objects.get(username='carol'); "
+    try:
+        manage(demo_env, "shell", "-c", set_active + "u.is_active = False; u.save()")
+        for page in (laptop.page, phone.page):
+            expect(state_of(page)).to_have_attribute("data-state", "signed-out", timeout=1000)
+    finally:
+        manage(demo_env, "shell", "-c", set_active + "u.is_active = True; u.save()")
+
+
 def test_client_stays_signed_out_after_4401(browser, servers):
     page = browser.new_page()
     page.goto(f"{servers[0].url}/login/")
@@ -315,6 +354,50 @@ def test_client_stays_signed_out_after_4401(browser, servers):
     }""")
     page.close()
     assert states == ["connecting", "open", "signed-out"]
+
+
+# What the client does after the server closes with each documented code (test_faults.py shows a
+# real daphne sends each of them): the browser's own WebSocket events, a server that closes at once.
+CLOSE_REACTIONS = {
+    4401: ["connecting", "open", "signed-out"],
+    4410: ["connecting", "open", "signed-out"],
+    4403: ["connecting", "open", "refused"],
+    4429: ["connecting", "open", "refused"],
+    4409: ["connecting", "open", "reconnecting", "connecting", "open"],
+    4503: ["connecting", "open", "reconnecting", "connecting", "open"],
+    1006: ["connecting", "open", "reconnecting", "connecting", "open"],
+}
+
+
+def test_client_reacts_to_each_close_code_as_documented(browser, servers):
+    page = browser.new_page()
+    page.goto(f"{servers[0].url}/login/")
+    reactions = page.evaluate("""async (codes) => {
+        const { RegistrySocket } = await import("/static/channel_registry/client.js");
+        const reactions = {};
+        for (const code of codes) {
+            let opened = 0;
+            window.WebSocket = class {
+                constructor() {
+                    const first = opened++ === 0;
+                    setTimeout(() => this.onopen?.(), 10);
+                    if (first) setTimeout(() => this.onclose?.({ code, reason: "" }), 30);
+                }
+                send() {}
+                close() {}
+            };
+            const socket = new RegistrySocket("/ws/registry/", { initialDelay: 50, reauthenticateDelay: 50 });
+            const states = [];
+            socket.addEventListener("state", (event) => states.push(event.detail.state));
+            socket.connect();
+            await new Promise((resolve) => setTimeout(resolve, 300));
+            socket.close();
+            reactions[code] = states.slice(0, -1);  // without close()'s own "closed"
+        }
+        return reactions;
+    }""", list(CLOSE_REACTIONS))
+    page.close()
+    assert {int(code): states for code, states in reactions.items()} == CLOSE_REACTIONS
 
 
 def test_client_treats_a_missing_pong_as_dead_and_never_holds_two_sockets(sign_in):
@@ -349,6 +432,52 @@ def test_client_treats_a_missing_pong_as_dead_and_never_holds_two_sockets(sign_i
     assert result["closes"][0].startswith("no pong")
     assert result["states"][2:6] == ["reconnecting", "connecting", "open", "closed"]
     assert result["most"] == 1
+
+
+NATIVE_EVENT_SOURCE = """() => {
+    window.got = [];
+    window.recovered = [];
+    const source = new EventSource("/events/");
+    for (const name of ["direct", "notification"]) {
+        source.addEventListener(name, (event) => {
+            window.got.push({ ...JSON.parse(event.data), lastEventId: event.lastEventId });
+        });
+    }
+    source.addEventListener("position", (event) => { window.position = event.lastEventId; });
+    source.addEventListener("recovered", (event) => window.recovered.push(JSON.parse(event.data)));
+}"""
+
+
+def test_native_event_source_gets_what_it_missed_while_the_server_restarted(sign_in, servers):
+    """The browser's own EventSource reconnects with Last-Event-ID; the server replays the gap once."""
+    alice, bob = sign_in("alice"), sign_in("bob")
+    page = bob.context.new_page()
+    page.goto(f"{bob.server.url}/login/")  # a page of the site with no connection of its own
+    page.evaluate(NATIVE_EVENT_SOURCE)
+    page.wait_for_function("() => window.position !== undefined", timeout=LIVE)
+    alice.send("bob", "before")
+    page.wait_for_function("() => window.got.length === 1", timeout=LIVE)
+
+    servers[1].stop()
+    for n in range(3):
+        alice.send("bob", f"missed {n}")
+        expect(alice.page.locator("#ack")).to_have_text(re.compile("bob is offline"), timeout=LIVE)
+        alice.page.locator("#ack").evaluate("(ack) => { ack.textContent = ''; }")
+    servers[1].start()
+
+    page.wait_for_function("() => window.recovered.length === 1", timeout=20000)
+    alice.send("bob", "live")
+    page.wait_for_function("() => window.got.some((frame) => frame.message === 'live')", timeout=LIVE)
+    page.wait_for_timeout(300)  # a duplicate would have come by now
+    got = page.evaluate("window.got")
+    assert [frame["message"] for frame in got] == ["before", "missed 0", "missed 1", "missed 2", "live"]
+    assert [frame["lastEventId"] for frame in got] == [f"{frame['epoch']}:{frame['seq']}" for frame in got]
+    assert [frame["seq"] for frame in got] == list(range(got[0]["seq"], got[0]["seq"] + 5))
+    assert page.evaluate("window.recovered")[0]["count"] == 3
+    # Bob's inbox (its own client, with its own backoff) may come back before or after "live".
+    note = bob.page.locator("#history-note")
+    expect(note).to_have_text(re.compile(r"^[34] missed messages recovered$"), timeout=20000)
+    page.close()
 
 
 def test_page_reconnects_by_itself_after_daphne_restarts(sign_in, servers):

@@ -81,9 +81,9 @@ User = get_user_model()
 
 
 @pytest.fixture(scope="module")
-def demo_database():
-    """``crfaults_<pid>`` on the shared PostgreSQL, migrated with the demo's apps; dropped after the module."""
-    name = f"crfaults_{os.getpid()}"
+def demo_database(request):
+    """``crfaults_<pid>_<module>`` on the shared PostgreSQL, migrated with the demo's apps; dropped after the module."""
+    name = f"crfaults_{os.getpid()}_{request.module.__name__.rpartition('.')[2]}"
     url = create_database(SHARED_POSTGRES, name)
     try:
         migrate(url)
@@ -157,6 +157,8 @@ class Stack:
             layer_options["expiry"] = int(options["layer_expiry"])
         self.settings.CHANNEL_LAYERS = {"default": redis_layer(*self.redis_urls, **layer_options)}
         registry = {"HEARTBEAT_INTERVAL": self.options["heartbeat"], "STALE_AFTER": self.options["stale_after"]}
+        if options.get("history_size"):
+            registry["HISTORY_SIZE"] = registry["RECOVERY_LIMIT"] = options["history_size"]
         if options.get("max_connections"):
             registry["MAX_CONNECTIONS_PER_USER"] = options["max_connections"]
             registry["ON_LIMIT"] = options.get("on_limit", "close_newest")

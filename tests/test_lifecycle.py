@@ -19,7 +19,7 @@ from channel_registry.layers import redis_layer
 from channel_registry.liveness import beat, forget_process, process
 from channel_registry.models import UserChannel
 
-from .conftest import rows
+from .conftest import at, rows
 from .redis_servers import RedisServer
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -138,7 +138,7 @@ async def test_connection_limit_close_oldest_keeps_the_newest(connect, alice, se
     assert await closed_with(old, 4429)
     assert [r.channel_name for r in await rows(user=alice)] == [new.channel_name]
     assert (await asend_to_user(alice, EVENT)).sent == 1
-    assert await new.receive_json_from() == {"type": "notification", "data": "x"}
+    assert await new.receive_json_from() == {"type": "notification", "data": "x", **at(new, 1)}
 
 
 def fill(layer, channel) -> None:
@@ -260,5 +260,9 @@ async def test_redis_outage_raises_one_error_and_delivery_resumes(connect, alice
         redis.start()
         await sender.send_json_to({"type": "direct", "to": bob.pk, "message": "after", "id": "b"})
         assert await sender.receive_json_from(timeout=10) == {"type": "ack", "id": "b", "delivered": 1}
+        # The restart emptied Redis, the history with it: the open socket is told before the message.
+        reset = await receiver.receive_json_from(timeout=15)
+        assert (reset["type"], reset["reason"], reset["seq"]) == ("reset", "epoch", 0)
+        assert reset["epoch"] != receiver.position["epoch"]
         frame = await receiver.receive_json_from(timeout=15)
-        assert frame["message"] == "after" and frame["from"] == alice.pk
+        assert frame["message"] == "after" and frame["from"] == alice.pk and frame["seq"] == 1

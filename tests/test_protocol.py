@@ -73,8 +73,26 @@ class _RecentUtcTimestamp:
         return "<ISO 8601 UTC timestamp of now>"
 
 
+class _Seq:
+    def __eq__(self, other) -> bool:
+        return isinstance(other, int) and not isinstance(other, bool) and other >= 1
+
+    def __repr__(self) -> str:
+        return "<a history seq>"
+
+
+class _Epoch:
+    def __eq__(self, other) -> bool:
+        return isinstance(other, str) and len(other) == 12 and all(c in "0123456789abcdef" for c in other)
+
+    def __repr__(self) -> str:
+        return "<a history epoch>"
+
+
 SENTENCE = _Sentence()
+EPOCH = _Epoch()
 SENT_AT = _RecentUtcTimestamp()
+SEQ = _Seq()
 
 
 def error(code: str, client_id=None) -> dict:
@@ -101,8 +119,11 @@ class Between:
 
 
 def direct(sender, message, client_id=None) -> dict:
-    """The frame every tab of the recipient receives."""
-    return {"type": "direct", "from": sender.pk, "message": message, "id": client_id, "sent_at": SENT_AT}
+    """The frame every tab of the recipient receives, with its position in the recipient's history."""
+    return {
+        "type": "direct", "from": sender.pk, "message": message, "id": client_id, "sent_at": SENT_AT,
+        "epoch": EPOCH, "seq": SEQ,
+    }
 
 
 def ack(consumer, client_id, tabs: int) -> dict:

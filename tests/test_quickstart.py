@@ -31,6 +31,7 @@ CLIENT = textwrap.dedent("""
         tabs = [WebsocketCommunicator(application, "/ws/", headers=headers) for _ in range(2)]
         for tab in tabs:
             assert (await tab.connect())[0]
+            assert (await tab.receive_json_from())["type"] == "position"
         response = await sync_to_async(client.get)("/hello/")
         print(json.dumps({"view": response.json(), "tabs": [await tab.receive_json_from() for tab in tabs]}))
         for tab in tabs:
@@ -72,5 +73,5 @@ def test_quick_start_works_in_a_new_project(tmp_path):
     assert found.strip().endswith("channel_registry/static/channel_registry/client.js")
     output = run(python, "-c", CLIENT, cwd=tmp_path).stdout
     assert '"view": {"tabs_reached": 2}' in output
-    assert output.count('{"type": "notification", "data": {"text": "hello from a view"}}') == 2
+    assert output.count('{"type": "notification", "data": {"text": "hello from a view"}, "epoch": ') == 2
 

@@ -2,6 +2,7 @@
 
 import asyncio
 from datetime import timedelta
+from unittest.mock import ANY
 
 import pytest
 from asgiref.sync import async_to_sync, sync_to_async
@@ -24,9 +25,10 @@ from channel_registry import (
 from channel_registry.consumers import RegistryConsumer
 from channel_registry.liveness import process
 from channel_registry.models import UserChannel
+from channel_registry.protocol import POSITION_KEY
 from channel_registry.signals import user_offline, user_online
 
-from .conftest import rows
+from .conftest import at, rows
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -51,14 +53,14 @@ async def test_two_tabs_both_receive_one_send(connect, alice, bob):
 
     assert delivery == Delivery(channels=2, sent=2, failed=[])
     for tab in tabs:
-        assert await tab.receive_json_from() == {"type": "notification", "data": {"text": "hello"}}
+        assert await tab.receive_json_from() == {"type": "notification", "data": {"text": "hello"}, **at(tab, 1)}
     assert await other.receive_nothing()
 
 
 async def test_user_may_be_given_by_primary_key(connect, alice):
     tab = await connect(alice)
     assert (await anotify_user(alice.pk, [1, 2])).sent == 1
-    assert await tab.receive_json_from() == {"type": "notification", "data": [1, 2]}
+    assert await tab.receive_json_from() == {"type": "notification", "data": [1, 2], **at(tab, 1)}
 
 
 async def test_clean_close_deletes_the_row(connect, alice):
@@ -209,7 +211,11 @@ def test_send_to_users_uses_one_registry_query(make_user, layer):
     async def receive_all():
         return [await layer.receive(name) for name in names]
 
-    assert async_to_sync(receive_all)() == [EVENT] * 8
+    received = async_to_sync(receive_all)()
+    # One event, stamped with each user's own position in their history.
+    assert [{**event, POSITION_KEY: None} for event in received] == [{**EVENT, POSITION_KEY: None}] * 8
+    for user, event in zip([u for u in users for _ in range(2)], received, strict=True):
+        assert event[POSITION_KEY][str(user.pk)][1] == 1
 
 
 def test_sync_api_from_plain_code(make_user, layer):
@@ -218,7 +224,13 @@ def test_sync_api_from_plain_code(make_user, layer):
     UserChannel.objects.create(user=user, channel_name=name, server="test")
     assert is_online(user) and online_user_ids() == {user.pk}
     assert send_to_user(user, {"type": "x.y", "n": 1}) == Delivery(channels=1, sent=1, failed=[])
-    assert async_to_sync(layer.receive)(name) == {"type": "x.y", "n": 1}
+    assert send_to_user(user, {"type": "x.y", "n": 2}, recover=False) == Delivery(channels=1, sent=1, failed=[])
+
+    async def receive_two():  # in one event loop: channels_redis cleans up after a receive in the background
+        return [await layer.receive(name), await layer.receive(name)]
+
+    recoverable = {"type": "x.y", "n": 1, POSITION_KEY: {str(user.pk): [ANY, 1]}}
+    assert async_to_sync(receive_two)() == [recoverable, {"type": "x.y", "n": 2}]
     make_stale()
     assert not is_online(user) and online_user_ids() == set()
 

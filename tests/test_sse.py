@@ -60,6 +60,10 @@ class Stream:
         await self.app.send_input({"type": "http.request", "body": b"", "more_body": False})
         self.head = await self.app.receive_output(3)
         assert await self.read() == f"retry: {RETRY_MS}\n\n"
+        # A new client's first event: where its user's history stands, as the id the browser keeps.
+        first = await self.read_event()
+        assert first["event"] == "position" and first["id"] == f"{first['data']['epoch']}:{first['data']['seq']}"
+        self.epoch = first["data"]["epoch"]
 
     @property
     def headers(self) -> dict:
@@ -149,7 +153,8 @@ async def test_notification_reaches_the_stream(open_stream, alice):
 
     assert delivery.sent == 1
     assert await stream.read() == (
-        'id: 1\nevent: notification\ndata: {"type":"notification","data":{"text":"hi"}}\n\n'
+        f'id: {stream.epoch}:1\nevent: notification\n'
+        f'data: {{"type":"notification","data":{{"text":"hi"}},"epoch":"{stream.epoch}","seq":1}}\n\n'
     )
 
 
@@ -174,9 +179,10 @@ async def test_other_event_types_keep_their_name_and_data(open_stream, alice):
     await anotify_user(alice, "second")
 
     assert await stream.read_event() == {
-        "id": "1", "event": "chat.message", "data": {"type": "chat.message", "text": "x"},
+        "id": f"{stream.epoch}:1", "event": "chat.message",
+        "data": {"type": "chat.message", "text": "x", "epoch": stream.epoch, "seq": 1},
     }
-    assert (await stream.read_event())["id"] == "2"
+    assert (await stream.read_event())["id"] == f"{stream.epoch}:2"
 
 
 @override_settings(CHANNEL_REGISTRY={"SSE_HEARTBEAT": 0.05})
@@ -187,7 +193,8 @@ async def test_heartbeat_comments_while_quiet_and_events_still_arrive(open_strea
     assert await stream.read() == ": heartbeat\n\n"
     await anotify_user(alice, "after the heartbeats")
 
-    assert (await stream.read_event())["data"] == {"type": "notification", "data": "after the heartbeats"}
+    frame = {"type": "notification", "data": "after the heartbeats", "epoch": stream.epoch, "seq": 1}
+    assert (await stream.read_event())["data"] == frame
 
 
 async def test_client_going_away_removes_the_row(open_stream, alice, presence_events):
@@ -240,13 +247,14 @@ async def test_stream_joins_its_groups_while_open(alice, layer):
     response = await PresenceStream.as_view()(request)
     chunks = aiter(response.streaming_content)
     assert await anext(chunks) == f"retry: {RETRY_MS}\n\n".encode()
+    assert (await anext(chunks)).startswith(b"id: ")  # the position
 
     await layer.group_send("sse.test.presence", {"type": "demo.presence", "online": [1]})
-    assert (await anext(chunks)).startswith(b"id: 1\nevent: demo.presence\n")
+    assert (await anext(chunks)).startswith(b"event: demo.presence\n")  # not recoverable: no id
 
     await adisconnect_user(alice)
     [last] = [chunk async for chunk in chunks]
-    assert last.startswith(b"id: 2\nevent: disconnect\n")
+    assert last.startswith(b"event: disconnect\n")
     assert await rows(user=alice) == []
 
 

@@ -341,6 +341,43 @@ describe("RegistrySocket", () => {
       else delete globalThis.navigator;
     }
   });
+
+  test("the first connection asks for nothing; a reconnect resumes from the newest position", () => {
+    const client = new RegistrySocket("http://example.test/ws/registry/", { random: () => 0 });
+    const seen = record(client, ["message", "recovered", "reset"]);
+    client.connect();
+    assert.equal(FakeWebSocket.last.url, "ws://example.test/ws/registry/");
+    FakeWebSocket.last.serverOpens();
+    FakeWebSocket.last.serverSends({ type: "position", epoch: "e1", seq: 4 });
+    assert.equal(client.position, "e1:4");
+    FakeWebSocket.last.serverSends({ type: "notification", data: "x", epoch: "e1", seq: 5 });
+    FakeWebSocket.last.serverSends({ type: "pong" });
+    FakeWebSocket.last.serverSends({ type: "demo.presence", online: [] }); // not recoverable: no position
+    assert.equal(client.position, "e1:5");
+
+    FakeWebSocket.last.serverCloses(CLOSE_ABNORMAL);
+    mock.timers.tick(1);
+    assert.equal(FakeWebSocket.last.url, "ws://example.test/ws/registry/?since=e1%3A5");
+    FakeWebSocket.last.serverOpens();
+    FakeWebSocket.last.serverSends({ type: "direct", message: "missed", epoch: "e1", seq: 6 });
+    FakeWebSocket.last.serverSends({ type: "recovered", count: 1, epoch: "e1", seq: 6 });
+    FakeWebSocket.last.serverCloses(CLOSE_ABNORMAL);
+    mock.timers.tick(1);
+    FakeWebSocket.last.serverOpens();
+    FakeWebSocket.last.serverSends({ type: "reset", reason: "epoch", epoch: "e2", seq: 0 });
+    assert.equal(client.position, "e2:0");
+    assert.deepEqual(seen.map(([type]) => type), ["message", "message", "message", "recovered", "reset"]);
+    assert.deepEqual(seen[3][1], { count: 1, position: "e1:6" });
+    assert.deepEqual(seen[4][1], { reason: "epoch", position: "e2:0" });
+    client.close();
+  });
+
+  test("a saved position is resumed from the first connection", () => {
+    const client = new RegistrySocket("http://example.test/ws/?x=1", { position: "ab:7" });
+    client.connect();
+    assert.equal(FakeWebSocket.last.url, "ws://example.test/ws/?x=1&since=ab%3A7");
+    client.close();
+  });
 });
 
 // --------------------------------------------------------------------------- the event stream

@@ -10,10 +10,19 @@
  *   const ack = await socket.request({ type: "direct", to: 2, message: "hi" });
  *
  * Both classes dispatch the same events, each a CustomEvent with a `detail`:
- *   open     {}
- *   close    { code, reason }                  every time a connection ends or fails
- *   message  { data, event?, id? }             data: the parsed JSON frame
- *   state    { state, delay?, retryAt?, code? } see State
+ *   open      {}
+ *   close     { code, reason }                  every time a connection ends or fails
+ *   message   { data, event?, id? }             data: the parsed JSON frame
+ *   state     { state, delay?, retryAt?, code? } see State
+ *   recovered { count, position }               after a reconnect: the `count` events missed
+ *                                                meanwhile were delivered (as messages) before it
+ *   reset     { reason, position }              after a reconnect: what was missed cannot be
+ *                                                replayed; reload your state from the server
+ *
+ * Recoverable frames carry their place in the user's history (`epoch`, `seq`).
+ * The client keeps the newest as `position` ("<epoch>:<seq>") and sends it when
+ * it reconnects (`?since=`), so the server replays what was missed, in order and
+ * once. Pass `{ position }` to resume from a position the page saved earlier.
  *
  * After a close they reconnect with exponential backoff and full jitter, except
  * after 4401/4410 (state "signed-out": the session is gone), 4403/4429 (state "refused": the
@@ -37,6 +46,8 @@ export const CLOSE_REAUTHENTICATE = 4409;
 /** The server cannot register connections right now; retried with backoff like a network drop. */
 export const CLOSE_UNAVAILABLE = 4503;
 const SIGNED_OUT = new Set([CLOSE_UNAUTHENTICATED, CLOSE_SESSION_ENDED]);
+/** Frames about the history itself: the client consumes them. */
+const HISTORY_FRAMES = new Set(["position", "recovered", "reset"]);
 const REFUSED = new Set([CLOSE_FORBIDDEN, CLOSE_TOO_MANY]);
 
 export const State = Object.freeze({
@@ -117,6 +128,8 @@ class Connection extends EventTarget {
     this.url = url;
     /** @type {BackoffOptions & Record<string, any>} the backoff ones and the subclass's own */
     this.options = { ...BACKOFF, ...options };
+    /** @type {string | null} "<epoch>:<seq>" of the newest recoverable frame received */
+    this.position = options.position ?? null;
     /** @type {StateName} */
     this.state = State.CLOSED;
     this.attempt = 0;
@@ -177,7 +190,29 @@ class Connection extends EventTarget {
 
   /** @param {{ data: any, event?: string, id?: string }} detail */
   received(detail) {
-    this.emit("message", detail);
+    if (this.follow(detail.data)) this.emit("message", detail);
+  }
+
+  /**
+   * Keep the position a frame carries; the history's own frames become events.
+   * @param {Record<string, any>} frame
+   * @returns {boolean} whether it is a frame for the page
+   */
+  follow(frame) {
+    const position = typeof frame?.epoch === "string" && Number.isInteger(frame.seq) ? `${frame.epoch}:${frame.seq}` : null;
+    if (position) this.position = position;
+    if (frame?.type === "recovered") {
+      this.emit("recovered", { count: frame.count, position });
+    } else if (frame?.type === "reset") {
+      this.emit("reset", { reason: frame.reason, position });
+    }
+    return !HISTORY_FRAMES.has(frame?.type);
+  }
+
+  /** The transport's URL, with the position to resume from. */
+  resumeURL() {
+    if (!this.position) return this.url;
+    return `${this.url}${this.url.includes("?") ? "&" : "?"}since=${encodeURIComponent(this.position)}`;
   }
 
   /**
@@ -291,7 +326,7 @@ export class RegistrySocket extends Connection {
   }
 
   start() {
-    const socket = new WebSocket(this.url);
+    const socket = new WebSocket(this.resumeURL());
     socket.onopen = () => {
       this.opened();
       this.pingTimer = setInterval(() => this.ping(), this.options.pingInterval);
@@ -383,7 +418,7 @@ export class RegistryEventStream extends Connection {
   /** @param {AbortSignal} signal */
   async read(signal) {
     this.watch(this.options.openTimeout, "the stream did not open");
-    const response = await fetch(this.url, {
+    const response = await fetch(this.resumeURL(), {
       headers: { Accept: "text/event-stream" },
       credentials: "same-origin",
       cache: "no-store",

@@ -48,7 +48,19 @@ function connect(name) {
   connection.addEventListener("state", (event) => showState(event.detail));
   connection.addEventListener("open", () => refreshPresence());
   connection.addEventListener("message", (event) => receive(event.detail.data));
+  connection.addEventListener("recovered", ({ detail }) => {
+    if (detail.count) showHistoryNote(`${detail.count} missed ${detail.count === 1 ? "message" : "messages"} recovered`);
+  });
+  connection.addEventListener("reset", ({ detail }) => {
+    // Missed messages could not be replayed (history lost or too far behind): the database has them.
+    showHistoryNote(`Could not replay missed messages (${detail.reason}); unread list reloaded`);
+    loadUnread();
+  });
   connection.connect();
+}
+
+function showHistoryNote(text) {
+  $("#history-note").textContent = text;
 }
 
 function showState({ state, retryAt }) {

@@ -1,0 +1,101 @@
+"""One connection's place in its user's history: what it has been sent, what comes next.
+
+Why a connection gets every recoverable event exactly once, in order:
+
+- a sender appends the event to the user's history (which gives it its
+  ``seq``), *then* looks up the user's live connections, *then* sends;
+- a connection registers (row written, or group joined), *then* reads the
+  history after the client's position.
+
+Take any event E and connection C. If the sender's lookup ran after C's
+registration, C is found and E arrives live. If it ran before, then E's append,
+which came before that lookup, also came before C's registration and so before
+C's history read: the read returns E. Either way C gets E. Both can happen, so
+the cursor drops a ``seq`` it has already passed.
+
+Two senders to one user can race: the event numbered 7 may arrive live before
+6. Numbers are handed out by the append, so 6 was in the history before 7
+existed; a gap is filled from the history at once, and the late 6 is dropped.
+A history that cannot fill it (trimmed, lost) produces a ``reset``, never a
+silent gap. (Centrifugo's subscribe and Mercure's ``AddSubscriber`` close the
+same race with a buffer; here the consumer's queue is the buffer.)
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .exceptions import ChannelLayerUnavailable
+from .history import RESET_EPOCH, RESET_INVALID, RESET_UNAVAILABLE, History, Position, position_for, resolved
+
+#: Channels events the cursor emits for the connection to turn into frames.
+POSITION_EVENT = "registry.position"
+RECOVERED_EVENT = "registry.recovered"
+RESET_EVENT = "registry.reset"
+HISTORY_EVENTS = frozenset({POSITION_EVENT, RECOVERED_EVENT, RESET_EVENT})
+
+
+def control(event_type: str, head: Position, **fields: Any) -> dict[str, Any]:
+    return {"type": event_type, "epoch": head.epoch, "seq": head.seq, **fields}
+
+
+class Cursor:
+    """Orders, de-duplicates and completes the recoverable events of one connection."""
+
+    def __init__(self, history: History, user_id: Any) -> None:
+        self.history = history
+        self.user_id = user_id
+        #: The position of the last event passed on; set by ``start``.
+        self.position: Position | None = None
+
+    async def start(self, since: str | None) -> list[dict[str, Any]]:
+        """The connection's first events, each carrying a position: for a new client
+        (``since`` is ``None``) the current one; for a returning client (``since`` is
+        its ``"<epoch>:<seq>"``) what it missed then ``recovered``, or a ``reset``
+        saying why that cannot be had.
+
+        Call it once registered; raises ``ChannelLayerUnavailable`` if the history
+        cannot be read.
+        """
+        try:
+            asked = Position.parse(since) if since is not None else None
+        except ValueError:
+            asked = None
+        recovery = await self.history.read(self.user_id, asked)
+        self.position = recovery.head
+        if since is None:
+            return [control(POSITION_EVENT, recovery.head)]
+        reason = RESET_INVALID if asked is None else recovery.reset
+        if reason:
+            return [control(RESET_EVENT, recovery.head, reason=reason)]
+        return [*recovery.events, control(RECOVERED_EVENT, recovery.head, count=len(recovery.events))]
+
+    async def admit(self, event: dict[str, Any]) -> list[dict[str, Any]]:
+        """What to pass on for one incoming event: usually itself, nothing for a
+        duplicate, the missing events before it for a gap."""
+        position = position_for(event, self.user_id)
+        if position is None or self.position is None:
+            return [event]
+        if position.epoch != self.position.epoch:
+            # The history was lost and started again while this connection was open.
+            self.position = Position(position.epoch, 0)
+            return [control(RESET_EVENT, self.position, reason=RESET_EPOCH), *await self.admit(event)]
+        if position.seq <= self.position.seq:
+            return []
+        if position.seq == self.position.seq + 1:
+            self.position = position
+            return [resolved(event, position)]
+        return await self.fill_gap(event, position)
+
+    async def fill_gap(self, event: dict[str, Any], position: Position) -> list[dict[str, Any]]:
+        assert self.position is not None
+        try:
+            recovery = await self.history.read(self.user_id, self.position)
+        except ChannelLayerUnavailable:
+            self.position = position
+            return [control(RESET_EVENT, position, reason=RESET_UNAVAILABLE), resolved(event, position)]
+        # The head may be past this event: the later ones arrive live too, and are dropped then.
+        self.position = recovery.head
+        if recovery.reset:
+            return [control(RESET_EVENT, recovery.head, reason=recovery.reset)]
+        return recovery.events

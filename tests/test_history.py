@@ -1,0 +1,276 @@
+"""The per-user history and the cursor: one contract over the Redis and in-memory histories.
+
+The Redis history runs against the real Redis (and two private servers for
+sharding); the in-memory one is what the demo's embedded default uses.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+from django.test import override_settings
+
+from channel_registry.cursor import Cursor
+from channel_registry.delivery import send_batches
+from channel_registry.exceptions import ChannelLayerUnavailable
+from channel_registry.history import (
+    RESET_EPOCH,
+    RESET_EXPIRED,
+    RESET_INVALID,
+    RESET_TOO_MANY,
+    MemoryHistory,
+    Position,
+    RedisHistory,
+    history_for,
+    position_for,
+)
+from channel_registry.protocol import POSITION_KEY
+
+from . import test_delivery
+from .test_delivery import host
+
+make_layer = test_delivery.make_layer
+two_servers = test_delivery.two_servers
+
+EVENT = {"type": "registry.notify", "data": "x"}
+
+
+@pytest.fixture(params=["redis", "memory"])
+def history(request, make_layer):
+    return RedisHistory(make_layer()) if request.param == "redis" else MemoryHistory()
+
+
+async def send(history, user, count: int) -> list[Position]:
+    return [(await history.append([user], {**EVENT, "n": n}))[user] for n in range(count)]
+
+
+async def test_sequence_is_gap_free_per_user_within_one_epoch(history):
+    alice = await send(history, 1, 3)
+    bob = await send(history, 2, 2)
+    assert [p.seq for p in alice] == [1, 2, 3] and [p.seq for p in bob] == [1, 2]
+    assert len({p.epoch for p in alice}) == 1
+    assert (await history.read(1, None)).head == alice[-1]
+
+
+async def test_a_new_user_has_a_position_before_any_event(history):
+    head = (await history.read(7, None)).head
+    assert head.seq == 0
+    assert (await history.read(7, None)).head == head  # the epoch is kept, not drawn again
+    assert (await history.append([7], EVENT))[7] == Position(head.epoch, 1)
+
+
+async def test_reading_after_a_position_returns_the_missed_events_in_order_with_their_positions(history):
+    positions = await send(history, 1, 5)
+    recovery = await history.read(1, positions[1])
+    assert recovery.reset is None and recovery.head == positions[-1]
+    assert [e["n"] for e in recovery.events] == [2, 3, 4]
+    assert [e[POSITION_KEY] for e in recovery.events] == [[p.epoch, p.seq] for p in positions[2:]]
+    assert (await history.read(1, positions[-1])).events == []
+
+
+async def test_one_append_serves_many_users_each_with_its_own_position(history):
+    await send(history, 1, 2)
+    positions = await history.append([1, 2, 3], EVENT)
+    assert {user: p.seq for user, p in positions.items()} == {1: 3, 2: 1, 3: 1}
+
+
+@pytest.mark.parametrize("case", ["foreign epoch", "ahead", "too many", "older than kept", "expired"])
+async def test_positions_that_cannot_be_honoured_say_why(history, case):
+    options = {"HISTORY_SIZE": 5, "RECOVERY_LIMIT": 5, "HISTORY_TTL": 600}
+    if case == "too many":
+        options["HISTORY_SIZE"] = 10
+    if case == "expired":
+        options["HISTORY_TTL"] = 0.3
+    with override_settings(CHANNEL_REGISTRY=options):
+        positions = await send(history, 1, 4)
+        head = positions[-1]
+        since, reason = {
+            "foreign epoch": (Position("f00d", 2), RESET_EPOCH),
+            "ahead": (Position(head.epoch, 9), RESET_INVALID),
+            "too many": (Position(head.epoch, 0), None),  # 4 behind: within the limit
+            "older than kept": (Position(head.epoch, 0), None),
+            "expired": (Position(head.epoch, 1), RESET_EXPIRED),
+        }[case]
+        if case == "too many":
+            await send(history, 1, 2)  # now 6 behind a limit of 5, all 6 kept
+            reason = RESET_TOO_MANY
+        if case == "older than kept":
+            await send(history, 1, 2)  # 6 behind, 5 kept: the one after it is gone
+            reason = RESET_EXPIRED
+        if case == "expired":
+            await asyncio.sleep(0.4)
+        recovery = await history.read(1, since)
+    assert recovery.reset == reason
+    assert recovery.events == []
+    assert recovery.head.seq == (await history.read(1, None)).head.seq
+
+
+async def test_redis_history_is_bounded_in_length_and_time(make_layer):
+    layer = make_layer()
+    history = RedisHistory(layer)
+    with override_settings(CHANNEL_REGISTRY={"HISTORY_SIZE": 5, "RECOVERY_LIMIT": 5, "HISTORY_TTL": 60}):
+        await send(history, 1, 7)
+    shard, head_key, stream_key = history.keys(1)
+    connection = layer.connection(shard)
+    assert await connection.xlen(stream_key) == 5
+    assert 0 < await connection.ttl(stream_key) <= 60
+    assert await connection.ttl(head_key) > 3600  # the epoch outlives the events
+
+
+async def test_a_lost_redis_history_starts_a_new_epoch(make_layer):
+    layer = make_layer()
+    history = RedisHistory(layer)
+    before = await send(history, 1, 3)
+    await layer.flush()  # what a Redis restart without persistence, or FLUSHALL, does
+    after = (await history.append([1], EVENT))[1]
+    assert after.epoch != before[-1].epoch and after.seq == 1
+    assert (await history.read(1, before[-1])).reset == RESET_EPOCH
+
+
+async def test_sharded_layer_keeps_each_history_on_the_shard_of_its_user(two_servers, make_layer):
+    layer = make_layer(hosts=[host(server.url) for server in two_servers])
+    history = RedisHistory(layer)
+    users = list(range(1, 21))
+    positions = await history.append(users, EVENT)
+    assert all(p.seq == 1 for p in positions.values())
+    shards = {history.keys(user)[0] for user in users}
+    assert shards == {0, 1}
+    for user in users:
+        assert len((await history.read(user, Position(positions[user].epoch, 0))).events) == 1
+
+
+async def test_unreachable_redis_raises_channel_layer_unavailable(make_layer):
+    history = RedisHistory(make_layer(hosts=[host("redis://127.0.0.1:1", socket_connect_timeout=0.5)]))
+    with pytest.raises(ChannelLayerUnavailable):
+        await history.append([1], EVENT)
+
+
+def test_history_is_off_when_disabled_or_the_layer_keeps_none(make_layer):
+    from channels_redis.pubsub import RedisPubSubChannelLayer
+
+    assert history_for(RedisPubSubChannelLayer(hosts=[host()])) is None
+    with override_settings(CHANNEL_REGISTRY={"HISTORY": False}):
+        assert history_for(make_layer()) is None
+
+
+# The cursor: what one connection passes on --------------------------------------------
+
+
+def positions(events) -> list:
+    return [e.get(POSITION_KEY, [None, None])[1] if POSITION_KEY in e else e["type"] for e in events]
+
+
+async def test_cursor_drops_duplicates_and_fills_a_gap_from_the_history(history):
+    cursor = Cursor(history, 1)
+    assert await cursor.start(None) == [{"type": "registry.position", "epoch": cursor.position.epoch, "seq": 0}]
+    stamped = []
+    for n in range(4):
+        position = (await history.append([1], {**EVENT, "n": n}))[1]
+        stamped.append({**EVENT, "n": n, POSITION_KEY: {"1": [position.epoch, position.seq], "2": ["other", 9]}})
+    assert positions(await cursor.admit(stamped[0])) == [1]
+    assert await cursor.admit(stamped[0]) == []  # already passed
+    # 4 arrives before 2 and 3 (another sender's): they come from the history, in order.
+    assert positions(await cursor.admit(stamped[3])) == [2, 3, 4]
+    assert await cursor.admit(stamped[1]) == [] and await cursor.admit(stamped[2]) == []
+    assert await cursor.admit({"type": "demo.presence"}) == [{"type": "demo.presence"}]  # not recoverable
+
+
+async def test_cursor_resumes_after_the_clients_position_then_says_how_many(history):
+    sent = await send(history, 1, 5)
+    cursor = Cursor(history, 1)
+    first = await cursor.start(str(sent[1]))
+    assert positions(first) == [3, 4, 5, "registry.recovered"]
+    assert first[-1] == {"type": "registry.recovered", "epoch": sent[0].epoch, "seq": 5, "count": 3}
+    assert await cursor.start(str(sent[-1])) == [
+        {"type": "registry.recovered", "epoch": sent[0].epoch, "seq": 5, "count": 0}
+    ]
+
+
+@pytest.mark.parametrize("since", ["garbage", "abc:", ":4", "abc:-1", "x" * 70 + ":1"])
+async def test_cursor_answers_a_malformed_position_with_a_reset(history, since):
+    await send(history, 1, 2)
+    [reset] = await Cursor(history, 1).start(since)
+    assert reset["type"] == "registry.reset" and reset["reason"] == RESET_INVALID and reset["seq"] == 2
+
+
+async def test_cursor_reports_a_history_lost_while_connected(make_layer):
+    layer = make_layer()
+    history = RedisHistory(layer)
+    cursor = Cursor(history, 1)
+    await cursor.start(None)
+    await send(history, 1, 1)
+    await layer.flush()
+    new = await send(history, 1, 2)
+    out = await cursor.admit({**EVENT, POSITION_KEY: {"1": [new[1].epoch, 2]}})
+    assert out[0] == {"type": "registry.reset", "epoch": new[0].epoch, "seq": 0, "reason": RESET_EPOCH}
+    assert positions(out[1:]) == [1, 2]
+
+
+# Sending one event per user with its own position ---------------------------------------
+
+
+async def test_send_batches_gives_each_user_their_own_message_on_one_process_key(make_layer):
+    layer = make_layer()
+    a, b = await layer.new_channel(), await layer.new_channel()  # one process: one Redis key
+    assert await send_batches(layer, [({"type": "t", "seq": 1}, [a]), ({"type": "t", "seq": 9}, [b])]) == []
+    assert await layer.receive(a) == {"type": "t", "seq": 1}
+    assert await layer.receive(b) == {"type": "t", "seq": 9}
+
+
+# Through the consumers: the same history serves both strategies ------------------------
+
+
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.parametrize("strategy", ["mapping", "groups"])
+async def test_both_consumers_resume_from_the_same_history(connect, alice, strategy):
+    from channel_registry import dispatch, groups
+    from channel_registry.consumers import GroupConsumer, RegistryConsumer
+
+    consumer, dispatcher = {
+        "mapping": (RegistryConsumer, dispatch.mapping), "groups": (GroupConsumer, groups.groups),
+    }[strategy]
+    tab = await connect(alice, consumer=consumer)
+    epoch = tab.position["epoch"]
+    await tab.disconnect()
+    for n in range(3):
+        await dispatcher.anotify_user(alice, n)
+    await dispatcher.asend_to_user(alice, {"type": "registry.notify", "data": "typing"}, recover=False)
+
+    back = await connect(alice, consumer=consumer, since=f"{epoch}:1")
+    frames = [await back.receive_json_from() for _ in range(3)]
+    assert frames == [
+        {"type": "notification", "data": 1, "epoch": epoch, "seq": 2},
+        {"type": "notification", "data": 2, "epoch": epoch, "seq": 3},
+        {"type": "recovered", "count": 2, "epoch": epoch, "seq": 3},
+    ]
+    await dispatcher.anotify_user(alice, "live")
+    assert await back.receive_json_from() == {"type": "notification", "data": "live", "epoch": epoch, "seq": 4}
+    assert await back.receive_nothing()
+
+
+@pytest.mark.django_db(transaction=True)
+async def test_a_fan_out_with_history_is_still_one_message_per_server_process(make_user, layer):
+    """Each user's position rides in the process's one message; each connection reads its own."""
+    from asgiref.sync import sync_to_async
+    from channels_redis.core import RedisChannelLayer
+
+    from channel_registry import asend_to_users
+    from channel_registry.models import UserChannel
+
+    users = [await sync_to_async(make_user)() for _ in range(30)]
+    channels = {}
+    for user in users:
+        channels[user.pk] = await layer.new_channel()  # all of this process: one Redis key
+        await UserChannel.objects.acreate(user=user, channel_name=channels[user.pk], server="test")
+    await asend_to_users(users[:10], EVENT)  # the first ten are one event ahead
+
+    delivery = await asend_to_users(users, EVENT)
+
+    assert delivery.sent == 30 and delivery.failed == []
+    if isinstance(layer, RedisChannelLayer):
+        key = layer.prefix + layer.non_local_name(channels[users[0].pk])
+        assert await layer.connection(0).zcard(key) == 2  # two fan-outs, one message each (one Redis host)
+    for user in users:
+        received = [await layer.receive(channels[user.pk]) for _ in range(2 if user in users[:10] else 1)]
+        assert position_for(received[-1], user.pk).seq == (2 if user in users[:10] else 1)
