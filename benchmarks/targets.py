@@ -765,6 +765,16 @@ async def target_history(scale: Scale) -> Table:
     for which, value in (("p50", r50), ("p99", r99)):
         table.check(f"send_to_user with history / without, {which} ≤ 1.5", value <= 1.5, f"{value:.2f}x")
 
+    async def fan_out(recover: bool) -> None:
+        await dispatch.mapping.asend_to_users(users, EVENT, recover=recover)
+
+    fan = {label: summary(await sample(lambda _, r=recover: fan_out(r), 20, warmup=3, between=world.drain))
+           for label, recover in (("without", False), ("with", True))}  # fmt: skip
+    table.add(f"send_to_users, {len(users)} users, recover=False", fan["without"]["p50"], fan["without"]["p99"],
+              None, None)  # fmt: skip
+    table.add(f"send_to_users, {len(users)} users, recover=True", fan["with"]["p50"], fan["with"]["p99"],
+              ratio(fan["with"]["p50"], fan["without"]["p50"]), ratio(fan["with"]["p99"], fan["without"]["p99"]))
+
     history = history_for(world.layer)
     assert isinstance(history, RedisHistory)
     reader = users[0]
@@ -790,7 +800,7 @@ async def target_history(scale: Scale) -> Table:
     connection = world.layer.connection(shard)
     stream_bytes = await connection.memory_usage(stream_key)
     head_bytes = await connection.memory_usage(head_key)
-    table.data = {"without": without, "with": with_history, "resume_100": resumed, "new_client": fresh,
+    table.data = {"without": without, "with": with_history, "fan_out": fan, "resume_100": resumed, "new_client": fresh,
                   "bytes_300_events": stream_bytes, "bytes_head": head_bytes}  # fmt: skip
     table.notes.append(
         f"Redis memory for one user with the default 300 events of {len(EVENT['text'])}-character text: "

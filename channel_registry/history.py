@@ -44,6 +44,9 @@ RESET_TOO_MANY = "too_many"  # more than RECOVERY_LIMIT events behind
 RESET_INVALID = "invalid"  # malformed, or ahead of the history
 RESET_UNAVAILABLE = "unavailable"  # the history could not be read
 
+#: Users per append script: bounds how long one script holds Redis during a large fan-out.
+CHUNK_USERS = 500
+
 #: How long a user's epoch and counter outlive their last event or connection, in seconds:
 #: far longer than the events, so a quiet user's tab resumes without a reset.
 HEAD_TTL = 24 * 3600
@@ -245,14 +248,16 @@ class RedisHistory(History):
         for user_id in user_ids:
             by_shard.setdefault(self.keys(user_id)[0], []).append(user_id)
         positions = {}
+        args = [payload, int(time.time() * 1000), options.HISTORY_SIZE, int(options.HISTORY_TTL), HEAD_TTL]
         with layer_unavailable(self.layer):
             for shard, users in by_shard.items():
-                keys = [key for user_id in users for key in self.keys(user_id)[1:]]
-                args = [payload, int(time.time() * 1000), options.HISTORY_SIZE, int(options.HISTORY_TTL), HEAD_TTL]
                 script = self.layer.connection(shard).register_script(APPEND_SCRIPT)
-                answer = await script(keys=keys, args=args + [new_epoch() for _ in users])
-                for i, user_id in enumerate(users):
-                    positions[user_id] = Position(answer[2 * i].decode(), int(answer[2 * i + 1]))
+                for start in range(0, len(users), CHUNK_USERS):
+                    chunk = users[start : start + CHUNK_USERS]
+                    keys = [key for user_id in chunk for key in self.keys(user_id)[1:]]
+                    answer = await script(keys=keys, args=args + [new_epoch() for _ in chunk])
+                    for i, user_id in enumerate(chunk):
+                        positions[user_id] = Position(answer[2 * i].decode(), int(answer[2 * i + 1]))
         return positions
 
     async def read(self, user_id: Any, since: Position | None) -> Recovery:
