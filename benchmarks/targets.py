@@ -711,7 +711,7 @@ async def target_receive(scale: Scale) -> Table:
         for n in range(per_channel):  # one message per channel, as a direct message is (send_many would coalesce)
             await run_bounded(channels, lambda channel: sender.send(channel, {**EVENT, "n": n}), 50)  # noqa: B023
 
-        async def drain(channel: str) -> None:
+        async def drain(channel: str, receiver=receiver) -> None:
             for n in range(per_channel):
                 assert (await receiver.receive(channel))["n"] == n
 
