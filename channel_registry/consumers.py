@@ -171,14 +171,34 @@ class RegistryConsumer(RegistryConsumerMixin, AsyncJsonWebsocketConsumer):
         direct = protocol.parse_direct(payload)
         if self.rate_limit and not self.rate_limit.take():
             raise ProtocolError(protocol.RATE_LIMITED, "too many messages; slow down", direct.id)
-        recipient_id = await self.get_recipient(direct.to)
-        if recipient_id is None:
-            raise ProtocolError(protocol.UNKNOWN_RECIPIENT, f"no active user with id {direct.to}", direct.id)
-        if not await self.can_message(recipient_id):
+        default_rules = self.recipient_rules_are_default()
+        recipient_id = direct.to if default_rules else await self.get_recipient(direct.to)
+        if recipient_id is not None and not await self.can_message(recipient_id):
             raise ProtocolError(protocol.FORBIDDEN, "you may not message this user", direct.id)
         event = {"type": protocol.DIRECT_EVENT, "frame": self.build_direct_message(direct)}
-        delivery = await self.strategy.deliver([recipient_id], event)
+        if recipient_id is None:
+            delivery = None
+        elif default_rules:  # get_recipient's check made by the channel lookup itself: one statement
+            delivery = await self.strategy.deliver_to_recipient(recipient_id, event)
+        else:
+            delivery = await self.strategy.deliver([recipient_id], event)
+        if delivery is None:
+            raise ProtocolError(protocol.UNKNOWN_RECIPIENT, f"no active user with id {direct.to}", direct.id)
         return protocol.ack_frame(direct.id, delivery.sent)
+
+    def recipient_rules_are_default(self) -> bool:
+        """Whether ``get_recipient`` and ``can_message`` are the library's (no policy, no override).
+
+        Then the self-message rule needs no query and "an active user" is part of
+        the strategy's channel lookup (``deliver_to_recipient``); an override or a
+        ``CAN_MESSAGE`` policy runs first, on a recipient known to exist, as before.
+        """
+        cls = type(self)
+        return (
+            cls.get_recipient is RegistryConsumer.get_recipient
+            and cls.can_message is RegistryConsumer.can_message
+            and registry_settings().CAN_MESSAGE is None
+        )
 
     async def get_recipient(self, user_id: int):
         """The recipient's primary key if they may receive messages, else ``None``."""

@@ -58,6 +58,11 @@ class MappingStrategy(DeliveryStrategy):
     async def deliver(self, user_ids: Collection, event: dict) -> Delivery:
         return await self.send_to_channels(await row_store().live_channels(user_ids), event)
 
+    async def deliver_to_recipient(self, user_id, event: dict) -> Delivery | None:
+        """The recipient check and the channel lookup in one statement (see ``OrmStore.recipient_channels``)."""
+        names = await row_store().recipient_channels(user_id)
+        return None if names is None else await self.send_to_channels(names, event)
+
     async def deliver_to_session(self, session_key: str, event: dict) -> Delivery:
         rows = await database_sync_to_async(session_rows)(session_digest(session_key))
         return await self.send_to_channels(live_names(rows), event)

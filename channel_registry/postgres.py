@@ -64,6 +64,11 @@ class Statements:
         user_id = quote(UserChannel._meta.get_field("user").column)
         # The same row lock as the ORM path: connects, disconnects and prunes of one user take turns.
         self.user_rows = f"SELECT channel_name, last_seen FROM {table} WHERE {user_id} = ANY(%s)"
+        users, pk = quote(user_meta.db_table), quote(user_meta.pk.column)
+        self.recipient_rows = (
+            f"SELECT c.channel_name, c.last_seen FROM {users} u LEFT JOIN {table} c ON c.{user_id} = u.{pk} "
+            f"WHERE u.{pk} = %s AND u.{quote(user_meta.get_field('is_active').column)}"
+        )
         self.lock_user = f"SELECT 1 FROM {quote(user_meta.db_table)} WHERE {quote(user_meta.pk.column)} = %s FOR UPDATE"
         columns = f"{user_id}, channel_name, server, session, connected_at, last_seen"
         # A CTE's SELECT sees the table as it was before the CTE's own INSERT/DELETE:
@@ -155,6 +160,12 @@ class NativePool:
         idle.append(conn)
         return result
 
+    async def close_idle(self) -> None:
+        """Close the running loop's idle connections: the next statement connects with the current settings."""
+        idle, _ = await self._for_running_loop()
+        while idle:
+            await idle.pop().close()
+
     async def _for_running_loop(self) -> tuple[list, asyncio.Semaphore]:
         loop = asyncio.get_running_loop()
         if loop not in self._loops:
@@ -239,6 +250,11 @@ class PostgresStore(OrmStore):
     async def live_channels(self, user_ids) -> list[str]:
         """One prepared-shape query, one array parameter."""
         return live_names(await pool.fetch_all(pool.statements.user_rows, [list(user_ids)]))
+
+
+    async def recipient_channels(self, user_id) -> list[str] | None:
+        rows = await pool.fetch_all(pool.statements.recipient_rows, [user_id])
+        return None if not rows else live_names(row for row in rows if row[0] is not None)
 
 
 native = PostgresStore()

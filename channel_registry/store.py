@@ -23,7 +23,7 @@ from datetime import datetime
 
 from channels.db import database_sync_to_async
 from django.contrib.auth import get_user_model
-from django.db import transaction
+from django.db import DataError, transaction
 from django.db.models import QuerySet
 from django.utils import timezone
 
@@ -144,6 +144,18 @@ class OrmStore:
             last = bool(deleted) and not UserChannel.objects.for_user(user_id).exists()
         if last:
             send_presence(user_offline, user_id)
+
+    async def recipient_channels(self, user_id) -> list[str] | None:
+        """The live channels of ``user_id`` if it is an active user, else ``None``: one query."""
+        return await database_sync_to_async(self.recipient_channels_sync)(user_id)
+
+    def recipient_channels_sync(self, user_id) -> list[str] | None:
+        users = get_user_model().objects.filter(pk=user_id, is_active=True)
+        try:  # the user LEFT JOIN their rows: (None, None) for an active user without connections
+            rows = list(users.values_list("live_channels__channel_name", "live_channels__last_seen"))
+        except DataError:  # an id outside the column's range (SQLite)
+            return None
+        return None if not rows else live_names(row for row in rows if row[0] is not None)
 
     def rows_sync(self, user_ids: Collection) -> list[tuple[str, datetime]]:
         return list(UserChannel.objects.for_users(user_ids).order_by().values_list("channel_name", "last_seen"))

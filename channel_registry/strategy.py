@@ -14,7 +14,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from channels.layers import get_channel_layer
+from django.contrib.auth import get_user_model
 from django.core.exceptions import ImproperlyConfigured
+from django.db import DataError
 
 from .conf import registry_settings
 
@@ -63,3 +65,20 @@ class DeliveryStrategy:
     async def deliver_to_session(self, session_key: str, event: dict[str, Any]) -> Delivery:
         """Send ``event`` to every live connection opened by the session ``session_key``."""
         raise NotImplementedError
+
+    async def deliver_to_recipient(self, user_id: Any, event: dict[str, Any]) -> Delivery | None:
+        """``deliver([user_id], event)`` if ``user_id`` is an active user, else ``None`` (nothing sent).
+
+        A direct message's recipient check; the mapping strategy answers it with
+        the same statement that finds the recipient's channels.
+        """
+        if not await active_user_exists(user_id):
+            return None
+        return await self.deliver([user_id], event)
+
+
+async def active_user_exists(user_id: Any) -> bool:
+    try:
+        return bool(await get_user_model().objects.filter(pk=user_id, is_active=True).aexists())
+    except DataError:  # an id outside the column's range (SQLite)
+        return False

@@ -195,3 +195,18 @@ def test_a_new_process_remembers_the_database_of_its_first_registration():
     registration = fresh.registration(1, "")
     assert registration.server == fresh.server
     assert fresh.database == connection.settings_dict["NAME"]
+
+
+async def test_recipient_channels_is_the_recipient_check_and_the_lookup(store, alice, bob, make_user):
+    """One statement answers "an active user?" and "which live channels?" for a direct message."""
+    ghost = await sync_to_async(make_user)("ghost", is_active=False)
+    await store.add("specific.b!1", reg(bob))
+    await store.add("specific.b!2", reg(bob))
+    await store.add("specific.g!1", reg(ghost))
+    await sync_to_async(UserChannel.objects.filter(channel_name="specific.b!2").update)(
+        last_seen=timezone.now() - timedelta(hours=1)
+    )
+    assert await store.recipient_channels(bob.pk) == ["specific.b!1"]  # the stale row left out
+    assert await store.recipient_channels(alice.pk) == []  # active, not connected
+    assert await store.recipient_channels(ghost.pk) is None  # inactive, though connected
+    assert await store.recipient_channels(2**31 + 7) is None  # no such user
