@@ -6,6 +6,7 @@ import asyncio
 import logging
 import time
 
+from channels.consumer import get_handler_name
 from channels.db import database_sync_to_async
 from channels.generic.websocket import AsyncJsonWebsocketConsumer
 from django.contrib.auth import get_user_model
@@ -127,11 +128,22 @@ class RegistryConsumer(RegistryConsumerMixin, AsyncJsonWebsocketConsumer):
 
     #: Client frame ``type`` → name of the method that answers it.
     frame_types = {"direct": "receive_direct", "ping": "receive_ping"}
+    #: Channel layer events whose handlers only write to the socket. Channels runs
+    #: ``close_old_connections`` through the thread pool before every handler; for
+    #: these (one per delivered copy of every message) the hop is skipped. A
+    #: subclass whose handler of one of them uses the ORM takes it out of this set.
+    socket_only_events = frozenset({protocol.DIRECT_EVENT, protocol.NOTIFY_EVENT})
 
     async def connect(self) -> None:
         await super().connect()
         limit = registry_settings().RATE_LIMIT
         self.rate_limit = limit and protocol.TokenBucket(*limit, clock=time.monotonic)
+
+    async def dispatch(self, message) -> None:
+        if message["type"] in self.socket_only_events:
+            await getattr(self, get_handler_name(message))(message)
+        else:
+            await super().dispatch(message)
 
     async def receive(self, text_data=None, bytes_data=None, **kwargs) -> None:
         """Answer one client frame; a bad frame gets an ``error`` frame, never a crash."""
