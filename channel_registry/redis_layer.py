@@ -11,21 +11,28 @@ Everything else is channels_redis's: the keys, the message format
 (``__asgi_channel__`` naming the process-local channel, or listing several as
 ``group_send`` writes it), ``capacity`` (per process for its local channels),
 ``expiry``, groups, general channels. Processes running this layer and processes
-running the stock one send to each other in both directions.
+running the stock one send to each other in both directions (``capacity`` is
+checked by the *sender*, with its own setting).
+
+As in channels_redis, a message fetched for a channel whose consumer is busy
+waits in that channel's in-process buffer; a buffer holds ``buffer_capacity``
+messages and then drops its oldest. Batching only moves messages out of Redis
+sooner, so the per-process ``capacity`` in Redis is hit only when the process
+cannot keep up at all: 5,000 by default instead of 100.
 
 Cancellation safety, as channels_redis promises it and a bit more:
 
 * A batch moves from the channel key to a backup key inside the same script that
-  pops it, tagged with a batch id. The next fetch of the process puts an
-  untagged-as-delivered batch back in front of the queue (its consumer was
-  cancelled, or the reply was lost with its connection) and drops a delivered
-  one, in the same atomic script. The batch reaches the buffers without an
-  ``await`` in between, so "delivered" is exactly what the process knows.
-* The blocking wait for an empty queue (``BZPOPMIN``) runs in a task of its own
-  that no consumer cancels: a message it pops after its consumer went away is
-  put back with its original score. Python 3.11 may lose a cancellation in
-  redis-py's ``wait_for`` (CPython gh-86296): the result is then returned and
-  delivered as usual, never dropped.
+  pops it, tagged with a batch id. The next fetch puts a batch the process never
+  got (the reply was lost with its connection, or the reader was stopped) back in
+  front of the queue, and drops one it did get, in the same atomic script. A
+  batch reaches the buffers without an ``await`` in between, so "got" is exactly
+  what the process knows.
+* All Redis reads of the process run in ONE reader task that no consumer owns
+  or cancels (it stops when no receive waits); a receive only waits on its
+  channel's in-process buffer. Cancelling a consumer therefore never interrupts
+  a read, and Python 3.11's lost cancellations in redis-py's ``wait_for``
+  (CPython gh-86296, TRAPS 7) cannot hit a consumer's receive.
 
 One extra fix: ``send`` to a process-local channel picks the shard of the
 non-local name, where ``receive`` reads, so it is correct on several hosts
@@ -190,8 +197,10 @@ class BatchedRedisChannelLayer(RedisChannelLayer):
                 self._delivered[key] = batch_id
                 for content in popped[::2]:
                     self._buffer(process_channel, content)
-            else:
-                await self._pop_and_put_back(connection, key)
+            else:  # nothing there: block until something is (the only blocking read of a sorted set pops)
+                popped_one = await connection.bzpopmin(key, timeout=self.brpop_timeout)
+                if popped_one is not None:
+                    self._buffer(process_channel, popped_one[1])
 
     def _reader_done(self, reader: asyncio.Task[None]) -> None:
         """A failed reader (Redis unreachable) fails every waiting receive; the next one starts a new reader."""
@@ -212,18 +221,6 @@ class BatchedRedisChannelLayer(RedisChannelLayer):
         target = message.pop("__asgi_channel__", process_channel)
         for name in target if isinstance(target, list) else [target]:
             self.receive_buffer[name].put_nowait(message)
-
-    async def _pop_and_put_back(self, connection: Any, key: str) -> None:
-        """Wait up to ``brpop_timeout`` for a message; put what ``BZPOPMIN`` took back, score kept.
-
-        Popping is the only blocking read Redis has for a sorted set. Put back,
-        the message waits for the next fetch, which takes it in order and
-        through the backup like any other.
-        """
-        popped = await connection.bzpopmin(key, timeout=self.brpop_timeout)
-        if popped is not None:
-            _, member, score = popped
-            await connection.zadd(key, {member: score})
 
     async def close_pools(self) -> None:
         """Stop the reader first: it holds a connection of the pools being closed."""

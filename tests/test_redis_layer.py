@@ -188,7 +188,7 @@ async def test_a_receive_cancelled_while_waiting_leaves_the_next_message_for_the
     with pytest.raises(asyncio.CancelledError):
         await asyncio.wait_for(waiting, 1)
     await receiver.send(channel, {"type": "t", "n": 1})
-    await asyncio.sleep(0.2)  # the reader pops it with nobody waiting, and puts it back
+    await asyncio.sleep(0.2)  # the reader, still blocked, takes it into the channel's buffer
     assert await receive_in_order(receiver, channel, 1) == [1]
 
 
