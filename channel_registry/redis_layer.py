@@ -186,21 +186,22 @@ class BatchedRedisChannelLayer(RedisChannelLayer):
         """
         key = self.prefix + process_channel
         connection = self.connection(self.consistent_hash(process_channel))
+        drained = False
         while self._waiting:
+            if drained:  # the last batch emptied the queue: block until a message comes (BZPOPMIN pops it)
+                popped_one = await connection.bzpopmin(key, timeout=self.brpop_timeout)
+                if popped_one is not None:
+                    self._buffer(process_channel, popped_one[1])
             batch_id = next(_batch_ids)
             popped = await connection.eval(
                 FETCH_SCRIPT, 3, key, *self._backup_keys(key),
                 self.batch_size, batch_id, self._delivered.get(key, 0), int(self.expiry),
             )  # fmt: skip
-            if popped:
-                # No await from here on: the whole batch reaches the buffers.
-                self._delivered[key] = batch_id
-                for content in popped[::2]:
-                    self._buffer(process_channel, content)
-            else:  # nothing there: block until something is (the only blocking read of a sorted set pops)
-                popped_one = await connection.bzpopmin(key, timeout=self.brpop_timeout)
-                if popped_one is not None:
-                    self._buffer(process_channel, popped_one[1])
+            # No await from here on: the whole batch reaches the buffers.
+            self._delivered[key] = batch_id
+            for content in popped[::2]:
+                self._buffer(process_channel, content)
+            drained = len(popped) < 2 * self.batch_size
 
     def _reader_done(self, reader: asyncio.Task[None]) -> None:
         """A failed reader (Redis unreachable) fails every waiting receive; the next one starts a new reader."""
