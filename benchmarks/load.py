@@ -576,7 +576,8 @@ def verdicts(setups: dict) -> list[dict]:
         if rates[a] is None or rates[b] is None:
             return {"text": text, "met": None, "detail": "not run"}
         ratio = rates[a] / rates[b] if rates[b] else float("inf")
-        return {"text": text, "met": rates[a] >= factor * rates[b] and rates[a] > 0,
+        met = (rates[a] >= factor * rates[b] and rates[a] > 0) if factor else None  # None: reported only
+        return {"text": text, "met": met,
                 "detail": f"{rates[a]:,.0f} vs {rates[b]:,.0f} messages/s: {ratio:.2f}x"}  # fmt: skip
 
     return [
