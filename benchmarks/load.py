@@ -34,7 +34,9 @@ What it does, on loopback only:
 3. ``--idle-sockets`` sockets on one daphne (library setup), nothing sent:
    connect time and RSS per socket.
 
-The demo's presence broadcast is off (O(N²) frames on login, a demo feature).
+The demo's presence broadcast is off (O(N²) frames on login, a demo feature). The demo
+stores a copy of every direct message (one INSERT in asgiref's single sync thread);
+``--no-history`` leaves that out to measure the library alone.
 The library's RATE_LIMIT is off (``--rate-limit``): at 2,000 messages/s each of
 1,000 sockets sends 2/s, over the default 20 per 10 s.
 
@@ -98,6 +100,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     add("--idle-sockets", type=int, default=10_000, help="idle sockets on one daphne (default 10000; 0: skip)")
     add("--capacity", type=int, default=None, help="channel layer capacity (default: each layer's own)")
     add("--rate-limit", default="none", help="RATE_LIMIT: 'none' (default) or 'N,SECONDS'")
+    add("--no-history", action="store_true", help="the demo stores no copy of each direct message "
+        "(its INSERT runs in asgiref's single sync thread and caps every setup alike)")  # fmt: skip
     add("--redis", default=os.environ.get("REDIS_URL") or SHARED_REDIS, help="Redis URL")
     add("--postgres", default=None, help="PostgreSQL server URL without a database "
         "(default: PGHOST/PGPORT/PGUSER or postgres@127.0.0.1:5432)")  # fmt: skip
@@ -320,7 +324,7 @@ class Run:
         env = processes.settings_env(
             world["database_url"], [args.redis], redis_prefix=prefix, secret_key=world["secret_key"],
             heartbeat=30, stale_after=90, rate_limit=args.rate_limit, presence=0,
-            layer_capacity=args.capacity, layer_backend=setup.layer,
+            history=0 if args.no_history else None, layer_capacity=args.capacity, layer_backend=setup.layer,
         )  # fmt: skip
         self.server = processes.SERVERS[setup.server](env, name=f"load-{setup.server}")
         users = connections // args.tabs
@@ -607,7 +611,8 @@ def meta(args) -> dict:
         "busiest_processes_at_start": top.splitlines()[:8],
         "config": {"connections": args.connections, "tabs_per_user": args.tabs, "client_processes": args.clients,
                    "trial_seconds": args.trial_seconds, "p99_ms": args.p99_ms, "rate_limit": args.rate_limit,
-                   "capacity": args.capacity or "each layer's default", "presence_broadcast": False},
+                   "capacity": args.capacity or "each layer's default", "presence_broadcast": False,
+                   "demo_message_history": not args.no_history},
     }  # fmt: skip
 
 

@@ -1,5 +1,7 @@
 """App configs for ``tests.fault_settings``."""
 
+import os
+
 from demo_site.inbox.apps import InboxConfig
 
 
@@ -12,4 +14,10 @@ class QuietInboxConfig(InboxConfig):
     """
 
     def ready(self) -> None:
-        pass
+        if os.environ.get("CRF_HISTORY") == "0":  # the load script's --no-history: no INSERT per message
+            from demo_site.inbox import consumers
+
+            async def keep_nothing(sender_id, direct) -> None:
+                pass
+
+            consumers.store_direct = keep_nothing

@@ -19,6 +19,7 @@ from the environment (``tests/processes.py`` writes it):
 ``CRF_RATE_LIMIT``    ``"messages,seconds"`` or ``"none"`` (default: the library's 20 per 10 s).
 ``CRF_SECRET_KEY``    must match the process that writes the sessions.
 ``CRF_PRESENCE``      ``0`` disconnects the demo's presence broadcast (the load script's option).
+``CRF_HISTORY``       ``0`` (with ``CRF_PRESENCE=0``) stores no copy of direct messages (load ``--no-history``).
 """
 
 import os
