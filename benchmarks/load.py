@@ -1,6 +1,6 @@
 """``make load``: real WebSockets on ONE server process of the demo site; the highest steady rate per setup.
 
-    .venv/bin/python -m benchmarks.load                          # every setup, ~6-8 minutes
+    .venv/bin/python -m benchmarks.load                          # every setup, ~7-9 minutes
     .venv/bin/python -m benchmarks.load --setup library --setup stock
     .venv/bin/python -m benchmarks.load --setup library --rate 500 --trial-seconds 20   # one fixed rate
     .venv/bin/python -m benchmarks.load --idle-sockets 0         # skip the idle-socket phase
@@ -23,15 +23,18 @@ What it does, on loopback only:
    end), migrates it with the demo's apps and creates ``connections / tabs``
    users with a real session each;
 2. per setup: starts ONE server process of ``demo_site`` (``tests.fault_settings``,
-   each layer with its own default capacity unless ``--capacity``), opens every
-   socket (``--tabs`` per user) from ``--clients`` client processes, then runs
-   trials: ``--trial-seconds`` of direct messages at a steady rate, round-robin
+   each layer with its own default capacity unless ``--capacity``) and opens every
+   socket (``--tabs`` per user) from ``--clients`` client processes; all setups
+   stay up, each idle while another is measured;
+3. trials: ``--trial-seconds`` of direct messages at a steady rate, round-robin
    over the sockets, each carrying its send time. A trial passes when every copy
    reached every tab of its recipient, no error frame came back, the clients kept
    the schedule, and p99 delivery latency (send -> each tab) is at most
-   ``--p99-ms``. The rate doubles from ``--start-rate`` until a trial fails, then
-   bisects: the highest passing rate is the setup's result;
-3. ``--idle-sockets`` sockets on one daphne (library setup), nothing sent:
+   ``--p99-ms``. The rates climb a ladder (from half ``--start-rate``, +30 % a
+   step); at each rate every setup still in the race runs one trial, in
+   alternating order, so machine drift hits all alike. A setup leaves the race
+   after two failures in a row; its result is its highest passing rate;
+4. ``--idle-sockets`` sockets on one daphne (library setup), nothing sent:
    connect time and RSS per socket.
 
 The demo's presence broadcast is off (O(N²) frames on login, a demo feature). The demo
@@ -93,7 +96,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     add("--trial-seconds", type=float, default=4, help="seconds of sending per trial (default 4)")
     add("--start-rate", type=float, default=200, help="first rate of the search, messages/s (default 200)")
     add("--max-rate", type=float, default=6400, help="highest rate tried (default 6400)")
-    add("--max-trials", type=int, default=7, help="trials per setup at most (default 7)")
     add("--rate", type=float, default=None, help="one trial at this rate per setup instead of the search")
     add("--p99-ms", type=float, default=100, help="a trial passes with p99 latency at most this (default 100)")
     add("--drain", type=float, default=5, help="seconds to wait for late copies after a trial (default 5)")
@@ -459,45 +461,63 @@ def summarise_trial(args, rate: float, results: dict, t0: float, cpu: float, ela
     return report
 
 
-def search(run: Run, args, label: str) -> list[dict]:
-    """Double the rate until a trial fails, then bisect; every counted trial's report, in order."""
-    run.trial(args.start_rate / 2, f"{label} warm-up")  # first statements, caches, connections: not counted
-    if args.rate is not None:
-        return [run.trial(args.rate, label)]
-    trials, best, failed, rate = [], None, None, args.start_rate
-    while len(trials) < args.max_trials:
-        report = run.trial(rate, label)
-        trials.append(report)
-        verdict = "pass" if report["passed"] else "FAIL"
-        cpu = report["server_cpu_share_of_one_core"]
-        print(f"\r\033[Kload: {label}: {rate:,.0f}/s {verdict} (p99 {report['latency_ms']['p99']} ms, "
-              f"lost {report['lost']}, server CPU {cpu:.0%})", file=sys.stderr)  # fmt: skip
-        if report["passed"]:
-            best = rate
-            if failed is None and rate >= args.max_rate:
-                break
-            rate = min(rate * 2, args.max_rate) if failed is None else (rate + failed) / 2
-        else:
-            failed = rate
-            rate = (best + failed) / 2 if best else rate / 2
-        if (best and failed and failed / best <= 1.2) or rate < 10:
-            break
-        rate = round(rate, -1)
+def ladder(args) -> list[float]:
+    """The rates tried: from half ``--start-rate`` up by 30 % a step (rounded), to ``--max-rate``."""
+    rates, rate = [], args.start_rate / 2
+    while rate <= args.max_rate:
+        rates.append(round(rate, -1) if rate >= 100 else round(rate))
+        rate *= 1.3
+    return rates
+
+
+def compare(runs: dict[str, Run], args) -> dict[str, list[dict]]:
+    """Every setup at each rate of the ladder in turn (order alternating), until it fails twice running.
+
+    Interleaved so that the machine's drift (other processes on shared CPUs)
+    hits every setup alike: the setups' trials at one rate are a minute apart
+    at most, not the length of a run.
+    """
+    trials: dict[str, list[dict]] = {name: [] for name in runs}
+    for name, run in runs.items():
+        run.trial(ladder(args)[0], f"{name} warm-up")  # first statements, caches, connections: not counted
+    rates = [args.rate] if args.rate is not None else ladder(args)
+    failures = dict.fromkeys(runs, 0)
+    for step, rate in enumerate(rates):
+        active = [name for name in runs if failures[name] < 2]
+        for name in active if step % 2 == 0 else active[::-1]:
+            report = runs[name].trial(rate, name)
+            trials[name].append(report)
+            failures[name] = 0 if report["passed"] else failures[name] + 1
+            cpu, verdict = report["server_cpu_share_of_one_core"], "pass" if report["passed"] else "FAIL"
+            print(f"\r\033[Kload: {name}: {rate:,.0f}/s {verdict} (p99 {report['latency_ms']['p99']} ms, "
+                  f"lost {report['lost']}, server CPU {cpu:.0%})", file=sys.stderr)  # fmt: skip
     return trials
 
 
-def run_setup(args, world: dict, name: str, prefix: str) -> dict:
-    setup = SETUPS[name]
-    with Run(args, world, setup, args.connections, f"{prefix}{name}") as run:
-        connect = run.connect(name)
-        if connect["opened"] < args.connections:
-            raise RuntimeError(f"only {connect['opened']}/{args.connections} sockets opened: "
-                               f"{connect['failures_sample']}")  # fmt: skip
-        trials = search(run, args, name)
-    passed = [t for t in trials if t["passed"]]
-    best = max(passed, key=lambda t: t["rate_target"]) if passed else None
-    return {"setup": setup.label, "layer": setup.layer, "path": setup.path, "server": setup.server,
-            "connect": connect, "trials": trials, "best": best}  # fmt: skip
+def run_setups(args, world: dict, prefix: str, failed: dict) -> dict:
+    """All setups' servers up at once (idle while another is measured), then :func:`compare`."""
+    results, runs = {}, {}
+    with contextlib.ExitStack() as stack:
+        for name in args.setup:
+            try:
+                run = stack.enter_context(Run(args, world, SETUPS[name], args.connections, f"{prefix}{name}"))
+                connect = run.connect(name)
+                if connect["opened"] < args.connections:
+                    raise RuntimeError(f"only {connect['opened']}/{args.connections} sockets opened: "
+                                       f"{connect['failures_sample']}")  # fmt: skip
+            except Exception as error:
+                failed[name] = repr(error)
+                print(f"\nload: setup {name} could not run: {error!r}", file=sys.stderr)
+                continue
+            runs[name] = run
+            setup = SETUPS[name]
+            results[name] = {"setup": setup.label, "layer": setup.layer, "path": setup.path,
+                             "server": setup.server, "connect": connect}  # fmt: skip
+        for name, trials in compare(runs, args).items():
+            passed = [t for t in trials if t["passed"]]
+            results[name]["trials"] = trials
+            results[name]["best"] = max(passed, key=lambda t: t["rate_target"]) if passed else None
+    return results
 
 
 def idle_sockets(args, world: dict, prefix: str) -> dict:
@@ -536,12 +556,7 @@ def main(argv=None) -> int:
         user_pks, sessions = make_users(users)
         world = {"database_url": database_url, "secret_key": f"load-{run_id}", "user_pks": user_pks,
                  "sessions": sessions}  # fmt: skip
-        for name in args.setup:
-            try:
-                report["setups"][name] = run_setup(args, world, name, prefix)
-            except Exception as error:
-                report["failed"][name] = repr(error)
-                print(f"\nload: setup {name} could not run: {error!r}", file=sys.stderr)
+        report["setups"] = run_setups(args, world, prefix, report["failed"])
         if args.idle_sockets:
             try:
                 report["idle"] = idle_sockets(args, world, prefix)
@@ -568,8 +583,9 @@ def main(argv=None) -> int:
 
 
 def best_rate(setups: dict, name: str) -> float | None:
+    """The setup's highest passing rate of the ladder (the same steps for every setup: ties are ties)."""
     best = setups.get(name, {}).get("best")
-    return best["messages_per_second"] if best else (0.0 if name in setups else None)
+    return best["rate_target"] if best else (0.0 if name in setups else None)
 
 
 def verdicts(setups: dict) -> list[dict]:
