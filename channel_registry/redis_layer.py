@@ -204,10 +204,19 @@ class BatchedRedisChannelLayer(RedisChannelLayer):
             drained = len(popped) < 2 * self.batch_size
 
     def _reader_done(self, reader: asyncio.Task[None]) -> None:
-        """A failed reader (Redis unreachable) fails every waiting receive; the next one starts a new reader."""
-        if reader.cancelled() or reader.exception() is None:
+        """A failed or stopped reader fails every waiting receive; the next receive starts a new reader.
+
+        Failed: Redis is unreachable. Stopped: ``close_pools()`` closed its
+        connection. Either way the waiters get a transport error to retry on
+        (``RegistryConsumer`` does) instead of waiting for a reader that is gone.
+        """
+        if reader.cancelled():
+            error: BaseException = ConnectionError("the channel layer's connections were closed")
+        elif reader.exception() is None:
             return
-        failure = _ReaderFailed(reader.exception())  # type: ignore[arg-type]
+        else:
+            error = reader.exception()  # type: ignore[assignment]
+        failure = _ReaderFailed(error)
         for channel in self._waiting:
             if self.receive_buffer[channel].empty():
                 self.receive_buffer[channel].put_nowait(failure)

@@ -193,6 +193,19 @@ async def test_a_receive_cancelled_while_waiting_leaves_the_next_message_for_the
 
 
 @pytest.mark.asyncio
+async def test_closing_the_pools_fails_waiting_receives_and_the_next_receive_reads_again(make_layer):
+    receiver = make_layer()
+    channel = await receiver.new_channel()
+    waiting = asyncio.ensure_future(receiver.receive(channel))
+    await asyncio.sleep(0.2)  # the reader is blocked in BZPOPMIN
+    await receiver.close_pools()
+    with pytest.raises(ConnectionError):  # a transport error RegistryConsumer retries on, not a hang
+        await asyncio.wait_for(waiting, 2)
+    await receiver.send(channel, {"type": "t", "n": 1})
+    assert await receive_in_order(receiver, channel, 1) == [1]
+
+
+@pytest.mark.asyncio
 async def test_interop_with_the_stock_layer_both_ways(make_layer):
     ours = make_layer()
     stock = make_layer(RedisChannelLayer)
