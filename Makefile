@@ -65,7 +65,9 @@ demo-uvicorn: $(VENV)/.installed-demo
 bench: $(VENV)/.installed-test $(VENV)/.installed-bench services
 	$(BIN)/python -m benchmarks.run
 
-load: $(VENV)/.installed-test services
+# Five setups (library / stock / pub-sub layer, mapping / groups, daphne / uvicorn) on one server
+# process each, then 10,000 idle sockets: ~6-8 minutes. Not part of `make test`.
+load: $(VENV)/.installed-test $(VENV)/.installed-bench services
 	$(BIN)/python -m benchmarks.load
 
 clean:

@@ -132,3 +132,33 @@ def draw(results: dict, path: Path) -> None:
     figure.tight_layout()
     figure.savefig(path, dpi=100)
     pyplot.close(figure)
+
+
+def draw_load(report: dict, path: Path) -> None:
+    """``make load``: best steady rate per setup, and p50/p99 latency at that rate."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot
+
+    setups = report["setups"]
+    names = list(setups)
+    best = [setups[n]["best"] or {} for n in names]
+    figure, (rates, latency) = pyplot.subplots(1, 2, figsize=(14, 5.5))
+    meta = report["meta"]
+    figure.suptitle(f"make load — one server process, {meta['config']['connections']:,} sockets, "
+                    f"{meta['cpus']} CPUs — {meta['when']}", fontsize=11)  # fmt: skip
+    colors = ["#1f77b4" if n == "library" else "#7f7f7f" for n in names]
+    values = [b.get("messages_per_second", 0) for b in best]
+    rates.bar(names, values, color=colors)
+    for i, value in enumerate(values):
+        rates.text(i, value, f"{value:,.0f}/s" if value else "none passed", ha="center", va="bottom", fontsize=8)
+    rates.set_title(f"highest steady rate with p99 ≤ {meta['config']['p99_ms']:g} ms and 0 lost (messages/s)")
+    rates.set_ylabel("messages/s (copies = 2x)")
+    rates.grid(axis="y", alpha=0.3)
+    _bars(latency, names, {"p50": [b.get("latency_ms", {}).get("p50") for b in best],
+                           "p99": [b.get("latency_ms", {}).get("p99") for b in best]}, "ms")  # fmt: skip
+    latency.set_title("delivery latency at that rate (ms)")
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    pyplot.close(figure)

@@ -1,37 +1,50 @@
-"""``make load``: many real WebSockets on one daphne process of the demo site, then steady direct messages.
+"""``make load``: real WebSockets on ONE server process of the demo site; the highest steady rate per setup.
 
-    .venv/bin/python -m benchmarks.load                      # 1,000 sockets, 20,000 messages at 250/s
-    .venv/bin/python -m benchmarks.load --connections 200 --messages 2000 --rate 200
+    .venv/bin/python -m benchmarks.load                          # every setup, ~7-9 minutes
+    .venv/bin/python -m benchmarks.load --setup library --setup stock
+    .venv/bin/python -m benchmarks.load --setup library --rate 500 --trial-seconds 20   # one fixed rate
+    .venv/bin/python -m benchmarks.load --idle-sockets 0         # skip the idle-socket phase
+
+Setups (the same workload each; one changes one thing against ``library``):
+
+=========  ======================================  ================  ========
+setup      channel layer                           consumer          server
+=========  ======================================  ================  ========
+library    BatchedRedisChannelLayer (the default)  mapping           daphne
+stock      channels_redis RedisChannelLayer        mapping           daphne
+pubsub     channels_redis RedisPubSubChannelLayer  mapping           daphne
+groups     BatchedRedisChannelLayer                GroupConsumer     daphne
+uvicorn    BatchedRedisChannelLayer                mapping           uvicorn
+=========  ======================================  ================  ========
 
 What it does, on loopback only:
 
-1. creates a database ``crload_<pid>`` on the PostgreSQL server (``--postgres``,
-   default the local one; dropped at the end) and migrates it with the demo's apps;
-2. creates ``connections / tabs`` users with a real session each;
-3. starts ONE daphne process serving ``demo_site`` (``tests.fault_settings``:
-   PostgreSQL, channels_redis on ``--redis`` under a key prefix of its own,
-   deleted at the end);
-4. opens every socket (``--tabs`` per user, default 2) from ``--clients`` client
-   processes, at most ``--connect-concurrency`` handshakes in flight;
-5. sends ``--messages`` direct messages at ``--rate`` per second through the
-   protocol, round-robin over the sockets (sender = socket ``i % N``, recipient
-   another user chosen deterministically), each carrying its send time;
-6. waits for every copy to arrive (``--drain`` seconds at most) and reports
-   connect time, messages/s, p50/p99 delivery latency (send → each tab of the
-   recipient), daphne's RSS (``/proc/<pid>/status`` VmRSS) and the messages lost
-   to online recipients: a message is lost when any tab of its recipient did not
-   get it. The exit status is non-zero when anything was lost, refused
-   (``error`` frame) or a socket failed to connect.
+1. creates a database ``crload_<pid>`` on the PostgreSQL server (dropped at the
+   end), migrates it with the demo's apps and creates ``connections / tabs``
+   users with a real session each;
+2. per setup: starts ONE server process of ``demo_site`` (``tests.fault_settings``,
+   each layer with its own default capacity unless ``--capacity``) and opens every
+   socket (``--tabs`` per user) from ``--clients`` client processes; all setups
+   stay up, each idle while another is measured;
+3. trials: ``--trial-seconds`` of direct messages at a steady rate, round-robin
+   over the sockets, each carrying its send time. A trial passes when every copy
+   reached every tab of its recipient, no error frame came back, the clients kept
+   the schedule, and p99 delivery latency (send -> each tab) is at most
+   ``--p99-ms``. The rates climb a ladder (from half ``--start-rate``, +30 % a
+   step); at each rate every setup still in the race runs one trial, in
+   alternating order, so machine drift hits all alike. A setup leaves the race
+   after two failures in a row; its result is its highest passing rate;
+4. ``--idle-sockets`` sockets on one daphne (library setup), nothing sent:
+   connect time and RSS per socket.
 
-The library's RATE_LIMIT (20 messages per 10 s per connection) stays on: the
-round-robin spreads the sends so each socket sends ``rate / connections`` per
-second (0.25/s with the defaults); ``--rate-limit none`` or ``N,SECONDS`` changes
-it for a faster run. The demo's live presence list is left out by default
-(``--presence`` keeps it): it sends the whole online list to every open inbox on
-each login, which for 500 users logging in is ~O(N²) frames (gigabytes), a demo
-feature rather than the registry under test.
+The demo's presence broadcast is off (O(N²) frames on login, a demo feature). The demo
+stores a copy of every direct message (one INSERT in asgiref's single sync thread);
+``--no-store`` leaves that out to measure the library alone.
+The library's RATE_LIMIT is off (``--rate-limit``): at 2,000 messages/s each of
+1,000 sockets sends 2/s, over the default 20 per 10 s.
 
-Results go to benchmarks/results/load.json and a table on stdout; progress to stderr.
+Results: a table on stdout, ``benchmarks/results/load.json`` and ``load.png``;
+progress on stderr. The exit status is non-zero when a setup could not run.
 """
 
 from __future__ import annotations
@@ -42,40 +55,65 @@ import contextlib
 import json
 import multiprocessing
 import os
-import statistics
+import platform
+import queue
+import subprocess
 import sys
 import time
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "results"
 SHARED_REDIS = "redis://127.0.0.1:6379"
 
 
+@dataclass(frozen=True)
+class Setup:
+    layer: str  # tests/fault_settings.py CRF_LAYER_BACKEND
+    path: str  # the demo's WebSocket route
+    server: str  # tests/processes.py SERVERS
+    label: str
+
+
+SETUPS = {
+    "library": Setup("library", "/ws/registry/", "daphne", "library layer, mapping, daphne"),
+    "stock": Setup("stock", "/ws/registry/", "daphne", "stock RedisChannelLayer, mapping, daphne"),
+    "pubsub": Setup("pubsub", "/ws/registry/", "daphne", "RedisPubSubChannelLayer, mapping, daphne"),
+    "groups": Setup("library", "/ws/groups/", "daphne", "library layer, GroupConsumer, daphne"),
+    "uvicorn": Setup("library", "/ws/registry/", "uvicorn", "library layer, mapping, uvicorn"),
+}
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.load", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--connections", type=int, default=1000, help="WebSockets to open (default 1000)")
-    parser.add_argument("--tabs", type=int, default=2, help="sockets per user (default 2: 500 users)")
-    parser.add_argument("--messages", type=int, default=20_000, help="direct messages to send (default 20000)")
-    parser.add_argument("--rate", type=float, default=250, help="messages per second, steady (default 250)")
-    parser.add_argument("--clients", type=int, default=2, help="client processes holding the sockets (default 2)")
-    parser.add_argument("--connect-concurrency", type=int, default=50, help="handshakes in flight (default 50)")
-    parser.add_argument("--drain", type=float, default=30, help="seconds to wait for late deliveries (default 30)")
-    parser.add_argument("--timeout", type=float, default=900, help="give up after this many seconds (default 900)")
-    parser.add_argument("--capacity", type=int, default=None, help="channel layer capacity (default: "
-                        "channels_redis's 100 per channel, i.e. per daphne process for its sockets' channels)")
-    parser.add_argument("--rate-limit", default="", help="RATE_LIMIT for the run: 'none' or 'N,SECONDS' "
-                        "(default: the library's 20,10)")
-    parser.add_argument("--presence", action="store_true", help="keep the demo's presence broadcast")
-    parser.add_argument("--redis", default=os.environ.get("REDIS_URL") or SHARED_REDIS, help="Redis URL")
-    parser.add_argument("--postgres", default=None, help="PostgreSQL server URL without a database "
-                        "(default: PGHOST/PGPORT/PGUSER or postgres@127.0.0.1:5432)")
-    parser.add_argument("--out", type=Path, default=RESULTS / "load.json", help="where to write the JSON")
+    add = parser.add_argument
+    add("--setup", action="append", choices=list(SETUPS), help="run only this setup (repeatable; default all)")
+    add("--connections", type=int, default=1000, help="WebSockets per setup (default 1000)")
+    add("--tabs", type=int, default=2, help="sockets per user (default 2: 500 users)")
+    add("--clients", type=int, default=2, help="client processes holding the sockets (default 2)")
+    add("--connect-concurrency", type=int, default=50, help="handshakes in flight (default 50)")
+    add("--trial-seconds", type=float, default=4, help="seconds of sending per trial (default 4)")
+    add("--start-rate", type=float, default=200, help="first rate of the search, messages/s (default 200)")
+    add("--max-rate", type=float, default=6400, help="highest rate tried (default 6400)")
+    add("--rate", type=float, default=None, help="one trial at this rate per setup instead of the search")
+    add("--p99-ms", type=float, default=100, help="a trial passes with p99 latency at most this (default 100)")
+    add("--drain", type=float, default=5, help="seconds to wait for late copies after a trial (default 5)")
+    add("--idle-sockets", type=int, default=10_000, help="idle sockets on one daphne (default 10000; 0: skip)")
+    add("--capacity", type=int, default=None, help="channel layer capacity (default: each layer's own)")
+    add("--rate-limit", default="none", help="RATE_LIMIT: 'none' (default) or 'N,SECONDS'")
+    add("--no-store", action="store_true", help="the demo stores no copy of each direct message "
+        "(its INSERT runs in asgiref's single sync thread and caps every setup alike)")  # fmt: skip
+    add("--redis", default=os.environ.get("REDIS_URL") or SHARED_REDIS, help="Redis URL")
+    add("--postgres", default=None, help="PostgreSQL server URL without a database "
+        "(default: PGHOST/PGPORT/PGUSER or postgres@127.0.0.1:5432)")  # fmt: skip
+    add("--out", type=Path, default=RESULTS / "load.json", help="the JSON (the chart goes next to it, .png)")
     args = parser.parse_args(argv)
     if args.connections < 2 * args.tabs or args.connections % args.tabs:
         parser.error("--connections must be a multiple of --tabs, with at least two users")
-    if args.messages < 1 or args.rate <= 0 or args.clients < 1:
-        parser.error("--messages, --rate and --clients must be positive")
+    if args.start_rate <= 0 or args.trial_seconds <= 0 or args.clients < 1:
+        parser.error("--start-rate, --trial-seconds and --clients must be positive")
+    args.setup = args.setup or list(SETUPS)
     return args
 
 
@@ -106,6 +144,8 @@ def worker_main(worker: int, plan: dict, control, reports) -> None:
 
 
 class Worker:
+    """Holds sockets; runs trials on command: ``("trial", t0, rate, first, count)``, then ``"close"``."""
+
     def __init__(self, worker: int, plan: dict, control, reports) -> None:
         self.id = worker
         self.plan = plan
@@ -113,70 +153,23 @@ class Worker:
         self.reports = reports
         self.mine = [s for s in range(plan["sockets"]) if s % plan["clients"] == worker]
         self.ws: dict[int, object] = {}
-        self.sent = 0
-        self.received: set[tuple[int, int]] = set()
-        self.duplicates = 0
-        self.latencies: list[float] = []
-        self.acks: Counter = Counter()
-        self.short_acks: list[int] = []  # messages whose ack reached fewer than every tab
-        self.errors: Counter = Counter()
         self.closed: Counter = Counter()
-        self.behind = 0.0
         self.closing = False
+        self.trial: Trial | None = None
         self.readers: list[asyncio.Future] = []
-        self.expected_pairs: set[tuple[int, int]] = set()
-        self.all_in = asyncio.Event()
 
     async def command(self):
         return await asyncio.to_thread(self.control.recv)
 
     async def run(self) -> None:
-        expected = self.expected_pairs = self.expected()
-        self.remaining = len(expected)
-        if not expected:
-            self.all_in.set()
         assert await self.command() == "connect"
         await self.connect_all()
-        command, t0 = await self.command()
-        assert command == "start"
-        reporter = asyncio.ensure_future(self.report_progress())
-        await self.send_all(t0)
-        sent_done = time.monotonic()
-        # Every copy meant for these sockets, or the drain time is over.
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self.all_in.wait(), self.plan["drain"])
-        reporter.cancel()
-        missing = expected - self.received
-        self.reports.put(("result", self.id, {
-            "sent": self.sent,
-            "sent_done": sent_done,
-            "behind_max": self.behind,
-            "expected": len(expected),
-            "received": len(self.received & expected),
-            "unexpected": len(self.received - expected),
-            "duplicates": self.duplicates,
-            "missing_messages": sorted({seq for seq, _ in missing}),
-            "latencies": self.latencies,
-            "acks": dict(self.acks),
-            "short_acks": self.short_acks,
-            "errors": dict(self.errors),
-            "closed": dict(self.closed),
-        }))
-        assert await self.command() == "close"
+        while (command := await self.command()) != "close":
+            _, t0, rate, first, count = command
+            self.trial = Trial(self, rate, first, count)
+            self.reports.put(("result", self.id, await self.trial.run(t0)))
         self.closing = True
         await asyncio.gather(*(ws.close() for ws in self.ws.values()), return_exceptions=True)
-
-    def expected(self) -> set[tuple[int, int]]:
-        """(message, socket) pairs this worker's sockets must receive."""
-        plan, mine = self.plan, set(self.mine)
-        wanted = set()
-        for i in range(plan["messages"]):
-            _, user = plan_of(i, plan)
-            for tab in range(plan["tabs"]):
-                socket = user * plan["tabs"] + tab
-                if socket in mine:
-                    wanted.add((i, socket))
-        return wanted
 
     async def connect_all(self) -> None:
         from websockets.asyncio.client import connect
@@ -191,9 +184,9 @@ class Worker:
                 started = time.monotonic()
                 try:
                     ws = await connect(
-                        f"ws://127.0.0.1:{plan['port']}/ws/registry/", origin=f"http://127.0.0.1:{plan['port']}",
+                        f"ws://127.0.0.1:{plan['port']}{plan['path']}", origin=f"http://127.0.0.1:{plan['port']}",
                         additional_headers={"Cookie": f"sessionid={plan['sessions'][user]}"}, proxy=None,
-                        compression=None, ping_interval=None, max_size=None, max_queue=None, open_timeout=60,
+                        compression=None, ping_interval=None, max_size=None, max_queue=None, open_timeout=120,
                     )  # fmt: skip
                 except Exception as error:
                     failures.append(repr(error))
@@ -206,70 +199,105 @@ class Worker:
         tasks = [asyncio.ensure_future(open_one(s)) for s in self.mine]
         while not all(task.done() for task in tasks):
             await asyncio.sleep(0.25)
-            self.reports.put(("connecting", self.id, len(self.ws)))
+            self.reports.put(("progress", self.id, {"opened": len(self.ws)}))
+        elapsed = time.monotonic() - started
         self.reports.put(("connected", self.id, {
-            "opened": len(self.ws), "failures": failures, "durations": durations,
-            "elapsed": time.monotonic() - started,
-        }))
+            "opened": len(self.ws), "failures": failures, "durations": durations, "elapsed": elapsed,
+        }))  # fmt: skip
 
     async def read(self, socket: int, ws) -> None:
         from websockets.exceptions import ConnectionClosed
 
         try:
             async for text in ws:
-                now = time.monotonic()
-                frame = json.loads(text)
-                kind = frame.get("type")
-                if kind == "direct":
-                    message = frame["message"]
-                    key = (message["seq"], socket)
-                    if key in self.received:
-                        self.duplicates += 1
-                    else:
-                        self.received.add(key)
-                        self.latencies.append(now - message["t"])
-                        if key in self.expected_pairs:
-                            self.remaining -= 1
-                            if self.remaining == 0:
-                                self.all_in.set()
-                elif kind == "ack":
-                    self.acks[frame["delivered"]] += 1
-                    if frame["delivered"] != self.plan["tabs"]:
-                        self.short_acks.append(frame["id"])
-                elif kind == "error":
-                    self.errors[frame.get("code")] += 1
+                if self.trial is not None:
+                    self.trial.on_frame(socket, json.loads(text), time.monotonic())
         except ConnectionClosed:
             pass
         finally:
             if not self.closing:  # the server (or the network) closed it mid-run
                 self.closed[str(ws.close_code)] += 1
 
-    async def send_all(self, t0: float) -> None:
-        plan, pks = self.plan, self.plan["user_pks"]
-        mine = set(self.mine)
-        for i in range(plan["messages"]):
+
+class Trial:
+    """Messages ``first .. first + count - 1`` at ``rate``; what this worker's sockets sent and received."""
+
+    def __init__(self, worker: Worker, rate: float, first: int, count: int) -> None:
+        self.worker, self.rate, self.first, self.count = worker, rate, first, count
+        plan, mine = worker.plan, set(worker.mine)
+        self.expected = {
+            (i, user * plan["tabs"] + tab)
+            for i in range(first, first + count)
+            for user in [plan_of(i, plan)[1]]
+            for tab in range(plan["tabs"])
+            if user * plan["tabs"] + tab in mine
+        }
+        self.received: set[tuple[int, int]] = set()
+        self.latencies: list[float] = []
+        self.late = self.duplicates = self.sent = 0
+        self.acks: Counter = Counter()
+        self.errors: Counter = Counter()
+        self.behind = 0.0
+        self.all_in = asyncio.Event()
+        if not self.expected:
+            self.all_in.set()
+
+    def on_frame(self, socket: int, frame: dict, now: float) -> None:
+        kind = frame.get("type")
+        if kind == "direct":
+            key = (frame["message"]["seq"], socket)
+            if key not in self.expected:
+                self.late += 1  # a copy of an earlier trial
+            elif key in self.received:
+                self.duplicates += 1
+            else:
+                self.received.add(key)
+                self.latencies.append(now - frame["message"]["t"])
+                if len(self.received) == len(self.expected):
+                    self.all_in.set()
+        elif kind == "ack":
+            self.acks[frame["delivered"]] += 1
+        elif kind == "error":
+            self.errors[frame.get("code")] += 1
+
+    async def report_progress(self) -> None:
+        while True:
+            await asyncio.sleep(0.5)
+            self.worker.reports.put(("progress", self.worker.id, {"received": len(self.received)}))
+
+    async def run(self, t0: float) -> dict:
+        reporter = asyncio.ensure_future(self.report_progress())
+        try:
+            return await self.send_and_wait(t0)
+        finally:
+            reporter.cancel()
+
+    async def send_and_wait(self, t0: float) -> dict:
+        plan, pks, mine = self.worker.plan, self.worker.plan["user_pks"], set(self.worker.mine)
+        for i in range(self.first, self.first + self.count):
             sender, user = plan_of(i, plan)
             if sender not in mine:
                 continue
-            due = t0 + i / plan["rate"]
-            delay = due - time.monotonic()
+            delay = t0 + (i - self.first) / self.rate - time.monotonic()
             if delay > 0:
                 await asyncio.sleep(delay)
             else:
                 self.behind = max(self.behind, -delay)
             frame = {"type": "direct", "to": pks[user], "id": i, "message": {"seq": i, "t": time.monotonic()}}
-            await self.ws[sender].send(json.dumps(frame))
+            await self.worker.ws[sender].send(json.dumps(frame))
             self.sent += 1
+        sent_done = time.monotonic()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.all_in.wait(), plan["drain"])
+        return {
+            "sent": self.sent, "sent_done": sent_done, "behind_max": self.behind,
+            "expected": len(self.expected), "received": len(self.received), "late": self.late,
+            "duplicates": self.duplicates, "latencies": self.latencies, "acks": dict(self.acks),
+            "errors": dict(self.errors), "closed": dict(self.worker.closed),
+        }  # fmt: skip
 
-    async def report_progress(self) -> None:
-        while True:
-            await asyncio.sleep(0.5)
-            self.reports.put(("progress", self.id, {
-                "sent": self.sent, "received": len(self.received), "errors": sum(self.errors.values()),
-            }))
 
-
-# --------------------------------------------------------------------------- the run
+# --------------------------------------------------------------------------- the server side
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -283,110 +311,374 @@ def status(line: str) -> None:
     print(f"\r\033[K{line}", end="", file=sys.stderr, flush=True)
 
 
+def bar(done: float, total: float, width: int = 24) -> str:
+    filled = int(width * min(1.0, done / total)) if total else width
+    return "[" + "#" * filled + "." * (width - filled) + "]"
+
+
+class Run:
+    """One server process with its client processes and sockets."""
+
+    def __init__(self, args, world: dict, setup: Setup, connections: int, prefix: str, first_user: int = 0) -> None:
+        from tests import processes
+
+        self.args, self.setup, self.connections = args, setup, connections
+        env = processes.settings_env(
+            world["database_url"], [args.redis], redis_prefix=prefix, secret_key=world["secret_key"],
+            heartbeat=30, stale_after=90, rate_limit=args.rate_limit, presence=0,
+            store_messages=0 if args.no_store else None, layer_capacity=args.capacity, layer_backend=setup.layer,
+        )  # fmt: skip
+        self.server = processes.SERVERS[setup.server](env, name=f"load-{setup.server}")
+        users = connections // args.tabs
+        self.plan = {
+            "port": self.server.port, "path": setup.path, "sockets": connections, "tabs": args.tabs,
+            "users": users, "clients": args.clients, "drain": args.drain,
+            "connect_concurrency": args.connect_concurrency,
+            "user_pks": world["user_pks"][first_user : first_user + users],
+            "sessions": world["sessions"][first_user : first_user + users],
+        }  # fmt: skip
+        self.workers: list = []
+        self.reports = None
+        self.next_message = 0
+
+    def __enter__(self) -> Run:
+        self.server.start(timeout=60)
+        context = multiprocessing.get_context("spawn")
+        self.reports = context.Queue()
+        for worker in range(self.args.clients):
+            parent_end, child_end = context.Pipe()
+            process = context.Process(target=worker_main, args=(worker, self.plan, child_end, self.reports))
+            process.daemon = True
+            process.start()
+            self.workers.append((process, parent_end))
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        for _, pipe in self.workers:
+            with contextlib.suppress(OSError):
+                pipe.send("close")
+        for process, _ in self.workers:
+            process.join(15)
+            if process.is_alive():
+                process.kill()
+        self.server.stop()
+
+    def collect(self, final: str, show) -> dict:
+        done, progress = {}, {}
+        deadline = time.monotonic() + 600
+        while len(done) < len(self.workers):
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"gave up waiting for '{final}' from the client processes")
+            try:
+                tag, worker, payload = self.reports.get(timeout=0.5)
+            except queue.Empty:
+                continue
+            if tag == "crashed":
+                raise RuntimeError(f"client process {worker} crashed: {payload}")
+            if tag == final:
+                done[worker] = payload
+            else:
+                progress[worker] = payload
+                show(progress)
+        return done
+
+    def connect(self, label: str) -> dict:
+        rss_before = self.server.rss_kb()
+        for _, pipe in self.workers:
+            pipe.send("connect")
+        started = time.monotonic()
+        connected = self.collect("connected", lambda p: status(
+            f"load: {label}: connecting {bar(sum(x['opened'] for x in p.values()), self.connections)} "
+            f"{sum(x['opened'] for x in p.values())}/{self.connections}"))  # fmt: skip
+        durations = [d for r in connected.values() for d in r["durations"]]
+        failures = [f for r in connected.values() for f in r["failures"]]
+        time.sleep(1)  # the last registrations settle
+        rss_after = self.server.rss_kb()
+        opened = sum(r["opened"] for r in connected.values())
+        return {
+            "opened": opened, "failed": len(failures), "failures_sample": failures[:3],
+            "seconds": round(time.monotonic() - started, 2),
+            "handshake_p50_ms": round(percentile(durations, 50) * 1000, 1),
+            "handshake_p99_ms": round(percentile(durations, 99) * 1000, 1),
+            "rss_kb_before": rss_before, "rss_kb_after": rss_after,
+            "rss_kb_per_socket": round((rss_after - rss_before) / opened, 1) if opened else None,
+        }  # fmt: skip
+
+    def trial(self, rate: float, label: str) -> dict:
+        count = max(1, round(rate * self.args.trial_seconds))
+        first, self.next_message = self.next_message, self.next_message + count
+        cpu_before, t0 = self.server.cpu_seconds(), time.monotonic() + 0.5
+        for _, pipe in self.workers:
+            pipe.send(("trial", t0, rate, first, count))
+        results = self.collect("result", lambda p: status(
+            f"load: {label}: {rate:,.0f}/s {bar(time.monotonic() - t0, self.args.trial_seconds)} "
+            f"received {sum(x.get('received', 0) for x in p.values())}"))  # fmt: skip
+        elapsed = time.monotonic() - t0
+        cpu = self.server.cpu_seconds() - cpu_before
+        report = summarise_trial(self.args, rate, results, t0, cpu, elapsed, self.server.rss_kb())
+        self.settle()
+        return report
+
+    def settle(self, idle_share: float = 0.15, within: float = 30) -> None:
+        """Until the server idles: a failed trial's backlog must not slow the next one."""
+        deadline = time.monotonic() + within
+        while time.monotonic() < deadline:
+            before = self.server.cpu_seconds()
+            time.sleep(0.5)
+            if self.server.cpu_seconds() - before < idle_share * 0.5:
+                return
+
+
+def summarise_trial(args, rate: float, results: dict, t0: float, cpu: float, elapsed: float, rss_kb: int) -> dict:
+    latencies = [x * 1000 for r in results.values() for x in r["latencies"]]
+    expected = sum(r["expected"] for r in results.values())
+    received = sum(r["received"] for r in results.values())
+    sent = sum(r["sent"] for r in results.values())
+    send_seconds = max(r["sent_done"] for r in results.values()) - t0
+    errors: Counter = Counter()
+    closed: Counter = Counter()
+    for r in results.values():
+        errors.update(r["errors"])
+        closed.update(r["closed"])
+    behind_ms = max(r["behind_max"] for r in results.values()) * 1000
+    # Copies the sender's ack reported as refused (ChannelFull); the rest of "lost" came too late.
+    refused = sum((args.tabs - k) * v for r in results.values() for k, v in r["acks"].items() if k is not None)
+    p99 = percentile(latencies, 99)
+    report = {
+        "rate_target": rate, "messages": sent, "send_seconds": round(send_seconds, 2),
+        "messages_per_second": round(sent / send_seconds, 1),
+        "copies_per_second": round(received / send_seconds, 1),
+        "copies_expected": expected, "copies_received": received, "lost": expected - received,
+        "lost_refused_as_full": refused, "lost_late": expected - received - refused,
+        "late_from_earlier_trials": sum(r["late"] for r in results.values()),
+        "duplicates": sum(r["duplicates"] for r in results.values()),
+        "errors": dict(errors), "sockets_closed_by_server": dict(closed),
+        "client_behind_schedule_max_ms": round(behind_ms, 1),
+        "latency_ms": {"p50": round(percentile(latencies, 50), 2), "p90": round(percentile(latencies, 90), 2),
+                       "p99": round(p99, 2), "max": round(max(latencies, default=float("nan")), 2)},
+        "server_cpu_share_of_one_core": round(cpu / elapsed, 2), "server_rss_kb": rss_kb,
+    }  # fmt: skip
+    report["passed"] = (
+        report["lost"] == 0 and not errors and not closed and p99 <= args.p99_ms
+        and report["messages_per_second"] >= 0.95 * rate and behind_ms < 250
+    )  # fmt: skip
+    return report
+
+
+def ladder(args) -> list[float]:
+    """The rates tried: from half ``--start-rate`` up by 30 % a step (rounded), to ``--max-rate``."""
+    rates, rate = [], args.start_rate / 2
+    while rate <= args.max_rate:
+        rates.append(round(rate, -1) if rate >= 100 else round(rate))
+        rate *= 1.3
+    return rates
+
+
+def compare(runs: dict[str, Run], args) -> dict[str, list[dict]]:
+    """Every setup at each rate of the ladder in turn (order alternating), until it fails twice running.
+
+    Interleaved so that the machine's drift (other processes on shared CPUs)
+    hits every setup alike: the setups' trials at one rate are a minute apart
+    at most, not the length of a run.
+    """
+    trials: dict[str, list[dict]] = {name: [] for name in runs}
+    for name, run in runs.items():
+        run.trial(ladder(args)[0], f"{name} warm-up")  # first statements, caches, connections: not counted
+    rates = [args.rate] if args.rate is not None else ladder(args)
+    failures = dict.fromkeys(runs, 0)
+    for step, rate in enumerate(rates):
+        active = [name for name in runs if failures[name] < 2]
+        for name in active if step % 2 == 0 else active[::-1]:
+            report = runs[name].trial(rate, name)
+            trials[name].append(report)
+            failures[name] = 0 if report["passed"] else failures[name] + 1
+            cpu, verdict = report["server_cpu_share_of_one_core"], "pass" if report["passed"] else "FAIL"
+            print(f"\r\033[Kload: {name}: {rate:,.0f}/s {verdict} (p99 {report['latency_ms']['p99']} ms, "
+                  f"lost {report['lost']} ({report['lost_refused_as_full']} refused), server CPU {cpu:.0%})",
+                  file=sys.stderr)  # fmt: skip
+    return trials
+
+
+def run_setups(args, world: dict, prefix: str, failed: dict) -> dict:
+    """All setups' servers up at once (idle while another is measured), then :func:`compare`."""
+    results, runs = {}, {}
+    with contextlib.ExitStack() as stack:
+        users = args.connections // args.tabs
+        for index, name in enumerate(args.setup):
+            try:
+                # Users of their own: a message must not also go to the other setups' sockets (one database).
+                run = Run(args, world, SETUPS[name], args.connections, f"{prefix}{name}", index * users)
+                stack.enter_context(run)
+                connect = run.connect(name)
+                if connect["opened"] < args.connections:
+                    raise RuntimeError(f"only {connect['opened']}/{args.connections} sockets opened: "
+                                       f"{connect['failures_sample']}")  # fmt: skip
+            except Exception as error:
+                failed[name] = repr(error)
+                print(f"\nload: setup {name} could not run: {error!r}", file=sys.stderr)
+                continue
+            runs[name] = run
+            setup = SETUPS[name]
+            results[name] = {"setup": setup.label, "layer": setup.layer, "path": setup.path,
+                             "server": setup.server, "connect": connect}  # fmt: skip
+        for name, trials in compare(runs, args).items():
+            passed = [t for t in trials if t["passed"]]
+            results[name]["trials"] = trials
+            results[name]["best"] = max(passed, key=lambda t: t["rate_target"]) if passed else None
+    return results
+
+
+def idle_sockets(args, world: dict, prefix: str) -> dict:
+    """``--idle-sockets`` on one daphne (library setup): connect time and memory per socket."""
+    count = args.idle_sockets
+    tabs = max(args.tabs, -(-count // len(world["user_pks"])))
+    idle_args = argparse.Namespace(**{**vars(args), "tabs": tabs, "connect_concurrency": args.connect_concurrency})
+    with Run(idle_args, world, SETUPS["library"], count - count % tabs, f"{prefix}idle") as run:
+        return {"sockets": run.connections, "tabs_per_user": tabs, **run.connect("idle")}
+
+
+# --------------------------------------------------------------------------- the run
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     from tests import processes
 
     started = time.monotonic()
     run_id = os.getpid()
-    users = args.connections // args.tabs
     server_url = args.postgres or processes.SHARED_POSTGRES
-    database = f"crload_{run_id}"
-    prefix = f"crload{run_id}"
+    database, prefix = f"crload_{run_id}", f"crload{run_id}"
     check_services(args.redis, server_url)
-
     print(f"load: database {database} on {server_url}, Redis {args.redis} (prefix {prefix})", file=sys.stderr)
+    report = {"meta": meta(args), "setups": {}, "failed": {}}
     database_url = processes.create_database(server_url, database)
-    daphne = None
-    workers = []
     try:
         processes.migrate(database_url)
-        env = processes.settings_env(
-            database_url, [args.redis], redis_prefix=prefix, secret_key=f"load-{run_id}",
-            heartbeat=30, stale_after=90, rate_limit=args.rate_limit or None,
-            presence=None if args.presence else 0, layer_capacity=args.capacity,
-        )  # fmt: skip
+        env = processes.settings_env(database_url, [args.redis], secret_key=f"load-{run_id}", presence=0)
         os.environ.update({k: v for k, v in env.items() if k.startswith(("CRF_", "DJANGO_"))})
         import django
 
         django.setup()
-        status("load: creating users and sessions")
+        users = args.connections // args.tabs * len(args.setup)
+        status(f"load: creating {users} users and sessions")
         user_pks, sessions = make_users(users)
-
-        daphne = processes.Daphne(env, name="load").start()
-        rss_start = daphne.rss_kb()
-
-        plan = {
-            "port": daphne.port, "sockets": args.connections, "tabs": args.tabs, "users": users,
-            "clients": args.clients, "messages": args.messages, "rate": args.rate, "drain": args.drain,
-            "connect_concurrency": args.connect_concurrency, "user_pks": user_pks, "sessions": sessions,
-        }  # fmt: skip
-        context = multiprocessing.get_context("spawn")
-        reports = context.Queue()
-        for worker in range(args.clients):
-            parent_end, child_end = context.Pipe()
-            process = context.Process(target=worker_main, args=(worker, plan, child_end, reports), daemon=True)
-            process.start()
-            workers.append((process, parent_end))
-        deadline = started + args.timeout
-
-        # Connect.
-        connect_started = time.monotonic()
-        for _, pipe in workers:
-            pipe.send("connect")
-        connected = collect(reports, "connected", args.clients, deadline, lambda counts: status(
-            f"load: connecting {sum(counts.values())}/{args.connections}"))  # fmt: skip
-        connect_elapsed = time.monotonic() - connect_started
-        opened = sum(r["opened"] for r in connected.values())
-        failures = [f for r in connected.values() for f in r["failures"]]
-        durations = [d for r in connected.values() for d in r["durations"]]
-        registered = wait_for_rows(opened, timeout=30)
-        rss_connected = daphne.rss_kb()
-
-        # Send.
-        cpu_before = daphne.cpu_seconds()
-        t0 = time.monotonic() + 1.0
-        for _, pipe in workers:
-            pipe.send(("start", t0))
-
-        def show(progress):
-            sent = sum(p.get("sent", 0) for p in progress.values())
-            received = sum(p.get("received", 0) for p in progress.values())
-            errors = sum(p.get("errors", 0) for p in progress.values())
-            status(f"load: sent {sent}/{args.messages}, copies received {received}, errors {errors}, "
-                   f"{time.monotonic() - t0:.0f} s")  # fmt: skip
-
-        results = collect(reports, "result", args.clients, deadline, show, kind="progress")
-        rss_after = daphne.rss_kb()
-        daphne_cpu = daphne.cpu_seconds() - cpu_before
-        phase_seconds = time.monotonic() - t0
-        status("load: closing\n")
-        for _, pipe in workers:
-            pipe.send("close")
-        for process, _ in workers:
-            process.join(15)
-
-        report = summarise(args, results, connect_elapsed, opened, failures, durations, registered,
-                           rss_start, rss_connected, rss_after, t0, daphne.errors())  # fmt: skip
-        report["daphne_cpu"] = {
-            "seconds_during_messages": round(daphne_cpu, 1),
-            "phase_seconds": round(phase_seconds, 1),
-            "share_of_one_core": round(daphne_cpu / phase_seconds, 2),
-        }
+        world = {"database_url": database_url, "secret_key": f"load-{run_id}", "user_pks": user_pks,
+                 "sessions": sessions}  # fmt: skip
+        report["setups"] = run_setups(args, world, prefix, report["failed"])
+        if args.idle_sockets:
+            try:
+                report["idle"] = idle_sockets(args, world, prefix)
+            except Exception as error:
+                report["failed"]["idle"] = repr(error)
+                print(f"\nload: idle sockets could not run: {error!r}", file=sys.stderr)
     finally:
-        for process, _ in workers:
-            if process.is_alive():
-                process.kill()
-        if daphne is not None:
-            daphne.stop()
         cleanup(database_url, server_url, database, args.redis, prefix)
-
-    report["run_seconds"] = round(time.monotonic() - started, 1)
+    status("")
+    report["targets"] = verdicts(report["setups"])
+    report["meta"]["load_average_at_end"] = os.getloadavg()
+    report["meta"]["run_seconds"] = round(time.monotonic() - started, 1)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n")
     print_table(report)
-    print(f"\nwritten to {args.out}", file=sys.stderr)
-    return 0 if report["ok"] else 1
+    try:
+        from .chart import draw_load
+
+        draw_load(report, args.out.with_suffix(".png"))
+        print(f"\nwritten to {args.out} and {args.out.with_suffix('.png')}", file=sys.stderr)
+    except ImportError:
+        print(f"\nwritten to {args.out} (no chart: matplotlib is missing)", file=sys.stderr)
+    return 1 if report["failed"] else 0
+
+
+def best_rate(setups: dict, name: str) -> float | None:
+    """The setup's highest passing rate of the ladder (the same steps for every setup: ties are ties)."""
+    best = setups.get(name, {}).get("best")
+    return best["rate_target"] if best else (0.0 if name in setups else None)
+
+
+def verdicts(setups: dict) -> list[dict]:
+    """The issue's end-to-end targets, decided from this run's best rates."""
+    rates = {name: best_rate(setups, name) for name in SETUPS}
+
+    def check(text: str, a: str, b: str, factor: float) -> dict:
+        if rates[a] is None or rates[b] is None:
+            return {"text": text, "met": None, "detail": "not run"}
+        ratio = rates[a] / rates[b] if rates[b] else float("inf")
+        met = (rates[a] >= factor * rates[b] and rates[a] > 0) if factor else None  # None: reported only
+        return {"text": text, "met": met,
+                "detail": f"{rates[a]:,.0f} vs {rates[b]:,.0f} messages/s: {ratio:.2f}x"}  # fmt: skip
+
+    return [
+        check("library layer >= 3x stock RedisChannelLayer (best steady rate)", "library", "stock", 3),
+        check("library layer >= RedisPubSubChannelLayer", "library", "pubsub", 1),
+        check("mapping >= GroupConsumer", "library", "groups", 1),
+        check("daphne vs uvicorn (reported, no target)", "library", "uvicorn", 0),
+    ]
+
+
+def meta(args) -> dict:
+    from importlib.metadata import version
+
+    import redis
+
+    packages = ("Django", "channels", "channels-redis", "redis", "daphne", "uvicorn", "websockets", "psycopg")
+    top = subprocess.run(["ps", "-eo", "pcpu,rss,comm", "--sort=-pcpu"], capture_output=True, text=True).stdout
+    return {
+        "when": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
+        "command": "python -m benchmarks.load " + " ".join(sys.argv[1:]),
+        "python": platform.python_version(),
+        "packages": {name: version(name) for name in packages},
+        "redis_server": redis.Redis.from_url(args.redis).info("server").get("redis_version"),
+        "cpus": os.cpu_count(),
+        "cpu_model": cpu_model(),
+        "load_average_at_start": os.getloadavg(),
+        "busiest_processes_at_start": top.splitlines()[:8],
+        "config": {"connections": args.connections, "tabs_per_user": args.tabs, "client_processes": args.clients,
+                   "trial_seconds": args.trial_seconds, "p99_ms": args.p99_ms, "rate_limit": args.rate_limit,
+                   "capacity": args.capacity or "each layer's default", "presence_broadcast": False,
+                   "demo_stores_messages": not args.no_store},
+    }  # fmt: skip
+
+
+def cpu_model() -> str:
+    with contextlib.suppress(OSError), open("/proc/cpuinfo") as info:
+        for line in info:
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor()
+
+
+def print_table(report: dict) -> None:
+    rows = [("setup", "best msg/s", "copies/s", "p50 ms", "p99 ms", "server CPU", "RSS MiB", "trials")]
+    for name, result in report["setups"].items():
+        best = result["best"]
+        tried = " ".join(f"{t['rate_target']:g}{'+' if t['passed'] else '-'}" for t in result["trials"])
+        if best is None:
+            rows.append((name, "none passed", "", "", "", "", "", tried))
+            continue
+        latency, cpu = best["latency_ms"], best["server_cpu_share_of_one_core"]
+        rows.append((name, f"{best['messages_per_second']:,.0f}", f"{best['copies_per_second']:,.0f}",
+                     f"{latency['p50']:.1f}", f"{latency['p99']:.1f}", f"{cpu:.0%}",
+                     f"{best['server_rss_kb'] / 1024:.0f}", tried))  # fmt: skip
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    for i, row in enumerate(rows):
+        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)))
+        if i == 0:
+            print("  ".join("-" * width for width in widths))
+    print("\ntrials: rate tried, + passed / - failed (p99 <= "
+          f"{report['meta']['config']['p99_ms']:g} ms, nothing lost, no error, schedule kept)")  # fmt: skip
+    if "idle" in report:
+        idle = report["idle"]
+        print(f"\nidle sockets on one daphne: {idle['opened']:,}/{idle['sockets']:,} open in {idle['seconds']} s "
+              f"(handshake p50 {idle['handshake_p50_ms']} ms, p99 {idle['handshake_p99_ms']} ms); RSS "
+              f"{idle['rss_kb_before'] / 1024:.0f} -> {idle['rss_kb_after'] / 1024:.0f} MiB, "
+              f"{idle['rss_kb_per_socket']} KiB per socket")  # fmt: skip
+    print()
+    for target in report["targets"]:
+        mark = {True: "MET    ", False: "NOT MET", None: "n/a    "}[target["met"]]
+        print(f"[{mark}] {target['text']}: {target['detail']}")
+    for name, error in report["failed"].items():
+        print(f"could not run: {name}: {error}")
 
 
 def check_services(redis_url: str, server_url: str) -> None:
@@ -417,137 +709,14 @@ def make_users(count: int) -> tuple[list[int], list[str]]:
     return [user.pk for user in people], [session_for(user) for user in people]
 
 
-def wait_for_rows(expected: int, timeout: float) -> int:
-    from channel_registry.models import UserChannel
-
-    deadline = time.monotonic() + timeout
-    while True:
-        count = UserChannel.objects.count()
-        if count >= expected or time.monotonic() > deadline:
-            return count
-        time.sleep(0.2)
-
-
-def collect(reports, final: str, count: int, deadline: float, show, kind: str = "connecting") -> dict:
-    """Wait for ``count`` ``final`` reports, showing progress; ``worker -> payload``."""
-    import queue
-
-    done, progress = {}, {}
-    while len(done) < count:
-        if time.monotonic() > deadline:
-            raise SystemExit(f"\nload: gave up waiting for '{final}' (--timeout)")
-        try:
-            message = reports.get(timeout=0.5)
-        except queue.Empty:
-            continue
-        tag, worker, payload = message
-        if tag == "crashed":
-            raise SystemExit(f"\nload: client process {worker} crashed: {payload}")
-        if tag == final:
-            done[worker] = payload
-        elif tag == kind:
-            progress[worker] = payload
-            show(progress)
-    return done
-
-
-def summarise(args, results, connect_elapsed, opened, failures, durations, registered,
-              rss_start, rss_connected, rss_after, t0, daphne_errors) -> dict:  # fmt: skip
-    latencies = [x * 1000 for r in results.values() for x in r["latencies"]]
-    missing = sorted({seq for r in results.values() for seq in r["missing_messages"]})
-    # The sender's ack said so (the layer refused the copy: ChannelFull), or nothing did.
-    reported = {seq for r in results.values() for seq in r["short_acks"]}
-    silent = [seq for seq in missing if seq not in reported]
-    expected = sum(r["expected"] for r in results.values())
-    received = sum(r["received"] for r in results.values())
-    sent = sum(r["sent"] for r in results.values())
-    send_seconds = max(r["sent_done"] for r in results.values()) - t0
-    acks: Counter = Counter()
-    errors: Counter = Counter()
-    closed: Counter = Counter()
-    for r in results.values():
-        acks.update({int(k): v for k, v in r["acks"].items()})
-        errors.update(r["errors"])
-        closed.update(r["closed"])
-    full_acks = acks.get(args.tabs, 0)
-    report = {
-        "config": {
-            "connections": args.connections, "users": args.connections // args.tabs, "tabs_per_user": args.tabs,
-            "messages": args.messages, "rate_target": args.rate, "client_processes": args.clients,
-            "rate_limit": args.rate_limit or "library default (20, 10)", "presence_broadcast": args.presence,
-            "layer_capacity": args.capacity or "channels_redis default (100)",
-            "daphne_processes": 1, "redis": args.redis, "cpus": os.cpu_count(),
-        },
-        "connect": {
-            "opened": opened, "failed": len(failures), "failures_sample": failures[:3], "registered_rows": registered,
-            "total_seconds": round(connect_elapsed, 2),
-            "handshake_p50_ms": round(percentile(durations, 50) * 1000, 1),
-            "handshake_p99_ms": round(percentile(durations, 99) * 1000, 1),
-        },
-        "messages": {
-            "sent": sent, "send_seconds": round(send_seconds, 2),
-            "sent_per_second": round(sent / send_seconds, 1) if send_seconds > 0 else None,
-            "client_behind_schedule_max_ms": round(max(r["behind_max"] for r in results.values()) * 1000, 1),
-            "acks": sum(acks.values()), "acks_all_tabs": full_acks, "acks_by_delivered": dict(sorted(acks.items())),
-            "errors": dict(errors), "copies_expected": expected, "copies_received": received,
-            "copies_per_second": round(received / send_seconds, 1) if send_seconds > 0 else None,
-            "duplicates": sum(r["duplicates"] for r in results.values()),
-            "lost_to_online_recipients": len(missing), "lost_sample": missing[:10],
-            "lost_and_reported_in_ack": len(missing) - len(silent), "lost_silently": len(silent),
-            "sockets_closed_by_server": dict(closed),
-        },
-        "latency_ms": {
-            "p50": round(percentile(latencies, 50), 2), "p90": round(percentile(latencies, 90), 2),
-            "p99": round(percentile(latencies, 99), 2), "max": round(max(latencies, default=float("nan")), 2),
-            "mean": round(statistics.fmean(latencies), 2) if latencies else None,
-        },
-        "daphne_rss_kb": {"start": rss_start, "connected": rss_connected, "after": rss_after},
-        "daphne_errors": daphne_errors[:10],
-    }
-    report["ok"] = (
-        not failures and opened == args.connections and sent == args.messages and not missing
-        and not errors and full_acks == args.messages
-    )
-    return report
-
-
-def print_table(report: dict) -> None:
-    c, m, lat, rss = report["connect"], report["messages"], report["latency_ms"], report["daphne_rss_kb"]
-    cfg = report["config"]
-    rows = [
-        ("connections (users x tabs)", f"{c['opened']}/{cfg['connections']} ({cfg['users']} x {cfg['tabs_per_user']})"),
-        ("connect time, all sockets", f"{c['total_seconds']} s (handshake p50 {c['handshake_p50_ms']} ms, "
-                                      f"p99 {c['handshake_p99_ms']} ms)"),
-        ("messages sent", f"{m['sent']} in {m['send_seconds']} s"),
-        ("messages/s (target)", f"{m['sent_per_second']} ({cfg['rate_target']:g})"),
-        ("copies delivered/s", f"{m['copies_per_second']} ({m['copies_received']}/{m['copies_expected']})"),
-        ("delivery latency p50 / p99", f"{lat['p50']} ms / {lat['p99']} ms (p90 {lat['p90']}, max {lat['max']})"),
-        ("acks (all tabs reached)", f"{m['acks']} ({m['acks_all_tabs']})"),
-        ("error frames", json.dumps(m["errors"]) if m["errors"] else "0"),
-        ("lost to online recipients", f"{m['lost_to_online_recipients']} ({m['lost_silently']} without an ack "
-                                      "saying so)"),
-        ("daphne CPU, message phase", f"{report['daphne_cpu']['share_of_one_core']:.0%} of one core"),
-        ("daphne RSS start/connected/after", f"{rss['start'] / 1024:.1f} / {rss['connected'] / 1024:.1f} / "
-                                             f"{rss['after'] / 1024:.1f} MiB"),
-        ("result", "OK" if report["ok"] else "FAILED"),
-    ]
-    width = max(len(name) for name, _ in rows)
-    print(f"{'metric':<{width}}  value")
-    print(f"{'-' * width}  {'-' * 40}")
-    for name, value in rows:
-        print(f"{name:<{width}}  {value}")
-
-
 def cleanup(database_url, server_url, database, redis_url, prefix) -> None:
     import redis
     from django.db import connections
 
     from tests import processes
 
-    try:
+    with contextlib.suppress(Exception):  # best effort before the DROP (which forces anyway)
         connections.close_all()
-    except Exception:  # best effort before the DROP (which forces anyway)
-        pass
     processes.drop_database(server_url, database)
     client = redis.Redis.from_url(redis_url)
     keys = list(client.scan_iter(match=f"{prefix}*", count=1000))

@@ -30,7 +30,7 @@ from pathlib import Path
 from .stats import progress
 
 RESULTS = Path(__file__).resolve().parent / "results"
-ORDER = ["1", "2", "3", "4", "5", "6", "sharding", "history"]
+ORDER = ["1", "2", "3", "4", "5", "6", "sharding", "receive", "history"]
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

@@ -694,6 +694,49 @@ async def received_channels(receivers, quiet: float = 0.5) -> set[str]:
     return got
 
 
+async def target_receive(scale: Scale) -> Table:
+    """Issue 11: one process receiving on 1,000 local channels, the library's layer against channels_redis's."""
+    from channels_redis.core import RedisChannelLayer
+
+    from channel_registry.layers import redis_host
+    from channel_registry.redis_layer import BatchedRedisChannelLayer
+
+    table = Table("receive", "Issue 11 — raw receive, one process, 1,000 local channels (messages/s)", [
+        "layer", "messages", "seconds", "messages/s", "ratio",
+    ])  # fmt: skip
+    per_channel = 5 if scale.quick else 20
+    config = {"hosts": [redis_host(settings.REDIS_URL)], "prefix": f"{settings.KEY_PREFIX}rx",
+              "capacity": settings.CAPACITY}  # fmt: skip
+    sender = BatchedRedisChannelLayer(**config)  # its send: one EVAL on the right shard
+    rates = {}
+    for label, cls in (("RedisChannelLayer (stock)", RedisChannelLayer),
+                       ("BatchedRedisChannelLayer (library)", BatchedRedisChannelLayer)):  # fmt: skip
+        receiver = cls(**config)
+        channels = [await receiver.new_channel() for _ in range(1000)]
+        for n in range(per_channel):  # one message per channel, as a direct message is (send_many would coalesce)
+            await run_bounded(channels, lambda channel: sender.send(channel, {**EVENT, "n": n}), 50)  # noqa: B023
+
+        async def drain(channel: str, receiver=receiver) -> None:
+            for n in range(per_channel):
+                assert (await receiver.receive(channel))["n"] == n
+
+        progress(f"receive: {label}, {per_channel * len(channels):,} messages")
+        started = time.perf_counter()
+        await asyncio.gather(*(drain(channel) for channel in channels))
+        seconds = time.perf_counter() - started
+        rates[label] = per_channel * len(channels) / seconds
+        table.add(label, per_channel * len(channels), seconds, rates[label], rates[label] / next(iter(rates.values())))
+        await receiver.close_pools()
+    await sender.close_pools()
+    stock, batched = rates.values()
+    table.data = {"per_channel": per_channel, "channels": 1000, "per_second": rates, "ratio": batched / stock}
+    table.check("library layer's receive >= 10x channels_redis's (1,000 local channels)", batched >= 10 * stock,
+                f"{batched / stock:.1f}x")
+    table.notes.append("one message per channel and round sent first, then 1,000 concurrent receive loops "
+                       "drain them, each checking its order.")
+    return table
+
+
 async def target_sharding(scale: Scale) -> Table:
     from channels_redis.core import RedisChannelLayer
 
@@ -818,5 +861,6 @@ TARGETS = {
     "5": target_5,
     "6": target_6,
     "sharding": target_sharding,
+    "receive": target_receive,
     "history": target_history,
 }

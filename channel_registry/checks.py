@@ -12,7 +12,8 @@ from django.utils.module_loading import import_string
 
 from .conf import OPTION_NAMES, SETTINGS_NAME, registry_settings, user_options
 
-REDIS_LAYER = "channels_redis.core.RedisChannelLayer"
+STOCK_LAYER = "channels_redis.core.RedisChannelLayer"
+REDIS_LAYERS = {STOCK_LAYER, "channel_registry.redis_layer.BatchedRedisChannelLayer"}
 # channels_redis's blocking read (RedisChannelLayer.brpop_timeout).
 BLOCKING_READ = 5
 
@@ -108,7 +109,7 @@ def check_channel_layer(app_configs: Any = None, **kwargs: Any) -> list[checks.C
             id="channel_registry.E010",
         )]
     messages = _check_history_support(layer.get("BACKEND", ""))
-    if layer.get("BACKEND") != REDIS_LAYER:
+    if layer.get("BACKEND") not in REDIS_LAYERS:
         return messages
     hosts = layer.get("CONFIG", {}).get("hosts") or ["redis://localhost:6379"]
     for host in hosts:
@@ -122,7 +123,7 @@ def check_channel_layer(app_configs: Any = None, **kwargs: Any) -> list[checks.C
                 "{'address': url, 'socket_timeout': 15}.",
                 id="channel_registry.E011",
             ))
-    if len(hosts) > 1:
+    if len(hosts) > 1 and layer["BACKEND"] == STOCK_LAYER:  # the batched layer's send picks the right shard
         messages.append(checks.Info(
             "Sharded RedisChannelLayer: channel_registry delivers to the right shard, but your own "
             "channel_layer.send() to a specific channel loses about half the messages "

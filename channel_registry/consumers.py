@@ -7,12 +7,13 @@ import json
 import logging
 from urllib.parse import parse_qs
 
+from channels.consumer import get_handler_name
 from channels.generic.websocket import AsyncJsonWebsocketConsumer
 from django.db import DatabaseError
 
 from . import protocol
 from .conf import registry_settings
-from .cursor import Cursor
+from .cursor import HISTORY_EVENTS, Cursor
 from .exceptions import LAYER_TRANSPORT_ERRORS, ChannelLayerUnavailable, ConnectionLimitExceeded
 from .groups import GroupStrategy
 from .history import history_for
@@ -50,6 +51,11 @@ class RegistryConsumerMixin:
     _unregistering: asyncio.Future | None = None
     #: Where this connection is in its user's history; ``None`` without one.
     cursor: Cursor | None = None
+    #: Channel layer events whose handlers only write to the socket. Channels runs
+    #: ``close_old_connections`` through the thread pool before every handler; for
+    #: these (one per delivered copy of every message) the hop is skipped. A
+    #: subclass whose handler of one of them uses the ORM takes it out of this set.
+    socket_only_events: frozenset[str] = HISTORY_EVENTS
 
     async def connect(self) -> None:
         user = self.scope.get("user")
@@ -90,14 +96,17 @@ class RegistryConsumerMixin:
             return
         self.cursor = cursor
         for event in events:
-            await super().dispatch(event)
+            await self.dispatch_one(event)
 
     async def dispatch(self, message) -> None:
         # Recoverable events pass the cursor: duplicates dropped, gaps filled, in seq order.
-        if self.cursor is None:
-            await super().dispatch(message)
-            return
-        for event in await self.cursor.admit(message):
+        for event in [message] if self.cursor is None else await self.cursor.admit(message):
+            await self.dispatch_one(event)
+
+    async def dispatch_one(self, event) -> None:
+        if event["type"] in self.socket_only_events:
+            await getattr(self, get_handler_name(event))(event)
+        else:
             await super().dispatch(event)
 
     async def registry_position(self, event) -> None:
@@ -174,6 +183,7 @@ class RegistryConsumer(RegistryConsumerMixin, AsyncJsonWebsocketConsumer):
     frame_types = {"direct": "receive_direct", "ping": "receive_ping"}
     #: How this connection's user sends direct messages: the same class serves HTTP views.
     messages_class: type[DirectMessages] = DirectMessages
+    socket_only_events = HISTORY_EVENTS | {protocol.DIRECT_EVENT, protocol.NOTIFY_EVENT}
 
     async def receive(self, text_data=None, bytes_data=None, **kwargs) -> None:
         """Answer one client frame; a bad frame gets an ``error`` frame, never a crash."""

@@ -7,6 +7,11 @@ and daphne closes every quiet WebSocket with 1011 after ~5.8 s
 (``MaxConnectionsError``) instead of waiting: a burst of connects, each running
 ``group_add`` in its handshake, fails with HTTP 500. These helpers set the
 timeouts and a larger pool explicitly.
+
+``redis_layer()`` selects :class:`~channel_registry.redis_layer.BatchedRedisChannelLayer`
+(channels_redis with a batched receive path, see ``redis_layer.py``) with its
+``capacity`` of 5,000 messages per server process; ``backend=STOCK_LAYER`` keeps
+channels_redis's own class (and its capacity of 100).
 """
 
 from __future__ import annotations
@@ -20,6 +25,11 @@ CONNECT_TIMEOUT = 3
 #: Connections per process and event loop; Redis accepts 10,000 clients by default.
 MAX_CONNECTIONS = 500
 
+#: The library's layer: channels_redis with a receive that takes a batch per round trip.
+BATCHED_LAYER = "channel_registry.redis_layer.BatchedRedisChannelLayer"
+#: channels_redis's own class.
+STOCK_LAYER = "channels_redis.core.RedisChannelLayer"
+
 
 def redis_host(url: str, **options: Any) -> dict[str, Any]:
     """One channels_redis host entry with timeouts that survive idle sockets."""
@@ -32,15 +42,16 @@ def redis_host(url: str, **options: Any) -> dict[str, Any]:
     }
 
 
-def redis_layer(*urls: str, **config: Any) -> dict[str, Any]:
-    """A ``CHANNEL_LAYERS`` entry for ``RedisChannelLayer`` over one or more Redis URLs.
+def redis_layer(*urls: str, backend: str = BATCHED_LAYER, **config: Any) -> dict[str, Any]:
+    """A ``CHANNEL_LAYERS`` entry for ``backend`` over one or more Redis URLs; ``config`` is its CONFIG.
 
-    Several URLs shard the layer; channel_registry's delivery picks the shard the
-    receiving process reads, so direct sends are not lost (channels_redis#221).
+    Several URLs shard the layer; channel_registry's delivery (and the batched
+    layer's own ``send``) picks the shard the receiving process reads, so direct
+    sends are not lost (channels_redis#221).
     """
     if not urls:
         raise ValueError("redis_layer() needs at least one Redis URL")
     return {
-        "BACKEND": "channels_redis.core.RedisChannelLayer",
+        "BACKEND": backend,
         "CONFIG": {"hosts": [redis_host(url) for url in urls], **config},
     }

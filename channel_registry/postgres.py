@@ -155,6 +155,12 @@ class NativePool:
         idle.append(conn)
         return result
 
+    async def close_idle(self) -> None:
+        """Close the running loop's idle connections: the next statement connects with the current settings."""
+        idle, _ = await self._for_running_loop()
+        while idle:
+            await idle.pop().close()
+
     async def _for_running_loop(self) -> tuple[list, asyncio.Semaphore]:
         loop = asyncio.get_running_loop()
         if loop not in self._loops:

@@ -12,6 +12,7 @@ from django.contrib.auth import get_user_model
 from django.contrib.auth.models import AnonymousUser
 from django.db import connections
 
+from channel_registry import postgres
 from channel_registry.conf import registry_settings
 from channel_registry.consumers import RegistryConsumer
 from channel_registry.liveness import process
@@ -171,6 +172,7 @@ def database_unreachable():
         else:
             settings_dict["PORT"] = str(free_port())
         await sync_to_async(connections.close_all)()
+        await postgres.pool.close_idle()  # the native store's open connections go as well
         try:
             yield
         finally:

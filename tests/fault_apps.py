@@ -1,5 +1,7 @@
 """App configs for ``tests.fault_settings``."""
 
+import os
+
 from demo_site.inbox.apps import InboxConfig
 
 
@@ -12,7 +14,13 @@ class QuietInboxConfig(InboxConfig):
     """
 
     def ready(self) -> None:
-        pass
+        if os.environ.get("CRF_STORE_MESSAGES") == "0":  # the load script's --no-store: no INSERT per message
+            from demo_site.inbox.consumers import InboxMessages
+
+            async def keep_nothing(self, direct, delivery) -> None:
+                pass
+
+            InboxMessages.delivered = keep_nothing
 
 
 def nobody_may_message_dave(sender, recipient_id) -> bool:

@@ -11,7 +11,9 @@ from the environment (``tests/processes.py`` writes it):
 ``CRF_REDIS_URLS``    one or more Redis URLs, comma-separated (several = a sharded layer).
 ``CRF_REDIS_PREFIX``  channel layer key prefix (default ``crfaults``).
 ``CRF_LAYER_EXPIRY``  channel layer ``expiry`` in seconds (default: channels_redis's 60).
-``CRF_LAYER_CAPACITY`` channel layer ``capacity`` (default: channels_redis's 100).
+``CRF_LAYER_CAPACITY`` channel layer ``capacity`` (default: the layer's own).
+``CRF_LAYER_BACKEND`` ``library`` (default: ``redis_layer()``'s batched layer), ``stock``
+                      (channels_redis's ``RedisChannelLayer``) or ``pubsub`` (``RedisPubSubChannelLayer``).
 ``CRF_HEARTBEAT`` / ``CRF_STALE_AFTER``  ``HEARTBEAT_INTERVAL`` / ``STALE_AFTER`` (0.5 / 2).
 ``CRF_MAX_CONNECTIONS`` / ``CRF_ON_LIMIT``  ``MAX_CONNECTIONS_PER_USER`` / ``ON_LIMIT``.
 ``CRF_RATE_LIMIT``    ``"messages,seconds"`` or ``"none"`` (default: the library's 20 per 10 s).
@@ -22,11 +24,12 @@ from the environment (``tests/processes.py`` writes it):
 ``CRF_SECRET_KEY``    must match the process that writes the sessions.
 ``CRF_CSRF_TRUSTED_ORIGINS``  comma-separated ``CSRF_TRUSTED_ORIGINS`` (also trusted for WebSockets).
 ``CRF_PRESENCE``      ``0`` disconnects the demo's presence broadcast (the load script's option).
+``CRF_STORE_MESSAGES`` ``0`` (with ``CRF_PRESENCE=0``) stores no copy of direct messages (load ``--no-store``).
 """
 
 import os
 
-from channel_registry.layers import redis_layer
+from channel_registry.layers import STOCK_LAYER, redis_host, redis_layer
 from demo_site.settings import *  # noqa: F403
 from demo_site.settings import database_from_url
 
@@ -42,7 +45,16 @@ if os.environ.get("CRF_LAYER_EXPIRY"):
     _layer_options["expiry"] = int(os.environ["CRF_LAYER_EXPIRY"])
 if os.environ.get("CRF_LAYER_CAPACITY"):
     _layer_options["capacity"] = int(os.environ["CRF_LAYER_CAPACITY"])
-CHANNEL_LAYERS = {"default": redis_layer(*os.environ["CRF_REDIS_URLS"].split(","), **_layer_options)}
+_redis_urls = os.environ["CRF_REDIS_URLS"].split(",")
+_backend = os.environ.get("CRF_LAYER_BACKEND") or "library"
+if _backend == "pubsub":  # no capacity or expiry: messages are published, never stored
+    CHANNEL_LAYERS = {"default": {
+        "BACKEND": "channels_redis.pubsub.RedisPubSubChannelLayer",
+        "CONFIG": {"hosts": [redis_host(url) for url in _redis_urls], "prefix": _layer_options["prefix"]},
+    }}  # fmt: skip
+else:
+    _backend_options = {"backend": STOCK_LAYER} if _backend == "stock" else {}
+    CHANNEL_LAYERS = {"default": redis_layer(*_redis_urls, **_backend_options, **_layer_options)}
 
 CHANNEL_REGISTRY = {
     "HEARTBEAT_INTERVAL": _number("CRF_HEARTBEAT", 0.5),

@@ -79,9 +79,12 @@ def test_redis_host_with_a_long_timeout_passes(settings, host):
     assert ids() == set()
 
 
-def test_sharded_layer_gets_an_info_note(settings):
-    settings.CHANNEL_LAYERS = {"default": redis_layer("redis://127.0.0.1:6379", "redis://127.0.0.1:6380")}
+def test_sharded_stock_layer_gets_an_info_note(settings):
+    urls = ("redis://127.0.0.1:6379", "redis://127.0.0.1:6380")
+    settings.CHANNEL_LAYERS = {"default": redis_layer(*urls, backend=REDIS)}
     assert ids() == {"channel_registry.I012"}
+    settings.CHANNEL_LAYERS = {"default": redis_layer(*urls)}  # the library's layer sends to the right shard
+    assert ids() == set()
 
 
 def test_conn_max_age_zero_warns(settings, monkeypatch):
