@@ -2,15 +2,18 @@ import asyncio
 import contextlib
 import itertools
 import json
+import uuid
 from types import SimpleNamespace
 
 import pytest
+import pytest_asyncio
 from asgiref.sync import sync_to_async
 from channels.layers import channel_layers, get_channel_layer
 from channels.testing import WebsocketCommunicator
 from django.contrib.auth import get_user_model
 from django.contrib.auth.models import AnonymousUser
 from django.db import connections
+from redis.exceptions import ConnectionError as RedisConnectionError
 
 from channel_registry import postgres
 from channel_registry.conf import registry_settings
@@ -130,6 +133,27 @@ async def close_layer_connections() -> None:
         if hasattr(backend, "close_pools"):
             with contextlib.suppress(Exception, asyncio.TimeoutError):
                 await asyncio.wait_for(backend.close_pools(), 3)
+
+
+@pytest_asyncio.fixture
+async def redis_layers():
+    """``make(cls, hosts, **options)``: Redis channel layers sharing one fresh key prefix; flushed
+    and closed after the test."""
+    prefix = f"crtest{uuid.uuid4().hex[:12]}"
+    layers = []
+
+    def make(cls, hosts, **options):
+        layer = cls(hosts=hosts, prefix=prefix, **options)
+        layers.append(layer)
+        return layer
+
+    yield make
+    for layer in layers:
+        try:
+            await layer.flush()
+        except (OSError, RedisConnectionError):
+            pass  # a server the test stopped on purpose
+        await layer.close_pools()
 
 
 @pytest.fixture

@@ -7,7 +7,6 @@ import time
 import uuid
 
 import pytest
-import pytest_asyncio
 from channels.exceptions import ChannelFull
 from channels.layers import InMemoryChannelLayer
 from channels_redis.core import RedisChannelLayer
@@ -28,24 +27,14 @@ def host(url: str = SHARED_REDIS, **options) -> dict:
     return {"address": url, "socket_timeout": 10, **options}
 
 
-@pytest_asyncio.fixture
-async def make_layer():
-    """Build RedisChannelLayers sharing one unique prefix; flush and close them after."""
-    prefix = f"crtest{uuid.uuid4().hex[:12]}"
-    layers = []
+@pytest.fixture
+def make_layer(redis_layers):
+    """``make(hosts=None, **options)``: channels_redis's own layers sharing one fresh prefix."""
 
     def make(hosts=None, **options) -> RedisChannelLayer:
-        layer = RedisChannelLayer(hosts=hosts or [host()], prefix=prefix, **options)
-        layers.append(layer)
-        return layer
+        return redis_layers(RedisChannelLayer, hosts or [host()], **options)
 
-    yield make
-    for layer in layers:
-        try:
-            await layer.flush()
-        except (OSError, RedisConnectionError):
-            pass  # a server a test stopped on purpose
-        await layer.close_pools()
+    return make
 
 
 @pytest.fixture

@@ -5,10 +5,8 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import inspect
-import uuid
 
 import pytest
-import pytest_asyncio
 from channels.exceptions import ChannelFull
 from channels_redis import core
 from channels_redis.core import RedisChannelLayer
@@ -26,24 +24,14 @@ def host(url: str = SHARED_REDIS) -> dict:
     return {"address": url, "socket_timeout": 10, "max_connections": 500}
 
 
-@pytest_asyncio.fixture
-async def make_layer():
+@pytest.fixture
+def make_layer(redis_layers):
     """``make(cls=BatchedRedisChannelLayer, hosts=None, **options)``: layers sharing one fresh prefix."""
-    prefix = f"crlayer{uuid.uuid4().hex[:12]}"
-    layers = []
 
     def make(cls=BatchedRedisChannelLayer, hosts=None, **options):
-        layer = cls(hosts=hosts or [host()], prefix=prefix, **options)
-        layers.append(layer)
-        return layer
+        return redis_layers(cls, hosts or [host()], **options)
 
-    yield make
-    for layer in layers:
-        try:
-            await layer.flush()
-        except (OSError, RedisConnectionError):
-            pass  # a server the test stopped
-        await layer.close_pools()
+    return make
 
 
 async def receive_in_order(layer, channel: str, count: int, within: float = 5) -> list[int]:
