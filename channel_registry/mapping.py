@@ -10,7 +10,7 @@ from channels.db import database_sync_to_async
 from . import postgres
 from .cleanup import prune_dead_servers
 from .conf import registry_settings
-from .delivery import send_batches, send_many
+from .delivery import send_batches
 from .exceptions import ConnectionLimitExceeded
 from .history import Position, stamped
 from .liveness import heartbeat, process
@@ -46,7 +46,7 @@ class MappingStrategy(DeliveryStrategy):
         process.open[channel_name] = registration
         heartbeat.ensure_running()
         if evicted:
-            await self.send(evicted, {"type": DISCONNECT_EVENT, "code": CLOSE_TOO_MANY})
+            await self.send_batches([({"type": DISCONNECT_EVENT, "code": CLOSE_TOO_MANY}, evicted)])
 
     async def unregister(self, user_id, channel_name: str, session_key: str | None = None) -> None:
         if process.open.pop(channel_name, None) is None:
@@ -89,6 +89,3 @@ class MappingStrategy(DeliveryStrategy):
         if failed:
             await database_sync_to_async(prune_dead_servers)(failed)
         return Delivery(channels=channels, sent=channels - len(failed), failed=failed)
-
-    async def send(self, names: list[str], event: dict) -> list[str]:
-        return await send_many(channel_layer(), names, event, concurrency=registry_settings().SEND_CONCURRENCY)
