@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from types import EllipsisType
 from typing import Any
 from urllib.parse import parse_qs, urlparse
 
@@ -79,22 +78,22 @@ def check_options(app_configs: Any = None, **kwargs: Any) -> list[checks.CheckMe
     return errors
 
 
-def _configured_timeout(host: Any) -> float | EllipsisType | None:
-    """The host's socket_timeout, or ``...`` when it leaves redis-py's default."""
+def _host_option(host: Any, name: str) -> Any:
+    """A redis-py option of one channels_redis host (dict key or URL query), or ``...`` when unset."""
     if isinstance(host, dict):
-        if "socket_timeout" in host:
-            return host["socket_timeout"]
+        if name in host:
+            return host[name]
         url = host.get("address", "")
     else:
         url = host if isinstance(host, str) else ""
-    query = parse_qs(urlparse(url).query)
-    return float(query["socket_timeout"][0]) if "socket_timeout" in query else ...
+    return parse_qs(urlparse(url).query).get(name, [...])[0]
 
 
-def _redis_py_major() -> int:
+def _redis_py_version() -> tuple[int, int]:
     import redis
 
-    return int(redis.__version__.split(".")[0])
+    major, minor = redis.__version__.split(".")[:2]
+    return int(major), int(minor)
 
 
 @checks.register()
@@ -113,22 +112,36 @@ def check_channel_layer(app_configs: Any = None, **kwargs: Any) -> list[checks.C
         return messages
     hosts = layer.get("CONFIG", {}).get("hosts") or ["redis://localhost:6379"]
     for host in hosts:
-        timeout = _configured_timeout(host)
-        too_short = timeout is not None and timeout is not ... and timeout <= BLOCKING_READ
-        if too_short or (timeout is ... and _redis_py_major() >= 8):
-            messages.append(checks.Error(
-                f"Redis host {host!r} keeps redis-py's 5 s socket_timeout: idle consumers are "
-                "disconnected with 1011 after ~5.8 s (redis/redis-py#4091).",
-                hint="Use channel_registry.layers.redis_layer(url), or give the host as "
-                "{'address': url, 'socket_timeout': 15}.",
-                id="channel_registry.E011",
-            ))
+        messages += _check_redis_host(host)
     if len(hosts) > 1 and layer["BACKEND"] == STOCK_LAYER:  # the batched layer's send picks the right shard
         messages.append(checks.Info(
             "Sharded RedisChannelLayer: channel_registry delivers to the right shard, but your own "
             "channel_layer.send() to a specific channel loses about half the messages "
             "(channels_redis#221). Use send_to_user() or group_send() instead.",
             id="channel_registry.I012",
+        ))
+    return messages
+
+
+def _check_redis_host(host: Any) -> list[checks.CheckMessage]:
+    messages: list[checks.CheckMessage] = []
+    timeout = _host_option(host, "socket_timeout")
+    too_short = timeout not in (None, ...) and float(timeout) <= BLOCKING_READ
+    if too_short or (timeout is ... and _redis_py_version() >= (8, 0)):
+        messages.append(checks.Error(
+            f"Redis host {host!r} keeps redis-py's 5 s socket_timeout: idle consumers are "
+            "disconnected with 1011 after ~5.8 s (redis/redis-py#4091).",
+            hint="Use channel_registry.layers.redis_layer(url), or give the host as "
+            "{'address': url, 'socket_timeout': 15}.",
+            id="channel_registry.E011",
+        ))
+    if str(_host_option(host, "protocol")) != "2" and _redis_py_version() >= (8, 1):
+        messages.append(checks.Warning(
+            f"Redis host {host!r} speaks RESP3, redis-py 8's default: after a Redis restart every "
+            "connection pooled before it fails its next command with 'Connection closed by server', "
+            "so sends and direct messages fail once per pooled connection (redis/redis-py#4252).",
+            hint="Use channel_registry.layers.redis_layer(url), or add 'protocol': 2 to the host.",
+            id="channel_registry.W016",
         ))
     return messages
 

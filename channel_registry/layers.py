@@ -5,8 +5,12 @@ channels_redis's blocking read, so an idle consumer's ``receive()`` times out
 and daphne closes every quiet WebSocket with 1011 after ~5.8 s
 (redis/redis-py#4091). Its async pool also refuses the 101st concurrent command
 (``MaxConnectionsError``) instead of waiting: a burst of connects, each running
-``group_add`` in its handshake, fails with HTTP 500. These helpers set the
-timeouts and a larger pool explicitly.
+``group_add`` in its handshake, fails with HTTP 500. And redis-py 8.1 speaks
+RESP3 by default with "maintenance notifications" on ``auto``, which makes its
+pool skip the check for connections the server closed: after a Redis restart,
+every connection pooled before it fails its next command with "Connection
+closed by server" (redis/redis-py#4252). These helpers set the timeouts, a
+larger pool and RESP2 explicitly.
 
 ``redis_layer()`` selects :class:`~channel_registry.redis_layer.BatchedRedisChannelLayer`
 (channels_redis with a batched receive path, see ``redis_layer.py``) with its
@@ -24,6 +28,9 @@ SOCKET_TIMEOUT = 15
 CONNECT_TIMEOUT = 3
 #: Connections per process and event loop; Redis accepts 10,000 clients by default.
 MAX_CONNECTIONS = 500
+#: RESP2, as channels_redis and redis-py before 8 always used: its pool replaces a
+#: connection the server closed before sending on it (RESP3's does not, see above).
+PROTOCOL = 2
 
 #: The library's layer: channels_redis with a receive that takes a batch per round trip.
 BATCHED_LAYER = "channel_registry.redis_layer.BatchedRedisChannelLayer"
@@ -32,12 +39,13 @@ STOCK_LAYER = "channels_redis.core.RedisChannelLayer"
 
 
 def redis_host(url: str, **options: Any) -> dict[str, Any]:
-    """One channels_redis host entry with timeouts that survive idle sockets."""
+    """One channels_redis host entry with timeouts that survive idle sockets and a Redis restart."""
     return {
         "address": url,
         "socket_timeout": SOCKET_TIMEOUT,
         "socket_connect_timeout": CONNECT_TIMEOUT,
         "max_connections": MAX_CONNECTIONS,
+        "protocol": PROTOCOL,
         **options,
     }
 

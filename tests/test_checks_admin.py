@@ -55,10 +55,9 @@ def test_missing_channel_layer_is_an_error(settings):
 @pytest.mark.parametrize(
     "host",
     [
-        "redis://127.0.0.1:6379",
-        {"address": "redis://127.0.0.1:6379"},
-        {"address": "redis://127.0.0.1:6379", "socket_timeout": 5},
-        ("127.0.0.1", 6379),
+        "redis://127.0.0.1:6379?protocol=2",
+        {"address": "redis://127.0.0.1:6379", "protocol": 2},
+        {"address": "redis://127.0.0.1:6379", "socket_timeout": 5, "protocol": 2},
     ],
 )
 def test_redis_host_with_the_idle_timeout_trap_is_an_error(settings, host):
@@ -70,11 +69,30 @@ def test_redis_host_with_the_idle_timeout_trap_is_an_error(settings, host):
     "host",
     [
         {"address": "redis://127.0.0.1:6379", "socket_timeout": 15},
-        {"address": "redis://127.0.0.1:6379", "socket_timeout": None},
+        {"address": "redis://127.0.0.1:6379", "socket_timeout": 15, "protocol": 3},
         "redis://127.0.0.1:6379/0?socket_timeout=20",
     ],
 )
-def test_redis_host_with_a_long_timeout_passes(settings, host):
+def test_redis_host_on_resp3_warns_about_the_restart_trap(settings, host):
+    settings.CHANNEL_LAYERS = {"default": {"BACKEND": REDIS, "CONFIG": {"hosts": [host]}}}
+    assert ids() == {"channel_registry.W016"}
+
+
+def test_a_host_given_as_a_tuple_has_both_traps(settings):
+    settings.CHANNEL_LAYERS = {"default": {"BACKEND": REDIS, "CONFIG": {"hosts": [("127.0.0.1", 6379)]}}}
+    assert ids() == {"channel_registry.E011", "channel_registry.W016"}
+
+
+@pytest.mark.parametrize(
+    "host",
+    [
+        {"address": "redis://127.0.0.1:6379", "socket_timeout": 15, "protocol": 2},
+        {"address": "redis://127.0.0.1:6379", "socket_timeout": None, "protocol": 2},
+        "redis://127.0.0.1:6379/0?socket_timeout=20&protocol=2",
+        redis_layer("redis://127.0.0.1:6379")["CONFIG"]["hosts"][0],
+    ],
+)
+def test_redis_host_with_a_long_timeout_and_resp2_passes(settings, host):
     settings.CHANNEL_LAYERS = {"default": {"BACKEND": REDIS, "CONFIG": {"hosts": [host]}}}
     assert ids() == set()
 

@@ -656,20 +656,12 @@ async def test_redis_outage_errors_then_delivery_resumes_without_restart(stack):
     except ChannelLayerUnavailable as error:
         pytest.fail(f"send_to_user failed with Redis back up: {error}")
     assert delivery.sent == 2
-    # And so do the consumers, busy or not: within a few seconds every tab that sends is
-    # answered with an ack. (A few first sends right after the restart may still get
-    # "unavailable" from the daphne process: known, see the issue notes.)
-    async def acked(k, tab):
-        deadline = time.monotonic() + 5
-        while True:
-            reply = await tab.request(direct(bob, "back", f"k{k}"))
-            if reply.get("delivered") == 2 or time.monotonic() > deadline:
-                return reply
-            await asyncio.sleep(0.2)
-
-    replies = await asyncio.gather(*(acked(k, tab) for k, tab in enumerate(crowd)))
+    # And so do the consumers, busy or not: the first message of every tab after the
+    # restart is delivered, each on a connection its process pooled before the outage
+    # (redis-py 8.1's RESP3 pool would send it on the dead socket: redis/redis-py#4252).
+    replies = await asyncio.gather(*(tab.request(direct(bob, "back", f"k{k}")) for k, tab in enumerate(crowd)))
     refused = [reply for reply in replies if reply.get("delivered") != 2]
-    assert refused == [], f"{len(refused)} of 10 messages still refused 5 s after Redis came back: {refused[0]}"
+    assert refused == [], f"{len(refused)} of 10 first messages after the restart refused: {refused[0]}"
 
     # Delivery resumes by itself: the first message accepted again reaches every tab.
     attempts = iter(range(1000))

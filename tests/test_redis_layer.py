@@ -194,6 +194,23 @@ async def test_closing_the_pools_fails_waiting_receives_and_the_next_receive_rea
 
 
 @pytest.mark.asyncio
+async def test_every_connection_pooled_before_a_redis_restart_works_after_it(make_layer):
+    """redis-py 8.1's RESP3 pool sends on connections the server closed (redis/redis-py#4252)."""
+    with RedisServer() as server:
+        layer = make_layer(hosts=redis_layer(server.url)["CONFIG"]["hosts"])
+        channels = [await layer.new_channel() for _ in range(10)]
+        # Ten commands at once: the pool now holds ten connections.
+        await asyncio.gather(*(layer.send(channel, {"type": "t", "n": 1}) for channel in channels))
+        server.restart()  # same port, empty data set
+        await asyncio.sleep(0.2)  # the loop has seen every pooled socket's EOF
+
+        await asyncio.gather(*(layer.send(channel, {"type": "t", "n": 2}) for channel in channels))
+        assert await send_many(layer, channels, {"type": "t", "n": 3}) == []
+        received = await asyncio.gather(*(receive_in_order(layer, channel, 2) for channel in channels))
+        assert received == [[2, 3]] * 10
+
+
+@pytest.mark.asyncio
 async def test_interop_with_the_stock_layer_both_ways(make_layer):
     ours = make_layer()
     stock = make_layer(RedisChannelLayer)
