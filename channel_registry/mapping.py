@@ -76,6 +76,10 @@ class MappingStrategy(DeliveryStrategy):
         live = await row_store().live_channels(user_ids)
         return sum(len(names) for names in live.values())
 
+    async def reach_recipient(self, user_id: Any) -> tuple[bool, int | None]:
+        names = await row_store().recipient_channels(user_id)
+        return names is not None, len(names or ())
+
     async def deliver_to_session(self, session_key: str, event: dict) -> Delivery:
         rows = await database_sync_to_async(session_rows)(session_digest(session_key))
         return await self.send_batches([(event, live_names(rows))])

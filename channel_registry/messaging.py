@@ -11,7 +11,8 @@ discloses cannot differ between transports. In order:
    answers ``unknown_recipient`` like a missing account unless ``REVEAL_REFUSALS``;
 3. the copies: the recipient's live connections are counted and, before anything
    is stored or sent, the sender's ``FANOUT_LIMIT`` pays one token per connection,
-   so a refused flood never reaches the recipient's history or server process;
+   so a refused flood never reaches the recipient's history or server process
+   (without hooks or a policy, 2 and 3 are one registry statement);
 4. delivery, and the ack, with ``delivered`` only if ``ACK_DELIVERED``.
 """
 
@@ -21,14 +22,12 @@ import asyncio
 from typing import Any
 
 from channels.db import database_sync_to_async
-from django.contrib.auth import get_user_model
-from django.db import DataError
 from django.utils.module_loading import import_string
 
 from . import budget, protocol
 from .conf import registry_settings
 from .protocol import Direct, ProtocolError
-from .strategy import Delivery, DeliveryStrategy, channel_layer
+from .strategy import Delivery, DeliveryStrategy, active_user_exists, channel_layer
 
 
 class DirectMessages:
@@ -47,18 +46,43 @@ class DirectMessages:
         limit = registry_settings().RATE_LIMIT
         if limit:
             await self.spend(budget.Spend("messages", *limit), direct)
-        recipient_id = await self.get_recipient(direct.to)
+        recipient_id, copies = await self.recipient(direct)
+        event = {"type": protocol.DIRECT_EVENT, "frame": self.build_direct_message(direct)}
+        await self.pay_copies(direct, copies)
+        # Recoverable: a connection of the recipient that reconnects replays it (see history.py).
+        delivery = await self.strategy.deliver([recipient_id], event, recover=True)
+        await self.delivered(direct, delivery)
+        return protocol.ack_frame(direct.id, delivery.sent if registry_settings().ACK_DELIVERED else None)
+
+    async def recipient(self, direct: Direct) -> tuple[Any, int | None]:
+        """Who receives ``direct``, and how many connections it reaches; ``ProtocolError`` if refused.
+
+        Under the library's own rules (see ``default_rules``) the strategy answers
+        both with one statement; otherwise the hooks run first, then ``reach``.
+        """
+        folded = self.default_rules()
+        if folded:
+            found, copies = await self.strategy.reach_recipient(direct.to)
+            recipient_id = direct.to if found else None
+        else:
+            recipient_id = await self.get_recipient(direct.to)
         if recipient_id is not None and recipient_id == self.sender.pk:
             if not registry_settings().ALLOW_SELF_MESSAGE:
                 raise ProtocolError(protocol.FORBIDDEN, "you may not message yourself", direct.id)
         elif recipient_id is None or not await self.can_message(recipient_id):
             raise self.refusal(direct, found=recipient_id is not None)
-        event = {"type": protocol.DIRECT_EVENT, "frame": self.build_direct_message(direct)}
-        await self.pay_copies(direct, await self.strategy.reach([recipient_id]))
-        # Recoverable: a connection of the recipient that reconnects replays it (see history.py).
-        delivery = await self.strategy.deliver([recipient_id], event, recover=True)
-        await self.delivered(direct, delivery)
-        return protocol.ack_frame(direct.id, delivery.sent if registry_settings().ACK_DELIVERED else None)
+        if not folded:
+            copies = await self.strategy.reach([recipient_id])
+        return recipient_id, copies
+
+    def default_rules(self) -> bool:
+        """No ``get_recipient`` or ``can_message`` override and no ``CAN_MESSAGE`` policy."""
+        cls = type(self)
+        return (
+            cls.get_recipient is DirectMessages.get_recipient
+            and cls.can_message is DirectMessages.can_message
+            and registry_settings().CAN_MESSAGE is None
+        )
 
     async def spend(self, item: budget.Spend, direct: Direct) -> None:
         verdict = await budget.spend(channel_layer(), self.sender.pk, [item])
@@ -85,11 +109,7 @@ class DirectMessages:
 
     async def get_recipient(self, user_id: int) -> Any:
         """The recipient's primary key if they may receive messages, else ``None``."""
-        try:
-            exists = await get_user_model().objects.filter(pk=user_id, is_active=True).aexists()
-        except DataError:  # an id outside the column's range
-            return None
-        return user_id if exists else None
+        return user_id if await active_user_exists(user_id) else None
 
     async def can_message(self, recipient_id: Any) -> bool:
         """``CAN_MESSAGE(sender, recipient_id)``; any active user when it is not set."""

@@ -8,6 +8,8 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from django.conf import settings
+from django.contrib.auth import get_user_model
+from django.core.exceptions import FieldDoesNotExist
 from django.db import models
 from django.utils import timezone
 
@@ -29,6 +31,16 @@ def session_digest(session_key: str | None) -> str:
 def user_pk(user: Any) -> Any:
     """Accept a user instance or a primary key, as every public function does."""
     return getattr(user, "pk", user)
+
+
+def active_users() -> models.QuerySet[Any]:
+    """Users who may receive messages: ``is_active``, where the user model has that field."""
+    users = get_user_model()._default_manager.all()
+    try:
+        get_user_model()._meta.get_field("is_active")
+    except FieldDoesNotExist:
+        return users
+    return users.filter(is_active=True)
 
 
 class UserChannelQuerySet(models.QuerySet):

@@ -64,7 +64,14 @@ class Statements:
         user_id = quote(UserChannel._meta.get_field("user").column)
         # The same row lock as the ORM path: connects, disconnects and prunes of one user take turns.
         self.user_rows = f"SELECT {user_id}, channel_name, last_seen FROM {table} WHERE {user_id} = ANY(%s)"
-        self.lock_user = f"SELECT 1 FROM {quote(user_meta.db_table)} WHERE {quote(user_meta.pk.column)} = %s FOR UPDATE"
+        users, pk = quote(user_meta.db_table), quote(user_meta.pk.column)
+        self.lock_user = f"SELECT 1 FROM {users} WHERE {pk} = %s FOR UPDATE"
+        # A direct message's recipient check and channel lookup: the user LEFT JOIN their rows.
+        active = "".join(f" AND u.{quote(f.column)}" for f in user_meta.concrete_fields if f.name == "is_active")
+        self.recipient_rows = (
+            f"SELECT c.channel_name, c.last_seen FROM {users} u LEFT JOIN {table} c ON c.{user_id} = u.{pk} "
+            f"WHERE u.{pk} = %s{active}"
+        )
         columns = f"{user_id}, channel_name, server, session, connected_at, last_seen"
         # A CTE's SELECT sees the table as it was before the CTE's own INSERT/DELETE:
         # "does the user have any other row" — asked after the lock, so it is exact.
@@ -245,6 +252,10 @@ class PostgresStore(OrmStore):
     async def live_channels(self, user_ids) -> dict:
         """One prepared-shape query, one array parameter."""
         return live_by_user(await pool.fetch_all(pool.statements.user_rows, [list(user_ids)]))
+
+    async def recipient_channels(self, user_id) -> list[str] | None:
+        rows = await pool.fetch_all(pool.statements.recipient_rows, [user_id])
+        return None if not rows else live_names(row for row in rows if row[0] is not None)
 
 
 native = PostgresStore()

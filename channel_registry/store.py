@@ -25,13 +25,13 @@ from typing import Any
 
 from channels.db import database_sync_to_async
 from django.contrib.auth import get_user_model
-from django.db import transaction
+from django.db import DataError, transaction
 from django.db.models import QuerySet
 from django.utils import timezone
 
 from .conf import registry_settings
 from .exceptions import ConnectionLimitExceeded
-from .models import UserChannel, stale_cutoff
+from .models import UserChannel, active_users, stale_cutoff
 from .signals import send_presence, user_offline, user_online
 
 logger = logging.getLogger(__name__)
@@ -136,6 +136,10 @@ class OrmStore:
         """Per user, the channel names of their rows that are not stale."""
         return live_by_user(await database_sync_to_async(self.rows_sync)(user_ids))
 
+    async def recipient_channels(self, user_id: Any) -> list[str] | None:
+        """The live channels of ``user_id`` if it is an active user, else ``None``: one query."""
+        return await database_sync_to_async(self.recipient_channels_sync)(user_id)
+
     def add_sync(self, channel_name: str, registration: Registration) -> list[str]:
         user_id = registration.user_id
         with transaction.atomic():
@@ -155,6 +159,15 @@ class OrmStore:
             last = bool(deleted) and not UserChannel.objects.for_user(user_id).exists()
         if last:
             send_presence(user_offline, user_id)
+
+    def recipient_channels_sync(self, user_id: Any) -> list[str] | None:
+        # The user LEFT JOIN their rows: one (None, None) row for an active user without any.
+        rows = active_users().filter(pk=user_id).values_list("live_channels__channel_name", "live_channels__last_seen")
+        try:
+            found = list(rows)
+        except DataError:  # an id outside the column's range (SQLite)
+            return None
+        return None if not found else live_names(row for row in found if row[0] is not None)
 
     def rows_sync(self, user_ids: Collection) -> list[tuple[Any, str, datetime]]:
         rows = UserChannel.objects.for_users(user_ids).order_by()

@@ -15,9 +15,11 @@ from typing import Any
 
 from channels.layers import get_channel_layer
 from django.core.exceptions import ImproperlyConfigured
+from django.db import DataError
 
 from .conf import registry_settings
 from .history import Position, history_for
+from .models import active_users
 
 
 @dataclass(frozen=True)
@@ -86,3 +88,19 @@ class DeliveryStrategy:
         What a sender's copy budget (``FANOUT_LIMIT``) pays before anything is stored or sent.
         """
         return None
+
+    async def reach_recipient(self, user_id: Any) -> tuple[bool, int | None]:
+        """A direct message's two questions: is ``user_id`` an active user, and ``reach([user_id])``.
+
+        The mapping strategy answers both with one statement.
+        """
+        if not await active_user_exists(user_id):
+            return False, None
+        return True, await self.reach([user_id])
+
+
+async def active_user_exists(user_id: Any) -> bool:
+    try:
+        return await active_users().filter(pk=user_id).aexists()
+    except DataError:  # an id outside the column's range (SQLite)
+        return False

@@ -2,6 +2,11 @@
 
 import channels.consumer
 import pytest
+from django.contrib.auth import get_user_model
+from django.db.backends.utils import CursorWrapper
+
+from channel_registry import postgres
+from channel_registry.models import UserChannel
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -23,3 +28,29 @@ async def test_a_delivered_copy_takes_no_thread_pool_hop(connect, alice, bob, mo
     for tab in tabs:
         assert (await tab.receive_json_from(5))["message"] == "hi"
     assert len(hops) == 1  # the sender's websocket.receive, which reads the database
+
+
+async def test_a_direct_message_reads_the_registry_twice(connect, alice, bob, monkeypatch):
+    """One statement checks the recipient and counts the copies the sender pays for (no ORM
+    ``exists()`` through the thread pool first); one more finds the channels once the message
+    is in the history, so a tab that connects in between reads it from there."""
+    registry = (UserChannel._meta.db_table, get_user_model()._meta.db_table)
+    reads = []
+    orm_execute, native_fetch = CursorWrapper._execute, postgres.pool.fetch_all
+
+    def orm_counted(self, sql, *args, **kwargs):
+        if sql.lstrip().upper().startswith("SELECT") and any(table in sql for table in registry):
+            reads.append(sql)
+        return orm_execute(self, sql, *args, **kwargs)
+
+    async def native_counted(sql, params):
+        reads.append(sql)
+        return await native_fetch(sql, params)
+
+    sender, tab = await connect(alice), await connect(bob)
+    monkeypatch.setattr(CursorWrapper, "_execute", orm_counted)
+    monkeypatch.setattr(postgres.pool, "fetch_all", native_counted)
+    await sender.send_json_to({"type": "direct", "to": bob.pk, "message": "hi", "id": 1})
+    assert (await sender.receive_json_from(5))["delivered"] == 1
+    assert (await tab.receive_json_from(5))["message"] == "hi"
+    assert len(reads) == 2, reads

@@ -77,6 +77,22 @@ async def test_stale_rows_are_not_live(store, alice, bob):
     assert await store.live_channels([alice.pk, bob.pk]) == {alice.pk: ["specific.a!1"], bob.pk: ["specific.b!1"]}
 
 
+async def test_recipient_channels_answer_the_recipient_check_and_the_lookup_at_once(store, alice, bob, carol):
+    """A direct message's recipient: ``None`` unless an active user, else their live channels."""
+    await store.add("specific.a!1", reg(alice))
+    await store.add("specific.a!2", reg(alice))
+    await UserChannel.objects.filter(channel_name="specific.a!2").aupdate(last_seen=timezone.now() - timedelta(hours=1))
+    await store.add("specific.c!1", reg(carol))
+    carol.is_active = False
+    await carol.asave(update_fields=["is_active"])
+
+    assert await store.recipient_channels(alice.pk) == ["specific.a!1"]  # the stale row is not live
+    assert await store.recipient_channels(bob.pk) == []  # active, offline
+    assert await store.recipient_channels(carol.pk) is None  # deactivated, even with a row left
+    assert await store.recipient_channels(10**9) is None  # no such user
+    assert await store.recipient_channels(2**53 - 1) is None  # the protocol's largest id: no error
+
+
 async def test_concurrent_tabs_give_one_transition_each_way(store, alice, presence_events):
     names = [f"specific.a!{i}" for i in range(12)]
     await asyncio.gather(*(store.add(name, reg(alice)) for name in names))
