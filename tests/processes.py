@@ -371,8 +371,9 @@ class Daphne(AsgiServer):
 
 class Uvicorn(AsgiServer):
     """uvicorn as the README runs it: no lifespan (Channels' ProtocolTypeRouter has no lifespan
-    handler) and a bounded graceful stop. Without the bound, a consumer that misses its
-    cancellation (Python 3.11, see TRAPS 7) or an open event stream holds SIGTERM forever."""
+    handler) and a bounded graceful stop. Without the bound an open event stream holds SIGTERM
+    forever (and, with channels_redis's own receive on Python 3.11, a consumer that missed its
+    cancellation: TRAPS 7)."""
 
     kind = "uvicorn"
     graceful_timeout = 5
