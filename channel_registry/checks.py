@@ -79,14 +79,24 @@ def check_options(app_configs: Any = None, **kwargs: Any) -> list[checks.CheckMe
 
 
 def _host_option(host: Any, name: str) -> Any:
-    """A redis-py option of one channels_redis host (dict key or URL query), or ``...`` when unset."""
+    """A redis-py option of one channels_redis host, or ``...`` when unset.
+
+    As in redis-py's ``from_url``, the URL's query string wins over the host dict's keys.
+    """
+    url = host.get("address", "") if isinstance(host, dict) else host if isinstance(host, str) else ""
+    query = parse_qs(urlparse(url).query)
+    if name in query:
+        return query[name][0]
+    return host.get(name, ...) if isinstance(host, dict) else ...
+
+
+def _on_tcp(host: Any) -> bool:
+    """redis-py turns maintenance notifications on only for TCP pools (not a Unix socket or Sentinel)."""
     if isinstance(host, dict):
-        if name in host:
-            return host[name]
-        url = host.get("address", "")
-    else:
-        url = host if isinstance(host, str) else ""
-    return parse_qs(urlparse(url).query).get(name, [...])[0]
+        if "path" in host or "sentinels" in host:
+            return False
+        host = host.get("address", "")
+    return not (isinstance(host, str) and host.startswith("unix://"))
 
 
 def _redis_py_version() -> tuple[int, int]:
@@ -135,11 +145,11 @@ def _check_redis_host(host: Any) -> list[checks.CheckMessage]:
             "{'address': url, 'socket_timeout': 15}.",
             id="channel_registry.E011",
         ))
-    if str(_host_option(host, "protocol")) != "2" and _redis_py_version() >= (8, 1):
+    if str(_host_option(host, "protocol")) != "2" and _on_tcp(host) and _redis_py_version() >= (8, 1):
         messages.append(checks.Warning(
-            f"Redis host {host!r} speaks RESP3, redis-py 8's default: after a Redis restart every "
-            "connection pooled before it fails its next command with 'Connection closed by server', "
-            "so sends and direct messages fail once per pooled connection (redis/redis-py#4252).",
+            f"Redis host {host!r} speaks RESP3 (redis-py 8's default), and on redis-py 8.1 or later "
+            "every connection pooled before a Redis restart fails its next command with 'Connection "
+            "closed by server': sends and direct messages fail once per pooled connection (redis/redis-py#4252).",
             hint="Use channel_registry.layers.redis_layer(url), or add 'protocol': 2 to the host.",
             id="channel_registry.W016",
         ))

@@ -60,20 +60,21 @@ class DirectMessages:
         Under the library's own rules (see ``default_rules``) the strategy answers
         both with one statement; otherwise the hooks run first, then ``reach``.
         """
-        folded = self.default_rules()
-        if folded:
+        if self.default_rules():
             found, copies = await self.strategy.reach_recipient(direct.to)
-            recipient_id = direct.to if found else None
-        else:
-            recipient_id = await self.get_recipient(direct.to)
+            await self.check_recipient(direct, direct.to if found else None)
+            return direct.to, copies
+        recipient_id = await self.get_recipient(direct.to)
+        await self.check_recipient(direct, recipient_id)
+        return recipient_id, await self.strategy.reach([recipient_id])
+
+    async def check_recipient(self, direct: Direct, recipient_id: Any) -> None:
+        """Refuse a missing or forbidden recipient, and oneself unless ``ALLOW_SELF_MESSAGE``."""
         if recipient_id is not None and recipient_id == self.sender.pk:
             if not registry_settings().ALLOW_SELF_MESSAGE:
                 raise ProtocolError(protocol.FORBIDDEN, "you may not message yourself", direct.id)
         elif recipient_id is None or not await self.can_message(recipient_id):
             raise self.refusal(direct, found=recipient_id is not None)
-        if not folded:
-            copies = await self.strategy.reach([recipient_id])
-        return recipient_id, copies
 
     def default_rules(self) -> bool:
         """No ``get_recipient`` or ``can_message`` override and no ``CAN_MESSAGE`` policy."""

@@ -33,14 +33,18 @@ def user_pk(user: Any) -> Any:
     return getattr(user, "pk", user)
 
 
+def active_field() -> Any:
+    """The user model's ``is_active`` field, or ``None`` (``AbstractBaseUser`` alone has none)."""
+    try:
+        return get_user_model()._meta.get_field("is_active")
+    except FieldDoesNotExist:
+        return None
+
+
 def active_users() -> models.QuerySet[Any]:
     """Users who may receive messages: ``is_active``, where the user model has that field."""
     users = get_user_model()._default_manager.all()
-    try:
-        get_user_model()._meta.get_field("is_active")
-    except FieldDoesNotExist:
-        return users
-    return users.filter(is_active=True)
+    return users if active_field() is None else users.filter(is_active=True)
 
 
 class UserChannelQuerySet(models.QuerySet):

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import weakref
+from collections.abc import Callable
 from contextvars import ContextVar
 
 from django.contrib.auth import get_user_model
@@ -23,9 +24,9 @@ from django.utils import timezone
 
 from .conf import registry_settings
 from .exceptions import ConnectionLimitExceeded
-from .models import UserChannel, stale_cutoff
+from .models import UserChannel, active_field, stale_cutoff
 from .signals import user_offline, user_online
-from .store import OrmStore, Registration, announce, limit_outcome, live_by_user, live_names
+from .store import OrmStore, Registration, announce, limit_outcome, live_by_user, live_names, recipient_names
 
 try:
     import psycopg
@@ -54,6 +55,19 @@ def enabled() -> bool:
     )
 
 
+def active_users_condition(quote: Callable[[str], str]) -> str | None:
+    """``models.active_users()`` as a condition on the user table ``u``; ``None`` where only the
+    ORM can say it: a default manager that filters users, or ``is_active`` on a parent table."""
+    model, field = get_user_model(), active_field()
+    if model._default_manager.all().query.where:
+        return None
+    if field is None:
+        return ""
+    if field.model._meta.db_table != model._meta.db_table:
+        return None
+    return f" AND u.{quote(field.column)} = TRUE"
+
+
 class Statements:
     """The registry's statements, named from the models' metadata (swappable user model, custom tables)."""
 
@@ -67,8 +81,8 @@ class Statements:
         users, pk = quote(user_meta.db_table), quote(user_meta.pk.column)
         self.lock_user = f"SELECT 1 FROM {users} WHERE {pk} = %s FOR UPDATE"
         # A direct message's recipient check and channel lookup: the user LEFT JOIN their rows.
-        active = "".join(f" AND u.{quote(f.column)}" for f in user_meta.concrete_fields if f.name == "is_active")
-        self.recipient_rows = (
+        active = active_users_condition(quote)
+        self.recipient_rows = None if active is None else (
             f"SELECT c.channel_name, c.last_seen FROM {users} u LEFT JOIN {table} c ON c.{user_id} = u.{pk} "
             f"WHERE u.{pk} = %s{active}"
         )
@@ -254,8 +268,9 @@ class PostgresStore(OrmStore):
         return live_by_user(await pool.fetch_all(pool.statements.user_rows, [list(user_ids)]))
 
     async def recipient_channels(self, user_id) -> list[str] | None:
-        rows = await pool.fetch_all(pool.statements.recipient_rows, [user_id])
-        return None if not rows else live_names(row for row in rows if row[0] is not None)
+        if pool.statements.recipient_rows is None:
+            return await super().recipient_channels(user_id)
+        return recipient_names(await pool.fetch_all(pool.statements.recipient_rows, [user_id]))
 
 
 native = PostgresStore()

@@ -25,7 +25,7 @@ from typing import Any
 
 from channels.db import database_sync_to_async
 from django.contrib.auth import get_user_model
-from django.db import DataError, transaction
+from django.db import transaction
 from django.db.models import QuerySet
 from django.utils import timezone
 
@@ -64,6 +64,11 @@ def lock_users(user_ids: Iterable) -> None:
 
 def users_with_rows(user_ids: Collection) -> set:
     return set(UserChannel.objects.filter(user_id__in=user_ids).values_list("user_id", flat=True).distinct())
+
+
+def recipient_names(rows: list[tuple[Any, Any]]) -> list[str] | None:
+    """The live channel names of a recipient's LEFT JOIN rows; ``None`` when no user matched."""
+    return None if not rows else live_names(row for row in rows if row[0] is not None)
 
 
 def live_names(rows: Iterable[tuple[str, datetime]], cutoff: datetime | None = None) -> list[str]:
@@ -163,11 +168,7 @@ class OrmStore:
     def recipient_channels_sync(self, user_id: Any) -> list[str] | None:
         # The user LEFT JOIN their rows: one (None, None) row for an active user without any.
         rows = active_users().filter(pk=user_id).values_list("live_channels__channel_name", "live_channels__last_seen")
-        try:
-            found = list(rows)
-        except DataError:  # an id outside the column's range (SQLite)
-            return None
-        return None if not found else live_names(row for row in found if row[0] is not None)
+        return recipient_names(list(rows))
 
     def rows_sync(self, user_ids: Collection) -> list[tuple[Any, str, datetime]]:
         rows = UserChannel.objects.for_users(user_ids).order_by()

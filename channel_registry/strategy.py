@@ -15,7 +15,6 @@ from typing import Any
 
 from channels.layers import get_channel_layer
 from django.core.exceptions import ImproperlyConfigured
-from django.db import DataError
 
 from .conf import registry_settings
 from .history import Position, history_for
@@ -100,7 +99,4 @@ class DeliveryStrategy:
 
 
 async def active_user_exists(user_id: Any) -> bool:
-    try:
-        return await active_users().filter(pk=user_id).aexists()
-    except DataError:  # an id outside the column's range (SQLite)
-        return False
+    return await active_users().filter(pk=user_id).aexists()

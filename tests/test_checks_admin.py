@@ -78,6 +78,17 @@ def test_redis_host_on_resp3_warns_about_the_restart_trap(settings, host):
     assert ids() == {"channel_registry.W016"}
 
 
+def test_the_url_query_wins_over_the_host_keys_as_in_redis_py(settings):
+    host = {"address": "redis://127.0.0.1:6379/0?socket_timeout=5&protocol=3", "socket_timeout": 15, "protocol": 2}
+    settings.CHANNEL_LAYERS = {"default": {"BACKEND": REDIS, "CONFIG": {"hosts": [host]}}}
+    assert ids() == {"channel_registry.E011", "channel_registry.W016"}
+
+
+def test_a_unix_socket_keeps_redis_py_s_stale_connection_check(settings):
+    settings.CHANNEL_LAYERS = {"default": {"BACKEND": REDIS, "CONFIG": {"hosts": ["unix:///tmp/redis.sock?socket_timeout=20"]}}}
+    assert ids() == set()
+
+
 def test_a_host_given_as_a_tuple_has_both_traps(settings):
     settings.CHANNEL_LAYERS = {"default": {"BACKEND": REDIS, "CONFIG": {"hosts": [("127.0.0.1", 6379)]}}}
     assert ids() == {"channel_registry.E011", "channel_registry.W016"}

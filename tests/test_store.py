@@ -5,6 +5,8 @@ from datetime import timedelta
 
 import pytest
 from asgiref.sync import sync_to_async
+from django.contrib.auth import get_user_model
+from django.contrib.auth.models import UserManager
 from django.db import IntegrityError, connection
 from django.utils import timezone
 
@@ -91,6 +93,35 @@ async def test_recipient_channels_answer_the_recipient_check_and_the_lookup_at_o
     assert await store.recipient_channels(carol.pk) is None  # deactivated, even with a row left
     assert await store.recipient_channels(10**9) is None  # no such user
     assert await store.recipient_channels(2**53 - 1) is None  # the protocol's largest id: no error
+
+
+def test_the_native_recipient_statement_leaves_to_the_orm_what_only_it_can_say(monkeypatch):
+    """``active_users()`` is whatever the user model's default manager returns: where that is
+    not "the user table, is_active", the native store asks the ORM instead."""
+    user_model = get_user_model()
+    assert postgres.active_users_condition(connection.ops.quote_name) == ' AND u."is_active" = TRUE'
+
+    class SoftDeleting(UserManager):
+        def get_queryset(self):
+            return super().get_queryset().filter(is_staff=False)
+
+    manager = SoftDeleting()
+    manager.model = user_model
+    monkeypatch.setattr(user_model._meta, "default_manager", manager)
+    assert postgres.active_users_condition(connection.ops.quote_name) is None
+    monkeypatch.undo()
+    # is_active inherited from a parent table (multi-table inheritance): not on the user's own table.
+    monkeypatch.setattr(postgres, "active_field", lambda: UserChannel._meta.get_field("server"))
+    assert postgres.active_users_condition(connection.ops.quote_name) is None
+
+
+async def test_without_a_native_recipient_statement_the_orm_answers(alice, bob, monkeypatch):
+    if connection.vendor != "postgresql":
+        pytest.skip("the native store needs PostgreSQL (CR_TEST_STACK=real runs it)")
+    await postgres.native.add("specific.a!1", reg(alice))
+    monkeypatch.setattr(postgres.pool.statements, "recipient_rows", None)
+    assert await postgres.native.recipient_channels(alice.pk) == ["specific.a!1"]
+    assert await postgres.native.recipient_channels(10**9) is None
 
 
 async def test_concurrent_tabs_give_one_transition_each_way(store, alice, presence_events):
