@@ -89,6 +89,31 @@ class RegistrySettings:
     HISTORY_TTL: float = 600
     #: Most events one reconnect replays; further behind, the client gets a reset.
     RECOVERY_LIMIT: int = 300
+    #: Most bytes one reconnect replays (one Redis reply at most); further behind, a
+    #: ``too_many`` reset. A client that far behind reloads its state anyway.
+    RECOVERY_MAX_BYTES: int = 256 * 1024
+    #: Most bytes kept per user's history (stored as JSON, about the frames' size): with
+    #: ``HISTORY_SIZE`` events of a 3.4 KiB average, or 60 direct messages of the largest size.
+    HISTORY_MAX_BYTES: int = 1024 * 1024
+    #: Largest event kept in a history. A larger one keeps its number but not its body:
+    #: a resume across it gets an ``expired`` reset. Twice a ``MAX_MESSAGE_BYTES`` frame.
+    HISTORY_EVENT_MAX_BYTES: int = 32 * 1024
+    #: Most of one user's history (its bytes and events) one sender's direct messages may
+    #: hold; past it, that sender's messages to them are refused with ``rate_limited``.
+    HISTORY_SENDER_SHARE: float = 0.25
+    #: ``(bytes, seconds)``: bytes of direct messages a user may put into others' histories,
+    #: over all recipients and processes (a token bucket like ``RATE_LIMIT``; refusal:
+    #: ``rate_limited``). What one account spraying many recipients keeps live in Redis
+    #: is about three times the first number. ``None`` disables it.
+    HISTORY_SENDER_LIMIT: tuple[int, float] | None = (2 * 1024 * 1024, 600)
+    #: ``(handshakes, seconds)``: WebSocket and event stream connections a user may open,
+    #: over all processes. 50 tabs reconnecting twice after a rolling deploy fit in the
+    #: burst; then one every 0.5 s. Refusal: close 4430 / HTTP 429 with ``Retry-After``.
+    HANDSHAKE_LIMIT: tuple[int, float] | None = (120, 60)
+    #: ``(resumes, seconds)``: connections with a position (``?since=``, ``Last-Event-ID``)
+    #: a user may open, over all processes; each replays up to ``RECOVERY_MAX_BYTES``.
+    #: Every tab of 50 resuming twice in a minute fits. Refusal as ``HANDSHAKE_LIMIT``'s.
+    RESUME_LIMIT: tuple[int, float] | None = (100, 60)
 
 
 OPTION_NAMES = frozenset(f.name for f in fields(RegistrySettings))
@@ -103,7 +128,7 @@ def user_options() -> dict[str, Any]:
 def registry_settings() -> RegistrySettings:
     """The effective settings; unknown keys are reported by the system check."""
     options = {k: v for k, v in user_options().items() if k in OPTION_NAMES}
-    for name in ("RATE_LIMIT", "FANOUT_LIMIT"):
+    for name in ("RATE_LIMIT", "FANOUT_LIMIT", "HISTORY_SENDER_LIMIT", "HANDSHAKE_LIMIT", "RESUME_LIMIT"):
         if isinstance(options.get(name), list):
             options[name] = tuple(options[name])
     return RegistrySettings(**options)

@@ -27,6 +27,15 @@ def _transport_errors() -> tuple[type[BaseException], ...]:
 LAYER_TRANSPORT_ERRORS = _transport_errors()
 
 
+def is_out_of_memory(error: BaseException) -> bool:
+    """Whether Redis refused a write at ``maxmemory`` (``OOM command not allowed ...``, also inside a script)."""
+    try:
+        from redis.exceptions import ResponseError
+    except ImportError:
+        return False
+    return isinstance(error, ResponseError) and "OOM command not allowed" in str(error)
+
+
 @contextmanager
 def layer_unavailable(layer: Any) -> Iterator[None]:
     """Turn the layer's transport errors into ``ChannelLayerUnavailable``."""
@@ -35,6 +44,15 @@ def layer_unavailable(layer: Any) -> Iterator[None]:
     except LAYER_TRANSPORT_ERRORS as error:
         # The class name, not str(layer): channels_redis's includes host URLs and passwords.
         raise ChannelLayerUnavailable(f"{type(layer).__name__} is unreachable: {error}") from error
+    except Exception as error:
+        # Redis at maxmemory refuses writes; for a caller that is an outage like any other.
+        if is_out_of_memory(error):
+            raise ChannelLayerUnavailable(f"{type(layer).__name__} is out of memory: {error}") from error
+        raise
+
+
+class HistoryShareExceeded(Exception):
+    """A direct message refused: the recipient's history already holds the sender's share (``HISTORY_SENDER_SHARE``)."""
 
 
 class ConnectionLimitExceeded(Exception):

@@ -11,14 +11,40 @@ stream per user (on ``RedisChannelLayer`` and its subclasses, on the shard that
 owns the user's key), or a process-local one on ``InMemoryChannelLayer``. Other
 layers have no history: events go out without a position.
 
-A history keeps ``HISTORY_SIZE`` events for at most ``HISTORY_TTL`` seconds
-after they were sent; a position it cannot honour (another epoch, an event
-since dropped, more than ``RECOVERY_LIMIT`` behind) is answered with a reset
-and the reason, never with a silent gap.
+A history keeps at most ``HISTORY_SIZE`` events and ``HISTORY_MAX_BYTES`` bytes,
+each for at most ``HISTORY_TTL`` seconds after it was sent; the oldest go first.
+An event is stored as JSON text, about the size of the frame that carried it
+(msgpack spends 9 bytes on every float that JSON writes as ``0.0``: a frame of
+floats grew 2.25x). An event larger than ``HISTORY_EVENT_MAX_BYTES`` keeps its
+number but not its body, so a resume across it is a reset, not a replay of
+megabytes. A position it cannot honour (another epoch, an event since dropped,
+more than ``RECOVERY_LIMIT`` events or ``RECOVERY_MAX_BYTES`` bytes behind) is
+answered with a reset and the reason, never with a silent gap. Every stored event
+carries the byte count of the history before it, so the bytes a resume would
+replay are known before any is read: one Redis reply never holds more than
+``RECOVERY_MAX_BYTES``.
+
+Whose events a history takes. An offline recipient's history does take direct
+messages from anyone: being offline, between two sockets or with the laptop
+asleep, is what the history is for, and keeping it only for users online now
+would lose exactly the messages it exists to replay. What one sender can make
+others' histories hold is bounded instead, twice:
+
+- in one recipient's history, a sender's direct messages hold at most
+  ``HISTORY_SENDER_SHARE`` of its bytes and of its events (every event weighs at
+  least ``HISTORY_MAX_BYTES / HISTORY_SIZE``, so a flood of tiny messages counts
+  against the event window too); past that share the message is refused with
+  ``rate_limited`` until the sender's older ones leave the window, and the
+  recipient's events from everyone else stay;
+- over all recipients, ``HISTORY_SENDER_LIMIT`` bytes of direct messages per
+  period (see ``messaging.py``), so spraying many recipients keeps at most about
+  three times its burst live in Redis (an event lives up to two ``HISTORY_TTL``
+  after it was sent when its stream keeps being written).
 """
 
 from __future__ import annotations
 
+import json
 import secrets
 import time
 import weakref
@@ -40,7 +66,7 @@ except ImportError:  # pragma: no cover
 #: Why a position could not be honoured (the ``reason`` of a ``reset`` frame).
 RESET_EPOCH = "epoch"  # another history: lost since, or never this user's
 RESET_EXPIRED = "expired"  # an event after it is no longer kept (HISTORY_SIZE, HISTORY_TTL)
-RESET_TOO_MANY = "too_many"  # more than RECOVERY_LIMIT events behind
+RESET_TOO_MANY = "too_many"  # more than RECOVERY_LIMIT events or RECOVERY_MAX_BYTES bytes behind
 RESET_INVALID = "invalid"  # malformed, or ahead of the history
 RESET_UNAVAILABLE = "unavailable"  # the history could not be read
 
@@ -124,83 +150,211 @@ def check_limits(head: Position, since: Position) -> str | None:
     return None
 
 
+@dataclass(frozen=True)
+class Window:
+    """What one user's history may hold (the ``HISTORY_*`` settings), as an append enforces it."""
+
+    events: int
+    bytes: int
+    ttl: float
+    event_bytes: int
+    #: Most one sender's direct messages may weigh in it.
+    share: int
+    #: The least an event weighs against a sender's share: its part of the byte window,
+    #: so a flood of tiny messages counts against the event window too.
+    min_weight: int
+
+    @classmethod
+    def current(cls) -> Window:
+        options = registry_settings()
+        return cls(
+            events=options.HISTORY_SIZE,
+            bytes=options.HISTORY_MAX_BYTES,
+            ttl=options.HISTORY_TTL,
+            event_bytes=options.HISTORY_EVENT_MAX_BYTES,
+            share=int(options.HISTORY_SENDER_SHARE * options.HISTORY_MAX_BYTES),
+            min_weight=options.HISTORY_MAX_BYTES // options.HISTORY_SIZE,
+        )
+
+    def weight(self, size: int) -> int:
+        return max(size, self.min_weight)
+
+
+def as_json(event: dict[str, Any], default: Any = None) -> bytes:
+    """Compact JSON: what the client is sent, so about the size of the frame that carried the event."""
+    return json.dumps(event, ensure_ascii=False, separators=(",", ":"), default=default).encode(
+        "utf-8", "surrogatepass"
+    )
+
+
 class History:
     """Where a layer's per-user histories live."""
 
-    async def append(self, user_ids: Collection[Any], event: dict[str, Any]) -> dict[Any, Position]:
-        """Add ``event`` to each user's history; each user's new position."""
+    async def append(
+        self, user_ids: Collection[Any], event: dict[str, Any], sender: Any = None
+    ) -> dict[Any, Position]:
+        """Add ``event`` to each user's history; each user's new position.
+
+        With ``sender`` (a direct message's), a user whose history already holds
+        the sender's share (``HISTORY_SENDER_SHARE``) does not take it and is left
+        out of the answer.
+        """
         raise NotImplementedError
 
     async def read(self, user_id: Any, since: Position | None) -> Recovery:
-        """The head, and with ``since`` the events after it (at most ``RECOVERY_LIMIT``)."""
+        """The head, and with ``since`` the events after it (at most ``RECOVERY_LIMIT`` and ``RECOVERY_MAX_BYTES``)."""
         raise NotImplementedError
+
+
+@dataclass
+class Kept:
+    """One event in a ``MemoryHistory``; ``event`` is ``None`` when it was too large to keep."""
+
+    seq: int
+    sent: float
+    size: int
+    sender: Any
+    event: dict[str, Any] | None
+
+
+@dataclass
+class UserLog:
+    """One user's ``MemoryHistory``: the head, the events kept and the weight each sender holds."""
+
+    epoch: str = field(default_factory=new_epoch)
+    seq: int = 0
+    events: deque[Kept] = field(default_factory=deque)
+    bytes: int = 0
+    held: dict[Any, int] = field(default_factory=dict)
+
+    def trim(self, window: Window, now: float) -> None:
+        """Drop the oldest events until the window holds: events, bytes, age."""
+        while self.events and (
+            len(self.events) > window.events or self.bytes > window.bytes or self.events[0].sent < now - window.ttl
+        ):
+            oldest = self.events.popleft()
+            self.bytes -= oldest.size
+            if oldest.sender is not None:
+                self.held[oldest.sender] -= window.weight(oldest.size)
+                if self.held[oldest.sender] <= 0:
+                    del self.held[oldest.sender]
 
 
 class MemoryHistory(History):
     """For ``InMemoryChannelLayer``: one process, like the layer itself."""
 
     def __init__(self) -> None:
-        self.users: dict[Any, tuple[str, int, deque[tuple[int, float, dict[str, Any]]]]] = {}
+        self.users: dict[Any, UserLog] = {}
 
-    def _user(self, user_id: Any) -> tuple[str, int, deque[tuple[int, float, dict[str, Any]]]]:
+    def _user(self, user_id: Any) -> UserLog:
         if user_id not in self.users:
-            self.users[user_id] = (new_epoch(), 0, deque(maxlen=registry_settings().HISTORY_SIZE))
+            self.users[user_id] = UserLog()
         return self.users[user_id]
 
-    async def append(self, user_ids: Collection[Any], event: dict[str, Any]) -> dict[Any, Position]:
+    async def append(
+        self, user_ids: Collection[Any], event: dict[str, Any], sender: Any = None
+    ) -> dict[Any, Position]:
+        window, now = Window.current(), time.time()
+        size = len(as_json(event, default=repr))
+        kept = event if size <= window.event_bytes else None
+        size = size if kept else 0
         positions = {}
         for user_id in user_ids:
-            epoch, seq, events = self._user(user_id)
-            seq += 1
-            events.append((seq, time.time(), event))
-            self.users[user_id] = (epoch, seq, events)
-            positions[user_id] = Position(epoch, seq)
+            log = self._user(user_id)
+            log.trim(window, now)
+            if sender is not None and log.held.get(sender, 0) + window.weight(size) > window.share:
+                continue
+            log.seq += 1
+            log.events.append(Kept(log.seq, now, size, sender, kept))
+            log.bytes += size
+            if sender is not None:
+                log.held[sender] = log.held.get(sender, 0) + window.weight(size)
+            log.trim(window, now)
+            positions[user_id] = Position(log.epoch, log.seq)
         return positions
 
     async def read(self, user_id: Any, since: Position | None) -> Recovery:
-        epoch, seq, events = self._user(user_id)
-        head = Position(epoch, seq)
+        log = self._user(user_id)
+        head = Position(log.epoch, log.seq)
         options = registry_settings()
         if since is None:
             return Recovery(head)
         reset = check_limits(head, since)
         if reset:
             return Recovery(head, reset=reset)
-        oldest_kept = time.time() - options.HISTORY_TTL
-        missed = [(n, sent, e) for n, sent, e in events if n > since.seq]
-        if len(missed) != head.seq - since.seq or (missed and missed[0][1] < oldest_kept):
+        missed = [kept for kept in log.events if kept.seq > since.seq]
+        if len(missed) != head.seq - since.seq or (missed and missed[0].sent < time.time() - options.HISTORY_TTL):
             return Recovery(head, reset=RESET_EXPIRED)
-        return Recovery(head, [resolved(e, Position(epoch, n)) for n, _, e in missed])
+        if sum(kept.size for kept in missed) > options.RECOVERY_MAX_BYTES:
+            return Recovery(head, reset=RESET_TOO_MANY)
+        if any(kept.event is None for kept in missed):
+            return Recovery(head, reset=RESET_EXPIRED)
+        return Recovery(head, [resolved(kept.event, Position(log.epoch, kept.seq)) for kept in missed if kept.event is not None])
 
 
-#: Per user: the head hash (epoch, seq), then the stream of events, id ``<seq>-0``.
-#: KEYS: head, stream per user. ARGV: event, now (ms), max length, ttl (s), head ttl (s), one new epoch per user.
+#: Per user: the head hash (epoch, seq, bytes: every byte appended in this epoch, and
+#: ``held:<sender>``: the weight of a sender's direct messages kept), then the stream of
+#: events, id ``<seq>-0``, fields t (sent, ms), b (the head's bytes before it), s (sender
+#: or ""), e (the event, or "" when it was too large to keep).
+#: KEYS: head, stream per user. ARGV: event, now (ms), most events, ttl (s), head ttl (s),
+#: oldest kept (ms), most bytes, sender, sender share, least weight, one new epoch per user.
+#: Returns epoch, seq per user; both false for a user whose history holds the sender's share.
 #: A stream whose head is gone belongs to a lost epoch: it is dropped before the first event of the new one.
 APPEND_SCRIPT = """
-local event, now, maxlen, ttl, head_ttl = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5]
+local event, now, max_events, ttl, head_ttl = ARGV[1], ARGV[2], tonumber(ARGV[3]), ARGV[4], ARGV[5]
+local oldest_kept, max_bytes, sender = tonumber(ARGV[6]), tonumber(ARGV[7]), ARGV[8]
+local share, min_weight = tonumber(ARGV[9]), tonumber(ARGV[10])
+local function weight(body)
+    return math.max(#body, min_weight)
+end
+local function trim(head, stream, total)
+    local count = redis.call('XLEN', stream)
+    while count > 0 do
+        local oldest = redis.call('XRANGE', stream, '-', '+', 'COUNT', 1)[1]
+        local fields = oldest[2]
+        if count <= max_events and total - tonumber(fields[4]) <= max_bytes and tonumber(fields[2]) >= oldest_kept then
+            return
+        end
+        redis.call('XTRIM', stream, 'MINID', (tonumber(string.match(oldest[1], '^%d+')) + 1) .. '-0')
+        if fields[6] ~= '' and redis.call('HINCRBY', head, 'held:' .. fields[6], -weight(fields[8])) <= 0 then
+            redis.call('HDEL', head, 'held:' .. fields[6])
+        end
+        count = count - 1
+    end
+end
 local out = {}
 for i = 1, #KEYS / 2 do
     local head, stream = KEYS[2 * i - 1], KEYS[2 * i]
     local epoch = redis.call('HGET', head, 'epoch')
     if not epoch then
-        epoch = ARGV[5 + i]
+        epoch = ARGV[10 + i]
         redis.call('HSET', head, 'epoch', epoch)
         redis.call('DEL', stream)
     end
-    local seq = redis.call('HINCRBY', head, 'seq', 1)
-    redis.call('XADD', stream, 'MAXLEN', maxlen, seq .. '-0', 't', now, 'e', event)
-    redis.call('EXPIRE', stream, ttl)
-    redis.call('EXPIRE', head, head_ttl)
-    out[2 * i - 1] = epoch
-    out[2 * i] = seq
+    local total = tonumber(redis.call('HGET', head, 'bytes') or 0)
+    trim(head, stream, total)
+    out[2 * i - 1], out[2 * i] = false, false
+    if sender == '' or tonumber(redis.call('HGET', head, 'held:' .. sender) or 0) + weight(event) <= share then
+        local seq = redis.call('HINCRBY', head, 'seq', 1)
+        redis.call('XADD', stream, seq .. '-0', 't', now, 'b', total, 's', sender, 'e', event)
+        redis.call('HSET', head, 'bytes', total + #event)
+        if sender ~= '' then
+            redis.call('HINCRBY', head, 'held:' .. sender, weight(event))
+        end
+        trim(head, stream, total + #event)
+        redis.call('EXPIRE', stream, ttl)
+        redis.call('EXPIRE', head, head_ttl)
+        out[2 * i - 1], out[2 * i] = epoch, seq
+    end
 end
 return out
 """
 
 #: KEYS: head, stream. ARGV: new epoch, head ttl (s), then (when recovering) since epoch, since seq,
-#: oldest kept (ms), recovery limit. Returns epoch, seq, then — when the position is of this epoch,
-#: behind the head and within the limit — the payloads after it, oldest first, or a single false
-#: in their place when one of them is no longer kept (trimmed, expired).
+#: oldest kept (ms), most events, most bytes. Returns epoch, seq, then — when the position is of this
+#: epoch, behind the head and within the event limit — "expired" (an event after it is no longer
+#: kept), "too_many" (the events after it hold more than the most bytes) or "ok" and the payloads
+#: after it, oldest first. The bytes are counted before any event is read (the first one's ``b``).
 READ_SCRIPT = """
 local head, stream = KEYS[1], KEYS[2]
 local epoch = redis.call('HGET', head, 'epoch')
@@ -219,16 +373,24 @@ local since = tonumber(ARGV[4])
 if since >= seq or seq - since > tonumber(ARGV[6]) then
     return out
 end
-local entries = redis.call('XRANGE', stream, (since + 1) .. '-0', '+')
-if #entries ~= seq - since or tonumber(entries[1][2][2]) < tonumber(ARGV[5]) then
-    out[3] = false
+local first = redis.call('XRANGE', stream, (since + 1) .. '-0', '+', 'COUNT', 1)[1]
+if not first or first[1] ~= (since + 1) .. '-0' or tonumber(first[2][2]) < tonumber(ARGV[5]) then
+    out[3] = 'expired'
     return out
 end
-for i, entry in ipairs(entries) do
-    out[i + 2] = entry[2][4]
+if tonumber(redis.call('HGET', head, 'bytes')) - tonumber(first[2][4]) > tonumber(ARGV[7]) then
+    out[3] = 'too_many'
+    return out
+end
+out[3] = 'ok'
+for i, entry in ipairs(redis.call('XRANGE', stream, (since + 1) .. '-0', '+', 'COUNT', seq - since)) do
+    out[i + 3] = entry[2][8]
 end
 return out
 """
+
+#: The key of a stored event that was kept as JSON text (any other was kept in the layer's own format).
+JSON_KEY = "registry.json"
 
 
 class RedisHistory(History):
@@ -238,17 +400,38 @@ class RedisHistory(History):
         self.layer = layer
 
     def keys(self, user_id: Any) -> tuple[int, str, str]:
-        name = f"history:{user_id}"
+        # "v2": the entries gained fields (b, s); a history of the old layout is simply another epoch.
+        name = f"history.v2:{user_id}"
         return self.layer.consistent_hash(name), f"{self.layer.prefix}{name}:head", f"{self.layer.prefix}{name}"
 
-    async def append(self, user_ids: Collection[Any], event: dict[str, Any]) -> dict[Any, Position]:
-        options = registry_settings()
-        payload = self.layer.serialize(event)
+    def encode(self, event: dict[str, Any], window: Window) -> bytes:
+        """JSON text in the layer's serializer (its encryption, if set, applies); ``b""`` when too large.
+
+        An event JSON cannot carry (bytes, say) is kept in the layer's own format.
+        """
+        try:
+            payload = self.layer.serialize({JSON_KEY: as_json(event).decode("utf-8", "surrogatepass")})
+        except (TypeError, ValueError):
+            payload = self.layer.serialize(event)
+        return payload if len(payload) <= window.event_bytes else b""
+
+    def decode(self, payload: bytes) -> dict[str, Any]:
+        value = self.layer.deserialize(payload)
+        return json.loads(value[JSON_KEY]) if list(value) == [JSON_KEY] else value
+
+    async def append(
+        self, user_ids: Collection[Any], event: dict[str, Any], sender: Any = None
+    ) -> dict[Any, Position]:
+        window, now = Window.current(), time.time()
         by_shard: dict[int, list[Any]] = {}
         for user_id in user_ids:
             by_shard.setdefault(self.keys(user_id)[0], []).append(user_id)
         positions = {}
-        args = [payload, int(time.time() * 1000), options.HISTORY_SIZE, int(options.HISTORY_TTL), HEAD_TTL]
+        args = [
+            self.encode(event, window), int(now * 1000), window.events, int(window.ttl), HEAD_TTL,
+            int((now - window.ttl) * 1000), window.bytes, "" if sender is None else str(sender),
+            window.share, window.min_weight,
+        ]  # fmt: skip
         with layer_unavailable(self.layer):
             for shard, users in by_shard.items():
                 script = self.layer.connection(shard).register_script(APPEND_SCRIPT)
@@ -257,7 +440,8 @@ class RedisHistory(History):
                     keys = [key for user_id in chunk for key in self.keys(user_id)[1:]]
                     answer = await script(keys=keys, args=args + [new_epoch() for _ in chunk])
                     for i, user_id in enumerate(chunk):
-                        positions[user_id] = Position(answer[2 * i].decode(), int(answer[2 * i + 1]))
+                        if answer[2 * i] is not None:
+                            positions[user_id] = Position(answer[2 * i].decode(), int(answer[2 * i + 1]))
         return positions
 
     async def read(self, user_id: Any, since: Position | None) -> Recovery:
@@ -266,7 +450,7 @@ class RedisHistory(History):
         args: list[Any] = [new_epoch(), HEAD_TTL]
         if since is not None:
             oldest_kept = int((time.time() - options.HISTORY_TTL) * 1000)
-            args += [since.epoch, since.seq, oldest_kept, options.RECOVERY_LIMIT]
+            args += [since.epoch, since.seq, oldest_kept, options.RECOVERY_LIMIT, options.RECOVERY_MAX_BYTES]
         with layer_unavailable(self.layer):
             script = self.layer.connection(shard).register_script(READ_SCRIPT)
             answer = await script(keys=[head_key, stream_key], args=args)
@@ -276,11 +460,13 @@ class RedisHistory(History):
         reset = check_limits(head, since)
         if reset:
             return Recovery(head, reset=reset)
-        payloads = answer[2:]
-        if payloads and payloads[0] is None:
+        status, payloads = (answer[2].decode(), answer[3:]) if len(answer) > 2 else ("ok", [])
+        if status != "ok":
+            return Recovery(head, reset=status)
+        if b"" in payloads:  # an event too large to keep
             return Recovery(head, reset=RESET_EXPIRED)
         return Recovery(head, [
-            resolved(self.layer.deserialize(payload), Position(head.epoch, since.seq + i))
+            resolved(self.decode(payload), Position(head.epoch, since.seq + i))
             for i, payload in enumerate(payloads, start=1)
         ])
 

@@ -17,6 +17,7 @@ from channels.layers import get_channel_layer
 from django.core.exceptions import ImproperlyConfigured
 
 from .conf import registry_settings
+from .exceptions import HistoryShareExceeded
 from .history import Position, history_for
 from .models import active_users
 
@@ -58,18 +59,25 @@ class DeliveryStrategy:
         """Forget the connection; safe to call for one that is already gone."""
         raise NotImplementedError
 
-    async def deliver(self, user_ids: Collection[Any], event: dict[str, Any], *, recover: bool = False) -> Delivery:
+    async def deliver(
+        self, user_ids: Collection[Any], event: dict[str, Any], *, recover: bool = False, sender: Any = None
+    ) -> Delivery:
         """Send ``event`` to every live connection of every user in ``user_ids``.
 
         With ``recover``, the event is first appended to each user's history and
         goes out carrying that user's position. Stored before the lookup: a
         connection registered too late to be found reads the event from the
-        history on connect (see ``cursor.py``).
+        history on connect (see ``cursor.py``). ``sender`` is the user whose
+        share of each history the event takes (a direct message's); raises
+        ``HistoryShareExceeded``, sending nothing, when a history holds it already.
         """
         history = history_for(channel_layer()) if recover else None
         if history is None:
             return await self.route(user_ids, event)
-        return await self.route(user_ids, event, await history.append(user_ids, event))
+        positions = await history.append(user_ids, event, sender)
+        if len(positions) < len(set(user_ids)):
+            raise HistoryShareExceeded(f"a history holds the share of {sender!r} already")
+        return await self.route(user_ids, event, positions)
 
     async def route(
         self, user_ids: Collection[Any], event: dict[str, Any], positions: dict[Any, Position] | None = None
