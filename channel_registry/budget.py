@@ -23,6 +23,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from .conf import registry_settings
 from .delivery import is_redis_layer, layer_slots
 from .exceptions import layer_unavailable
 
@@ -72,6 +73,17 @@ class Verdict:
     allowed: bool
     #: Seconds until the refused spend would succeed; 0 when allowed.
     retry_after: float = 0
+
+
+def connection_costs(resuming: bool) -> list[Spend]:
+    """What opening a connection spends: a handshake (``HANDSHAKE_LIMIT``), and a resume
+    (``RESUME_LIMIT``) when it gives a position to replay from. Both transports pay it
+    before registering, so a refused loop costs one small script per attempt."""
+    options = registry_settings()
+    costs = [Spend("handshakes", *options.HANDSHAKE_LIMIT)] if options.HANDSHAKE_LIMIT else []
+    if resuming and options.RESUME_LIMIT:
+        costs.append(Spend("resumes", *options.RESUME_LIMIT))
+    return costs
 
 
 async def spend(layer: Any, user_id: Any, spends: Sequence[Spend]) -> Verdict:

@@ -5,13 +5,14 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 from urllib.parse import parse_qs
 
 from channels.consumer import get_handler_name
 from channels.generic.websocket import AsyncJsonWebsocketConsumer
 from django.db import DatabaseError
 
-from . import protocol
+from . import budget, protocol
 from .conf import registry_settings
 from .cursor import HISTORY_EVENTS, Cursor
 from .exceptions import LAYER_TRANSPORT_ERRORS, ChannelLayerUnavailable, ConnectionLimitExceeded
@@ -19,7 +20,14 @@ from .groups import GroupStrategy
 from .history import history_for
 from .mapping import MappingStrategy
 from .messaging import DirectMessages
-from .protocol import CLOSE_FORBIDDEN, CLOSE_TOO_MANY, CLOSE_UNAUTHENTICATED, CLOSE_UNAVAILABLE, ProtocolError
+from .protocol import (
+    CLOSE_FORBIDDEN,
+    CLOSE_RETRY_LATER,
+    CLOSE_TOO_MANY,
+    CLOSE_UNAUTHENTICATED,
+    CLOSE_UNAVAILABLE,
+    ProtocolError,
+)
 from .strategy import DeliveryStrategy, channel_layer
 
 logger = logging.getLogger(__name__)
@@ -65,6 +73,11 @@ class RegistryConsumerMixin:
         session = self.scope.get("session")
         self.session_key = getattr(session, "session_key", None)
         try:
+            resuming = query_param(self.scope, "since") is not None
+            verdict = await budget.spend(channel_layer(), user.pk, budget.connection_costs(resuming))
+            if not verdict.allowed:
+                await self.refuse(CLOSE_RETRY_LATER, reason=str(math.ceil(verdict.retry_after)))
+                return
             await self.strategy.register(user.pk, self.channel_name, self.session_key)
         except ConnectionLimitExceeded:
             await self.refuse(CLOSE_TOO_MANY)
@@ -114,9 +127,9 @@ class RegistryConsumerMixin:
 
     registry_recovered = registry_reset = registry_position
 
-    async def refuse(self, code: int) -> None:
+    async def refuse(self, code: int, reason: str | None = None) -> None:
         await self.accept()
-        await self.close(code=code)
+        await self.close(code=code, reason=reason)
 
     @property
     def channel_receive(self):

@@ -5,15 +5,18 @@ HTTP view that lets a page send (the demo's ``POST /messages/``) uses the same
 class, so the policy (``CAN_MESSAGE``), the sender's budgets and what the ack
 discloses cannot differ between transports. In order:
 
-1. the sender's message budget (``RATE_LIMIT``), before anything else: probing
-   for recipients costs too;
+1. the sender's message budget (``RATE_LIMIT``) and, in the same spend, the bytes
+   the message will keep in the recipient's history (``HISTORY_SENDER_LIMIT``),
+   before anything else: probing for recipients costs too;
 2. the recipient: an active user the policy lets the sender reach. A refusal
    answers ``unknown_recipient`` like a missing account unless ``REVEAL_REFUSALS``;
 3. the copies: the recipient's live connections are counted and, before anything
    is stored or sent, the sender's ``FANOUT_LIMIT`` pays one token per connection,
    so a refused flood never reaches the recipient's history or server process
    (without hooks or a policy, 2 and 3 are one registry statement);
-4. delivery, and the ack, with ``delivered`` only if ``ACK_DELIVERED``.
+4. delivery, refused with ``rate_limited`` when the recipient's history already
+   holds the sender's share (``HISTORY_SENDER_SHARE``), and the ack, with
+   ``delivered`` only if ``ACK_DELIVERED``.
 """
 
 from __future__ import annotations
@@ -26,6 +29,8 @@ from django.utils.module_loading import import_string
 
 from . import budget, protocol
 from .conf import registry_settings
+from .exceptions import HistoryShareExceeded
+from .history import as_json
 from .protocol import Direct, ProtocolError
 from .strategy import Delivery, DeliveryStrategy, active_user_exists, channel_layer
 
@@ -43,14 +48,16 @@ class DirectMessages:
 
     async def send(self, direct: Direct) -> dict[str, Any]:
         """Deliver ``direct`` and return the sender's ``ack`` frame; raise ``ProtocolError`` when refused."""
-        limit = registry_settings().RATE_LIMIT
-        if limit:
-            await self.spend(budget.Spend("messages", *limit), direct)
-        recipient_id, copies = await self.recipient(direct)
         event = {"type": protocol.DIRECT_EVENT, "frame": self.build_direct_message(direct)}
+        await self.spend(self.sending_costs(event), direct)
+        recipient_id, copies = await self.recipient(direct)
         await self.pay_copies(direct, copies)
-        # Recoverable: a connection of the recipient that reconnects replays it (see history.py).
-        delivery = await self.strategy.deliver([recipient_id], event, recover=True)
+        try:
+            # Recoverable: a connection of the recipient that reconnects replays it (see history.py).
+            delivery = await self.strategy.deliver([recipient_id], event, recover=True, sender=self.sender.pk)
+        except HistoryShareExceeded:
+            detail = "too many of your messages are waiting for this user; try again later"
+            raise ProtocolError(protocol.RATE_LIMITED, detail, direct.id) from None
         await self.delivered(direct, delivery)
         return protocol.ack_frame(direct.id, delivery.sent if registry_settings().ACK_DELIVERED else None)
 
@@ -85,11 +92,21 @@ class DirectMessages:
             and registry_settings().CAN_MESSAGE is None
         )
 
-    async def spend(self, item: budget.Spend, direct: Direct) -> None:
-        verdict = await budget.spend(channel_layer(), self.sender.pk, [item])
+    def sending_costs(self, event: dict[str, Any]) -> list[budget.Spend]:
+        """One message of ``RATE_LIMIT``, and its stored size of ``HISTORY_SENDER_LIMIT``."""
+        options = registry_settings()
+        costs = [budget.Spend("messages", *options.RATE_LIMIT)] if options.RATE_LIMIT else []
+        if options.HISTORY_SENDER_LIMIT:
+            size = len(as_json(event))
+            costs.append(budget.Spend("bytes", *options.HISTORY_SENDER_LIMIT, cost=size, need=size))
+        return costs
+
+    async def spend(self, items: list[budget.Spend], direct: Direct) -> None:
+        verdict = await budget.spend(channel_layer(), self.sender.pk, items)
         if not verdict.allowed:
+            names = " or ".join(item.name for item in items)
             raise ProtocolError(
-                protocol.RATE_LIMITED, f"too many {item.name}; slow down", direct.id, retry_after=verdict.retry_after
+                protocol.RATE_LIMITED, f"too many {names}; slow down", direct.id, retry_after=verdict.retry_after
             )
 
     async def pay_copies(self, direct: Direct, copies: int | None) -> None:
@@ -100,7 +117,7 @@ class DirectMessages:
         """
         limit = registry_settings().FANOUT_LIMIT
         if limit and copies:
-            await self.spend(budget.Spend("copies", *limit, cost=copies, need=min(copies, limit[0])), direct)
+            await self.spend([budget.Spend("copies", *limit, cost=copies, need=min(copies, limit[0]))], direct)
 
     def refusal(self, direct: Direct, found: bool) -> ProtocolError:
         """The same answer for "no such account" and "not for you", unless refusals may be revealed."""

@@ -36,6 +36,9 @@ CLOSE_SESSION_ENDED = 4410
 CLOSE_REAUTHENTICATE = 4409
 #: Over the per-user connection limit. Do not retry: it would only evict another tab.
 CLOSE_TOO_MANY = 4429
+#: Over the user's handshake or resume budget (``HANDSHAKE_LIMIT``, ``RESUME_LIMIT``): the
+#: close reason is the number of seconds to wait before retrying (HTTP 429 ``Retry-After`` for streams).
+CLOSE_RETRY_LATER = 4430
 #: The server cannot register connections right now (database or Redis down). Retry with backoff.
 CLOSE_UNAVAILABLE = 4503
 

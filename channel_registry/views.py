@@ -11,6 +11,7 @@ import asyncio
 import contextvars
 import json
 import logging
+import math
 from collections.abc import AsyncIterator
 from contextlib import aclosing
 
@@ -19,7 +20,7 @@ from django.db import DatabaseError, connections
 from django.http import HttpResponse, StreamingHttpResponse
 from django.views import View
 
-from . import protocol
+from . import budget, protocol
 from .conf import registry_settings
 from .cursor import HISTORY_EVENTS, Cursor
 from .exceptions import LAYER_TRANSPORT_ERRORS, ChannelLayerUnavailable, ConnectionLimitExceeded
@@ -68,16 +69,19 @@ async def on_shared_thread(coroutine):
     return await asyncio.create_task(coroutine, context=contextvars.Context())
 
 
-def refusal(status: int, code: str, detail: str) -> HttpResponse:
+def refusal(status: int, code: str, detail: str, retry_after: int | None = None) -> HttpResponse:
     """A stream refused before it opened: the status, and the same ``error`` frame a socket would get.
 
-    429 (over the connection limit) is final: opening again only works once another
-    connection closed. 503 carries ``Retry-After``.
+    429 without ``Retry-After`` (over the connection limit) is final: opening again
+    only works once another connection closed. 429 with it (over the handshake or
+    resume budget) and 503 are retried after it.
     """
     response = HttpResponse(json.dumps(protocol.error_frame(code, detail)), status=status,
                             content_type="application/json")  # fmt: skip
     if status == 503:
-        response["Retry-After"] = str(UNAVAILABLE_RETRY_AFTER)
+        retry_after = UNAVAILABLE_RETRY_AFTER
+    if retry_after is not None:
+        response["Retry-After"] = str(retry_after)
     return response
 
 
@@ -111,6 +115,7 @@ class EventStreamView(View):
         # The browser's own reconnects send Last-Event-ID; a client opening a new stream passes ?since=.
         since = request.headers.get("Last-Event-ID") or request.GET.get("since")
         try:
+            await self.pay_handshake(user_id, since is not None)
             events = await self.opened(self.stream(user_id, session_key, since))
         except StreamRefused as refused:
             return refused.response
@@ -119,6 +124,17 @@ class EventStreamView(View):
         # nginx buffers proxied responses by default, which would hold events back.
         response["X-Accel-Buffering"] = "no"
         return response
+
+    async def pay_handshake(self, user_id, resuming: bool) -> None:
+        """The user's handshake and resume budgets, as a socket pays them; ``StreamRefused`` (429, 503) if not."""
+        try:
+            verdict = await budget.spend(channel_layer(), user_id, budget.connection_costs(resuming))
+        except ChannelLayerUnavailable:
+            raise StreamRefused(refusal(503, protocol.UNAVAILABLE, "the server cannot open event streams right now")) from None
+        if not verdict.allowed:
+            detail = "too many connections opened; retry after Retry-After seconds"
+            retry_after = math.ceil(verdict.retry_after)
+            raise StreamRefused(refusal(429, protocol.RATE_LIMITED, detail, retry_after))
 
     async def opened(self, events: AsyncIterator[str]) -> AsyncIterator[str]:
         """``events`` with its first step (registration) already run, so a refusal still gets a status.

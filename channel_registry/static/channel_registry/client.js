@@ -28,7 +28,9 @@
  * after 4401/4410 (state "signed-out": the session is gone), 4403/4429 (state "refused": the
  * server closed it for another reason that a retry would not change) or close(). After 4409 (the
  * user's password changed) they reconnect once after `reauthenticateDelay` ms, so the session
- * is checked again: the one that changed the password comes back. They never hold two
+ * is checked again: the one that changed the password comes back. After 4430 (HTTP 429 with
+ * Retry-After for streams: over the user's handshake or resume budget) they wait the seconds the
+ * server named, or the backoff if that is longer. They never hold two
  * connections at once: the old one is detached and closed before a new one opens.
  */
 
@@ -45,6 +47,8 @@ export const CLOSE_SESSION_ENDED = 4410;
 export const CLOSE_REAUTHENTICATE = 4409;
 /** The server cannot register connections right now; retried with backoff like a network drop. */
 export const CLOSE_UNAVAILABLE = 4503;
+/** Over the user's handshake or resume budget; the close reason is the seconds to wait. */
+export const CLOSE_RETRY_LATER = 4430;
 const SIGNED_OUT = new Set([CLOSE_UNAUTHENTICATED, CLOSE_SESSION_ENDED]);
 /** Frames about the history itself: the client consumes them. */
 const HISTORY_FRAMES = new Set(["position", "recovered", "reset"]);
@@ -233,18 +237,21 @@ class Connection extends EventTarget {
       this.attempt = 0;
       this.setState(State.RECONNECTING, { delay, retryAt: Date.now() + delay, code });
       this.retryTimer = setTimeout(() => this.reopen(), delay);
+    } else if (code === CLOSE_RETRY_LATER) {
+      this.scheduleRetry(1000 * (Number.parseFloat(reason) || 0));
     } else {
       this.scheduleRetry();
     }
   }
 
-  scheduleRetry() {
+  /** @param {number} [atLeast] ms the server asked to wait */
+  scheduleRetry(atLeast = 0) {
     if (globalThis.navigator?.onLine === false) {
       this.setState(State.OFFLINE);
       globalThis.addEventListener("online", this.whenOnline, { once: true });
       return;
     }
-    const delay = backoffDelay(this.attempt++, this.options);
+    const delay = Math.max(atLeast, backoffDelay(this.attempt++, this.options));
     this.setState(State.RECONNECTING, { delay, retryAt: Date.now() + delay });
     this.retryTimer = setTimeout(() => this.reopen(), delay);
   }
@@ -425,7 +432,8 @@ export class RegistryEventStream extends Connection {
       signal,
     });
     if (!isEventStream(response)) {
-      this.lost(refusalCode(response), `HTTP ${response.status}`);
+      // A budget refusal's reason is its Retry-After, as a socket's 4430 close reason is.
+      this.lost(refusalCode(response), response.headers.get("Retry-After") ?? `HTTP ${response.status}`);
       return;
     }
     const body = /** @type {ReadableStream<BufferSource>} */ (response.body);
@@ -495,6 +503,7 @@ function isEventStream(response) {
 function refusalCode(response) {
   if (response.status === 401 || response.redirected) return CLOSE_UNAUTHENTICATED; // redirected: a login page
   if (response.status === 403) return CLOSE_FORBIDDEN;
+  if (response.status === 429 && response.headers.has("Retry-After")) return CLOSE_RETRY_LATER; // over a budget
   if (response.status === 429) return CLOSE_TOO_MANY; // over the per-user connection limit
   if (response.status === 503) return CLOSE_UNAVAILABLE;
   return CLOSE_ABNORMAL;
