@@ -16,6 +16,7 @@ into debt, which later spends wait out in full, so the average holds.
 
 from __future__ import annotations
 
+import asyncio
 import math
 import time
 import weakref
@@ -84,6 +85,22 @@ def connection_costs(resuming: bool) -> list[Spend]:
     if resuming and options.RESUME_LIMIT:
         costs.append(Spend("resumes", *options.RESUME_LIMIT))
     return costs
+
+
+#: Longest a connection over its handshake or resume budget is held before it is refused.
+REFUSAL_HOLD_BACK = 1.0
+
+
+async def held_back(verdict: Verdict) -> int:
+    """Wait before refusing a connection over budget; the whole seconds the client should still wait.
+
+    A client that honours the answer loses nothing; a loop that reconnects as soon as
+    it is refused gets about one refusal a second per socket, instead of costing its
+    process a handshake, a session lookup and a Redis round trip as fast as it can.
+    """
+    held = min(verdict.retry_after, REFUSAL_HOLD_BACK)
+    await asyncio.sleep(held)
+    return math.ceil(verdict.retry_after - held)
 
 
 async def spend(layer: Any, user_id: Any, spends: Sequence[Spend]) -> Verdict:

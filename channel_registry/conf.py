@@ -100,7 +100,8 @@ class RegistrySettings:
     HISTORY_EVENT_MAX_BYTES: int = 32 * 1024
     #: Most of one user's history (its bytes and events) one sender's direct messages may
     #: hold; past it, that sender's messages to them are refused with ``rate_limited``.
-    HISTORY_SENDER_SHARE: float = 0.25
+    #: ``None`` disables it.
+    HISTORY_SENDER_SHARE: float | None = 0.25
     #: ``(bytes, seconds)``: bytes of direct messages a user may put into others' histories,
     #: over all recipients and processes (a token bucket like ``RATE_LIMIT``; refusal:
     #: ``rate_limited``). What one account spraying many recipients keeps live in Redis

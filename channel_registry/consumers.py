@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import math
 from urllib.parse import parse_qs
 
 from channels.consumer import get_handler_name
@@ -76,7 +75,7 @@ class RegistryConsumerMixin:
             resuming = query_param(self.scope, "since") is not None
             verdict = await budget.spend(channel_layer(), user.pk, budget.connection_costs(resuming))
             if not verdict.allowed:
-                await self.refuse(CLOSE_RETRY_LATER, reason=str(math.ceil(verdict.retry_after)))
+                await self.refuse(CLOSE_RETRY_LATER, reason=str(await budget.held_back(verdict)))
                 return
             await self.strategy.register(user.pk, self.channel_name, self.session_key)
         except ConnectionLimitExceeded:

@@ -150,6 +150,11 @@ def check_limits(head: Position, since: Position) -> str | None:
     return None
 
 
+#: ``HISTORY_SENDER_SHARE=None``: a share no sender can reach (every event weighs at most
+#: twice the window: its size, or its part of the byte window for each kept event).
+NO_SHARE = 3
+
+
 @dataclass(frozen=True)
 class Window:
     """What one user's history may hold (the ``HISTORY_*`` settings), as an append enforces it."""
@@ -172,7 +177,7 @@ class Window:
             bytes=options.HISTORY_MAX_BYTES,
             ttl=options.HISTORY_TTL,
             event_bytes=options.HISTORY_EVENT_MAX_BYTES,
-            share=int(options.HISTORY_SENDER_SHARE * options.HISTORY_MAX_BYTES),
+            share=int((options.HISTORY_SENDER_SHARE or NO_SHARE) * options.HISTORY_MAX_BYTES),
             min_weight=options.HISTORY_MAX_BYTES // options.HISTORY_SIZE,
         )
 

@@ -11,7 +11,6 @@ import asyncio
 import contextvars
 import json
 import logging
-import math
 from collections.abc import AsyncIterator
 from contextlib import aclosing
 
@@ -133,8 +132,7 @@ class EventStreamView(View):
             raise StreamRefused(refusal(503, protocol.UNAVAILABLE, "the server cannot open event streams right now")) from None
         if not verdict.allowed:
             detail = "too many connections opened; retry after Retry-After seconds"
-            retry_after = math.ceil(verdict.retry_after)
-            raise StreamRefused(refusal(429, protocol.RATE_LIMITED, detail, retry_after))
+            raise StreamRefused(refusal(429, protocol.RATE_LIMITED, detail, await budget.held_back(verdict)))
 
     async def opened(self, events: AsyncIterator[str]) -> AsyncIterator[str]:
         """``events`` with its first step (registration) already run, so a refusal still gets a status.

@@ -274,3 +274,88 @@ async def test_a_fan_out_with_history_is_still_one_message_per_server_process(ma
     for user in users:
         received = [await layer.receive(channels[user.pk]) for _ in range(2 if user in users[:10] else 1)]
         assert position_for(received[-1], user.pk).seq == (2 if user in users[:10] else 1)
+
+
+# Bytes: what one event, one user's history and one sender may hold (issue 17) ----------
+
+BYTES = {"HISTORY_MAX_BYTES": 10_000, "HISTORY_SIZE": 100, "RECOVERY_LIMIT": 100, "HISTORY_EVENT_MAX_BYTES": 2_000}
+
+
+def sized(n: int, size: int = 900) -> dict:
+    return {**EVENT, "n": n, "data": "x" * size}
+
+
+async def test_a_history_keeps_at_most_its_bytes_and_drops_the_oldest_first(history):
+    with override_settings(CHANNEL_REGISTRY=BYTES):
+        sent = [(await history.append([1], sized(n)))[1] for n in range(20)]  # ~18 KB into a 10 KB window
+        assert (await history.read(1, Position(sent[0].epoch, 0))).reset == RESET_EXPIRED
+        kept = (await history.read(1, sent[9])).events
+    assert [e["n"] for e in kept] == list(range(10, 20))  # ten of ~950 bytes fit; the rest went first
+
+
+async def test_an_event_too_large_to_keep_keeps_its_number_and_a_resume_across_it_resets(history):
+    with override_settings(CHANNEL_REGISTRY=BYTES):
+        before = (await history.append([1], sized(0)))[1]
+        huge = (await history.append([1], sized(1, 5_000)))[1]
+        after = (await history.append([1], sized(2)))[1]
+        assert huge.seq == before.seq + 1 and after.seq == huge.seq + 1
+        assert (await history.read(1, before)).reset == RESET_EXPIRED  # never a silent gap
+        assert [e["n"] for e in (await history.read(1, huge)).events] == [2]
+
+
+async def test_a_resume_past_the_replay_bytes_is_a_too_many_reset(history):
+    with override_settings(CHANNEL_REGISTRY={**BYTES, "RECOVERY_MAX_BYTES": 3_000}):
+        sent = [(await history.append([1], sized(n)))[1] for n in range(5)]
+        assert (await history.read(1, sent[0])).reset == RESET_TOO_MANY  # 4 x ~950 bytes
+        assert [e["n"] for e in (await history.read(1, sent[1])).events] == [2, 3, 4]
+
+
+async def test_a_sender_holds_at_most_its_share_of_a_history_and_others_keep_theirs(history):
+    with override_settings(CHANNEL_REGISTRY={**BYTES, "HISTORY_SENDER_SHARE": 0.25}):
+        start = (await history.read(1, None)).head
+        flood = [await history.append([1], sized(n), sender="mallory") for n in range(6)]
+        # 2,500 bytes: two events of ~950, and a third over the share, refused for this user only.
+        assert [bool(positions) for positions in flood] == [True, True, False, False, False, False]
+        assert set(await history.append([1, 2], sized(6), sender="mallory")) == {2}
+        for n in range(7):  # everyone else still fills the window
+            assert await history.append([1], sized(100 + n), sender=f"friend{n}")
+        # Tiny messages count against the event window: each weighs at least 10,000 / 100 bytes.
+        assert len([1 for n in range(40) if await history.append([3], {**EVENT, "n": n}, sender="mallory")]) == 25
+        replay = (await history.read(1, start)).events
+    assert [e["n"] for e in replay] == [0, 1, *range(100, 107)]
+
+
+async def test_an_event_is_stored_at_about_the_size_of_its_json(make_layer):
+    """msgpack spends 9 bytes on a float that JSON writes as ``0.0``: a frame of floats was 2.25x."""
+    import json
+
+    layer = make_layer()
+    history = RedisHistory(layer)
+    frame = {"type": "direct", "from": 1, "message": [0.0] * 3_000, "id": "x"}
+    await history.append([1], {"type": "registry.direct", "frame": frame})
+    shard, _, stream_key = history.keys(1)
+    [(_, fields)] = await layer.connection(shard).xrange(stream_key)
+    assert len(fields[b"e"]) <= len(json.dumps(frame, separators=(",", ":"))) + 100
+    [replayed] = (await history.read(1, Position((await history.read(1, None)).head.epoch, 0))).events
+    assert replayed["frame"] == frame
+
+
+async def test_redis_out_of_memory_is_unavailable_never_a_crash(make_layer):
+    """At ``maxmemory`` Redis refuses writes with ``OOM command not allowed``: an outage like any other."""
+    from .redis_servers import RedisServer
+
+    with RedisServer() as server:
+        layer = make_layer(hosts=[host(server.url)])
+        history = RedisHistory(layer)
+        await history.append([1], EVENT)
+        connection = layer.connection(0)
+        await connection.config_set("maxmemory", 1)  # below what is used: every write is refused
+        for write in (history.append([1], EVENT), history.read(2, None), send_batches(layer, [(EVENT, ["x"])])):
+            with pytest.raises(ChannelLayerUnavailable, match="out of memory"):
+                await write
+        from channel_registry import budget
+
+        with pytest.raises(ChannelLayerUnavailable, match="out of memory"):
+            await budget.spend(layer, 1, budget.connection_costs(resuming=True))
+        await connection.config_set("maxmemory", 0)
+        assert (await history.append([1], EVENT))[1].seq == 2
