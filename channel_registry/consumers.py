@@ -14,7 +14,12 @@ from django.db import DatabaseError
 from . import budget, protocol
 from .conf import registry_settings
 from .cursor import HISTORY_EVENTS, Cursor
-from .exceptions import LAYER_TRANSPORT_ERRORS, ChannelLayerUnavailable, ConnectionLimitExceeded
+from .exceptions import (
+    LAYER_TRANSPORT_ERRORS,
+    ChannelLayerUnavailable,
+    ConnectionLimitExceeded,
+    layer_unavailable,
+)
 from .groups import GroupStrategy
 from .history import history_for
 from .mapping import MappingStrategy
@@ -63,6 +68,16 @@ class RegistryConsumerMixin:
     #: these (one per delivered copy of every message) the hop is skipped. A
     #: subclass whose handler of one of them uses the ORM takes it out of this set.
     socket_only_events: frozenset[str] = HISTORY_EVENTS
+
+    async def websocket_connect(self, message) -> None:
+        # Channels joins ``groups`` before ``connect``: an unreachable or full Redis there
+        # crashed the consumer (HTTP 500 for the handshake); it is an outage like any other.
+        try:
+            with layer_unavailable(self.channel_layer):
+                await super().websocket_connect(message)
+        except ChannelLayerUnavailable:
+            logger.warning("channel_registry: could not join the groups of %s", self.channel_name, exc_info=True)
+            await self.refuse(CLOSE_UNAVAILABLE)
 
     async def connect(self) -> None:
         user = self.scope.get("user")

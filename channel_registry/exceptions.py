@@ -30,10 +30,10 @@ LAYER_TRANSPORT_ERRORS = _transport_errors()
 def is_out_of_memory(error: BaseException) -> bool:
     """Whether Redis refused a write at ``maxmemory`` (``OOM command not allowed ...``, also inside a script)."""
     try:
-        from redis.exceptions import ResponseError
+        from redis.exceptions import OutOfMemoryError, ResponseError
     except ImportError:
         return False
-    return isinstance(error, ResponseError) and "OOM command not allowed" in str(error)
+    return isinstance(error, OutOfMemoryError) or (isinstance(error, ResponseError) and "OOM " in str(error))
 
 
 @contextmanager
