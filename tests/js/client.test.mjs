@@ -250,6 +250,17 @@ describe("RegistrySocket", () => {
     assert.equal(client.state, State.RECONNECTING);
   });
 
+  test("4430 (over the handshake or resume budget) waits the seconds the close reason names", () => {
+    const client = socket();
+    client.connect();
+    FakeWebSocket.last.serverCloses(4430, "12");
+    assert.equal(client.state, State.RECONNECTING);
+    mock.timers.tick(11999);
+    assert.equal(FakeWebSocket.all.length, 1);
+    mock.timers.tick(1);
+    assert.equal(FakeWebSocket.all.length, 2);
+  });
+
   test("close() stops for good: one close event with 1000, the socket closed, no retry", () => {
     const client = socket();
     const seen = record(client, ["close"]);
@@ -413,6 +424,18 @@ describe("RegistryEventStream", () => {
       stream.close();
     });
   }
+
+  test("HTTP 429 with Retry-After (over a budget) is retried after it, not refused", async () => {
+    globalThis.fetch = async () =>
+      new Response("{}", { status: 429, headers: { "Content-Type": "application/json", "Retry-After": "7" } });
+    const stream = new RegistryEventStream("http://example.test/events/", { random: () => 0.5 });
+    const seen = record(stream, ["close", "state"]);
+    stream.connect();
+    await until(() => stream.state === State.RECONNECTING);
+    assert.deepEqual(seen.filter(([type]) => type === "close"), [["close", { code: 4430, reason: "7" }]]);
+    assert.equal(seen.at(-1)[1].delay, 7000); // the backoff's first ceiling is 1 s: the server's 7 s win
+    stream.close();
+  });
 
   test("a stream that never opens is abandoned after openTimeout and retried", async () => {
     let aborted = 0;
