@@ -294,7 +294,9 @@ class MemoryHistory(History):
             return Recovery(head, reset=RESET_TOO_MANY)
         if any(kept.event is None for kept in missed):
             return Recovery(head, reset=RESET_EXPIRED)
-        return Recovery(head, [resolved(kept.event, Position(log.epoch, kept.seq)) for kept in missed if kept.event is not None])
+        return Recovery(head, [
+            resolved(kept.event, Position(log.epoch, kept.seq)) for kept in missed if kept.event is not None
+        ])
 
 
 #: Per user: the head hash (epoch, seq, bytes: every byte appended in this epoch, and

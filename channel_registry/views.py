@@ -129,7 +129,8 @@ class EventStreamView(View):
         try:
             verdict = await budget.spend(channel_layer(), user_id, budget.connection_costs(resuming))
         except ChannelLayerUnavailable:
-            raise StreamRefused(refusal(503, protocol.UNAVAILABLE, "the server cannot open event streams right now")) from None
+            detail = "the server cannot open event streams right now"
+            raise StreamRefused(refusal(503, protocol.UNAVAILABLE, detail)) from None
         if not verdict.allowed:
             detail = "too many connections opened; retry after Retry-After seconds"
             raise StreamRefused(refusal(429, protocol.RATE_LIMITED, detail, await budget.held_back(verdict)))

@@ -39,7 +39,7 @@ async def first_answer(user, path: str = "/ws/") -> dict:
 
 async def test_fifty_tabs_resuming_twice_get_through_and_a_loop_past_that_is_told_when_to_retry(connect, alice):
     """A deploy: every tab of 50 comes back with its position, twice (the shipped defaults)."""
-    position, resumed, started = "0123456789ab:0", 0, time.monotonic()
+    position, started = "0123456789ab:0", time.monotonic()
     burst, per = registry_settings().RESUME_LIMIT
     for _ in range(burst):
         tab = await connect(alice, since=position)
@@ -65,7 +65,9 @@ async def test_a_socket_over_the_handshake_budget_is_closed_with_4430_and_the_se
     assert (message["code"], message["reason"]) == (CLOSE_RETRY_LATER, "29")  # a token every 30 s, 1 s waited
 
 
-async def test_an_event_stream_over_the_handshake_budget_gets_429_with_retry_after(open_stream, connect, alice, settings):  # noqa: F811
+async def test_an_event_stream_over_the_handshake_budget_gets_429_with_retry_after(
+    open_stream, connect, alice, settings  # noqa: F811
+):
     settings.CHANNEL_REGISTRY = {"HANDSHAKE_LIMIT": (2, 60)}
     await connect(alice)
     await open_stream(alice)  # the budget is the user's, over both transports

@@ -107,7 +107,7 @@ async def test_positions_that_cannot_be_honoured_get_an_explicit_reset(stack):
             try:
                 frame = await first_frame(tab)
                 break
-            except ConnectionError:  # 4503 right after a Redis restart: the demo's group_add on a dead pooled connection
+            except ConnectionError:  # 4503 right after a Redis restart: the demo's group_add on a dead connection
                 assert tab.close_code == 4503
                 await asyncio.sleep(0.2)
         await tab.close()
