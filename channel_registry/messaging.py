@@ -97,7 +97,7 @@ class DirectMessages:
         options = registry_settings()
         costs = [budget.Spend("messages", *options.RATE_LIMIT)] if options.RATE_LIMIT else []
         if options.HISTORY_SENDER_LIMIT:
-            size = len(as_json(event))
+            size = len(as_json(event, default=repr))  # an override may add what JSON cannot carry
             costs.append(budget.Spend("bytes", *options.HISTORY_SENDER_LIMIT, cost=size, need=size))
         return costs
 
