@@ -338,6 +338,14 @@ for i = 1, #KEYS / 2 do
         redis.call('HSET', head, 'epoch', epoch)
         redis.call('DEL', stream)
     end
+    if redis.call('EXISTS', stream) == 0 then
+        -- Its events expired with the stream: so did every sender's share of them.
+        for _, name in ipairs(redis.call('HKEYS', head)) do
+            if string.sub(name, 1, 5) == 'held:' then
+                redis.call('HDEL', head, name)
+            end
+        end
+    end
     local total = tonumber(redis.call('HGET', head, 'bytes') or 0)
     trim(head, stream, total)
     out[2 * i - 1], out[2 * i] = false, false

@@ -325,6 +325,17 @@ async def test_a_sender_holds_at_most_its_share_of_a_history_and_others_keep_the
     assert [e["n"] for e in replay] == [0, 1, *range(100, 107)]
 
 
+async def test_a_stream_that_expired_frees_every_senders_share(make_layer):
+    layer = make_layer()
+    history = RedisHistory(layer)
+    with override_settings(CHANNEL_REGISTRY={**BYTES, "HISTORY_SENDER_SHARE": 0.25}):
+        while await history.append([1], sized(0), sender="mallory"):
+            pass
+        shard, _, stream_key = history.keys(1)
+        await layer.connection(shard).delete(stream_key)  # what HISTORY_TTL after the last event does
+        assert await history.append([1], sized(1), sender="mallory")
+
+
 async def test_an_event_is_stored_at_about_the_size_of_its_json(make_layer):
     """msgpack spends 9 bytes on a float that JSON writes as ``0.0``: a frame of floats was 2.25x."""
     import json
