@@ -18,6 +18,7 @@ from the environment (``tests/processes.py`` writes it):
 ``CRF_MAX_CONNECTIONS`` / ``CRF_ON_LIMIT``  ``MAX_CONNECTIONS_PER_USER`` / ``ON_LIMIT``.
 ``CRF_RATE_LIMIT``    ``"messages,seconds"`` or ``"none"`` (default: the library's 20 per 10 s).
 ``CRF_FANOUT_LIMIT``  ``"copies,seconds"`` or ``"none"`` (default: the library's 200 per 10 s).
+``CRF_HISTORY_SENDER_LIMIT`` / ``CRF_HISTORY_SENDER_SHARE``  ``"bytes,seconds"`` / a fraction, or ``"none"``.
 ``CRF_ACK_DELIVERED`` / ``CRF_REVEAL_REFUSALS``  ``0`` or ``1``.
 ``CRF_CAN_MESSAGE``   dotted path of a ``CAN_MESSAGE`` policy.
 ``CRF_HISTORY_SIZE``  ``HISTORY_SIZE`` and ``RECOVERY_LIMIT`` (default: the library's 300).
@@ -65,13 +66,16 @@ if os.environ.get("CRF_MAX_CONNECTIONS"):
     CHANNEL_REGISTRY["ON_LIMIT"] = os.environ.get("CRF_ON_LIMIT", "close_newest")
 if os.environ.get("CRF_HISTORY_SIZE"):
     CHANNEL_REGISTRY["HISTORY_SIZE"] = CHANNEL_REGISTRY["RECOVERY_LIMIT"] = int(os.environ["CRF_HISTORY_SIZE"])
-for _name in ("RATE_LIMIT", "FANOUT_LIMIT"):
+for _name in ("RATE_LIMIT", "FANOUT_LIMIT", "HISTORY_SENDER_LIMIT"):
     _rate = os.environ.get(f"CRF_{_name}")
     if _rate:
         CHANNEL_REGISTRY[_name] = None if _rate == "none" else tuple(float(x) for x in _rate.split(","))
 for _name in ("ACK_DELIVERED", "REVEAL_REFUSALS"):
     if os.environ.get(f"CRF_{_name}"):
         CHANNEL_REGISTRY[_name] = os.environ[f"CRF_{_name}"] == "1"
+if os.environ.get("CRF_HISTORY_SENDER_SHARE"):
+    _share = os.environ["CRF_HISTORY_SENDER_SHARE"]
+    CHANNEL_REGISTRY["HISTORY_SENDER_SHARE"] = None if _share == "none" else float(_share)
 if os.environ.get("CRF_CAN_MESSAGE"):
     CHANNEL_REGISTRY["CAN_MESSAGE"] = os.environ["CRF_CAN_MESSAGE"]
 

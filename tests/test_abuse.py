@@ -206,7 +206,10 @@ async def test_a_flood_into_many_tabs_is_bounded_and_bystanders_keep_their_laten
     """
     stack.start_redis()
     if limits == "none":
-        stack.configure(rate_limit="none", fanout_limit="none", max_connections=1000)
+        stack.configure(
+            rate_limit="none", fanout_limit="none", history_sender_limit="none", history_sender_share="none",
+            max_connections=1000,
+        )  # fmt: skip
     first, second = stack.daphnes(2)
     bob, mallory, *bystanders = await stack.users("bob", "mallory", *(f"bystander{n}" for n in range(8)))
     bob_tabs = await open_tabs(stack, first, bob, 50)
@@ -315,7 +318,7 @@ async def test_the_http_send_path_obeys_the_policy_and_the_budget_of_the_socket_
     # A refused message costs a token too: probing for recipients is not free.
     status, _, reply = await asyncio.to_thread(post_direct, server, mallory, direct(dave, "blocked?", "b"))
     assert (status, reply["code"]) == (400, "unknown_recipient")
-    big = "x" * 15_000
+    big = "x" * 10_000  # 19 of them stay within a quarter of alice's history (HISTORY_SENDER_SHARE)
     answers = [await asyncio.to_thread(post_direct, server, mallory, direct(alice, big, n)) for n in range(20)]
     assert [status for status, _, _ in answers] == [200] * 19 + [429]
     status, headers, refused = answers[-1]
