@@ -73,6 +73,20 @@ def check_options(app_configs: Any = None, **kwargs: Any) -> list[checks.CheckMe
             f"({options.HISTORY_SIZE}): a reconnect can only replay events the history keeps.",
             id="channel_registry.E014",
         ))
+    replay = options.RECOVERY_MAX_BYTES
+    if options.HISTORY and not options.HISTORY_EVENT_MAX_BYTES <= replay <= options.HISTORY_MAX_BYTES:
+        errors.append(checks.Error(
+            f"RECOVERY_MAX_BYTES ({options.RECOVERY_MAX_BYTES}) must be between HISTORY_EVENT_MAX_BYTES "
+            f"({options.HISTORY_EVENT_MAX_BYTES}) and HISTORY_MAX_BYTES ({options.HISTORY_MAX_BYTES}): "
+            "a resume must be able to replay one kept event, and can replay no more than is kept.",
+            id="channel_registry.E030",
+        ))
+    share = options.HISTORY_SENDER_SHARE
+    if share is not None and not (isinstance(share, (int, float)) and 0 < share <= 1):
+        errors.append(checks.Error(
+            f"HISTORY_SENDER_SHARE must be None or a fraction in (0, 1], not {share!r}.",
+            id="channel_registry.E031",
+        ))
     if options.CAN_MESSAGE is not None:
         try:
             import_string(options.CAN_MESSAGE)

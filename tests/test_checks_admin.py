@@ -33,6 +33,9 @@ def test_default_test_settings_pass_every_check():
         ({"MAX_CONNECTIONS_PER_USER": "50"}, "channel_registry.E007"),
         ({"ON_LIMIT": "close_random"}, "channel_registry.E005"),
         ({"CAN_MESSAGE": "nowhere.policy"}, "channel_registry.E006"),
+        ({"HANDSHAKE_LIMIT": (120,)}, "channel_registry.E004"),
+        ({"RECOVERY_MAX_BYTES": 1024}, "channel_registry.E030"),
+        ({"HISTORY_SENDER_SHARE": 1.5}, "channel_registry.E031"),
     ],
 )
 def test_misconfigured_options_are_reported(settings, options, expected):
