@@ -9,7 +9,7 @@ from django.conf import settings
 from django.core import checks
 from django.utils.module_loading import import_string
 
-from .conf import OPTION_NAMES, SETTINGS_NAME, registry_settings, user_options
+from .conf import DEPRECATED_OPTIONS, OPTION_NAMES, SETTINGS_NAME, registry_settings, user_options
 
 STOCK_LAYER = "channels_redis.core.RedisChannelLayer"
 REDIS_LAYERS = {STOCK_LAYER, "channel_registry.redis_layer.BatchedRedisChannelLayer"}
@@ -20,12 +20,18 @@ BLOCKING_READ = 5
 @checks.register()
 def check_options(app_configs: Any = None, **kwargs: Any) -> list[checks.CheckMessage]:
     errors = []
-    unknown = sorted(set(user_options()) - OPTION_NAMES)
+    unknown = sorted(set(user_options()) - OPTION_NAMES - set(DEPRECATED_OPTIONS))
     if unknown:
         errors.append(checks.Error(
             f"{SETTINGS_NAME} has unknown option(s): {', '.join(unknown)}.",
             hint=f"Valid options: {', '.join(sorted(OPTION_NAMES))}.",
             id="channel_registry.E001",
+        ))
+    for old in sorted(set(user_options()) & set(DEPRECATED_OPTIONS)):
+        errors.append(checks.Warning(
+            f"{SETTINGS_NAME}[{old!r}] is deprecated and will be removed in 0.3.",
+            hint=f"Use {DEPRECATED_OPTIONS[old][0]!r} instead (see CHANGELOG.md).",
+            id="channel_registry.W030",
         ))
     try:
         options = registry_settings()

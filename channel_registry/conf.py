@@ -7,6 +7,7 @@ tests change settings (``override_settings``).
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, fields
 from functools import cache
 from typing import Any
@@ -93,16 +94,37 @@ class RegistrySettings:
 
 OPTION_NAMES = frozenset(f.name for f in fields(RegistrySettings))
 
+#: Renamed options still read for one release: old name -> (new name, old value -> new value).
+DEPRECATED_OPTIONS = {
+    # 0.1 closed every connection of the user on logout; 0.2 defaults to the logged-out session only.
+    "DISCONNECT_ON_LOGOUT": ("CLOSE_ON_LOGOUT", lambda close: "user" if close else None),
+}
+
 
 def user_options() -> dict[str, Any]:
     """The raw dict from the project's settings (empty when it has none)."""
     return dict(getattr(settings, SETTINGS_NAME, None) or {})
 
 
+def _renamed(options: dict[str, Any]) -> dict[str, Any]:
+    """Options under their current names; a deprecated name warns and maps unless the new one is set."""
+    current = dict(options)
+    for old, (new, convert) in DEPRECATED_OPTIONS.items():
+        if old in current:
+            warnings.warn(
+                f"{SETTINGS_NAME}[{old!r}] is deprecated and will be removed in 0.3; use {new!r}.",
+                DeprecationWarning,
+                stacklevel=3,
+            )
+            value = convert(current.pop(old))
+            current.setdefault(new, value)
+    return current
+
+
 @cache
 def registry_settings() -> RegistrySettings:
     """The effective settings; unknown keys are reported by the system check."""
-    options = {k: v for k, v in user_options().items() if k in OPTION_NAMES}
+    options = {k: v for k, v in _renamed(user_options()).items() if k in OPTION_NAMES}
     for name in ("RATE_LIMIT", "FANOUT_LIMIT"):
         if isinstance(options.get(name), list):
             options[name] = tuple(options[name])

@@ -11,6 +11,7 @@ approaches can be compared on the same workload, with the same protocol.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Collection
 from typing import Any
 
@@ -84,3 +85,18 @@ send_to_users = groups.send_to_users
 notify_user = groups.notify_user
 adisconnect_user = groups.adisconnect_user
 disconnect_user = groups.disconnect_user
+
+
+def __getattr__(name: str) -> Any:
+    # 0.1 defined GroupConsumer here; it moved to consumers (which imports this module).
+    if name == "GroupConsumer":
+        from .consumers import GroupConsumer
+
+        warnings.warn(
+            "channel_registry.groups.GroupConsumer moved to channel_registry.consumers.GroupConsumer; "
+            "the old import will be removed in 0.3.",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return GroupConsumer
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
