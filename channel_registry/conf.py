@@ -8,6 +8,7 @@ tests change settings (``override_settings``).
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, fields
 from functools import cache
 from typing import Any
@@ -94,10 +95,15 @@ class RegistrySettings:
 
 OPTION_NAMES = frozenset(f.name for f in fields(RegistrySettings))
 
-#: Renamed options still read for one release: old name -> (new name, old value -> new value).
-DEPRECATED_OPTIONS = {
+
+def _close_on_logout(disconnect: bool) -> str | None:
     # 0.1 closed every connection of the user on logout; 0.2 defaults to the logged-out session only.
-    "DISCONNECT_ON_LOGOUT": ("CLOSE_ON_LOGOUT", lambda close: "user" if close else None),
+    return "user" if disconnect else None
+
+
+#: Renamed options still read for one release: old name -> (new name, old value -> new value).
+DEPRECATED_OPTIONS: dict[str, tuple[str, Callable[[Any], Any]]] = {
+    "DISCONNECT_ON_LOGOUT": ("CLOSE_ON_LOGOUT", _close_on_logout),
 }
 
 
