@@ -31,7 +31,7 @@ def check_options(app_configs: Any = None, **kwargs: Any) -> list[checks.CheckMe
         errors.append(checks.Warning(
             f"{SETTINGS_NAME}[{old!r}] is deprecated and will be removed in 0.3.",
             hint=f"Use {DEPRECATED_OPTIONS[old][0]!r} instead (see CHANGELOG.md).",
-            id="channel_registry.W030",
+            id="channel_registry.W031",
         ))
     try:
         options = registry_settings()

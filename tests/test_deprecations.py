@@ -29,7 +29,7 @@ def test_disconnect_on_logout_maps_to_close_on_logout(settings, old, new):
     with pytest.warns(DeprecationWarning, match="CLOSE_ON_LOGOUT"):
         assert registry_settings().CLOSE_ON_LOGOUT == new
     messages = [m for m in checks.run_checks() if m.id.startswith("channel_registry")]
-    assert [m.id for m in messages] == ["channel_registry.W030"]
+    assert [m.id for m in messages] == ["channel_registry.W031"]
     assert "CLOSE_ON_LOGOUT" in messages[0].hint
 
 
