@@ -427,3 +427,37 @@ async def test_a_page_on_another_port_cannot_hold_the_victims_stream_slots(stack
     assert set(statuses) == {403} and statuses[403] >= 50 and held == []
     assert p99(loud) <= max(250, 3 * p99(quiet)), (sorted(quiet), sorted(loud))
     own_stream.close()
+
+
+async def test_with_private_acks_the_copies_budget_tells_a_sender_nothing_about_the_recipient(stack):
+    """Issue 17, item 8: with ``ACK_DELIVERED`` off, a refused copies budget still answered a
+    ``retry_after`` exact to the millisecond: the price of the recipient's connections. Shipped
+    budgets: mallory drains her copies (4 messages to an accomplice's 50 tabs), then probes users
+    on 0, 1 and 5 tabs. Every answer is the same ack; what was over the budget reached nobody's
+    tabs live, and the 5-tab user's tabs get it with the next message sent to them."""
+    stack.start_redis()
+    stack.configure(ack_delivered=0)
+    [server] = stack.daphnes(1)
+    mallory, accomplice, zero, one, five, friend = await stack.users(
+        "mallory", "accomplice", "zero", "one", "five", "friend"
+    )
+    await open_tabs(stack, server, accomplice, 50)
+    await stack.open_tab(server, one)
+    five_tabs = await open_tabs(stack, server, five, 5)
+    sender, friend_tab = await stack.open_tab(server, mallory), await stack.open_tab(server, friend)
+
+    for n in range(4):  # 200 copies: the whole FANOUT_LIMIT
+        assert (await sender.request(direct(accomplice, "drain", f"d{n}")))["type"] == "ack"
+    answers: dict = {"zero": [], "one": [], "five": []}
+    for n in range(5):
+        for name, user in (("five", five), ("one", one), ("zero", zero)):
+            answers[name].append(await sender.request(direct(user, n, "probe")))
+
+    same_ack = {"type": "ack", "id": "probe", "delivered": None}
+    assert answers["zero"] == answers["one"] == answers["five"] == [same_ack] * 5
+    live = [len(tab.frames_of("direct")) for tab in five_tabs]
+    assert max(live) < 5, live  # some probes were over the budget: kept, not sent
+    assert (await friend_tab.request(direct(five, "wake", "w")))["type"] == "ack"
+    for tab in five_tabs:
+        await tab.wait_for(lambda f: f.get("message") == "wake", 5)
+        assert [frame["message"] for frame in tab.frames_of("direct")] == [0, 1, 2, 3, 4, "wake"]
