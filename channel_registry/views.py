@@ -93,9 +93,9 @@ class EventStreamView(View):
 
     A request from a page of another origin gets 403 (``origins.event_stream_allowed``:
     the WebSocket origin rule), anonymous requests 401; over ``MAX_CONNECTIONS_PER_USER``
-    429, and 503 with ``Retry-After`` while the registry cannot be written, all at once. Each Channels event becomes one SSE event:
-    ``registry.notify`` → ``notification``, ``registry.direct`` → ``direct`` (the
-    same JSON frames a socket receives), ``registry.disconnect`` → a last
+    429, and 503 with ``Retry-After`` while the registry cannot be written, all at once.
+    Each Channels event becomes one SSE event: ``registry.notify`` → ``notification``,
+    ``registry.direct`` → ``direct`` (the same JSON frames a socket receives), ``registry.disconnect`` → a last
     ``disconnect`` event carrying the close code, then the stream ends; any other
     type is passed on under its own name with the event as data. ``groups``
     works like a consumer's: the stream joins them while it is open.
