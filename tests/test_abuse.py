@@ -406,7 +406,7 @@ async def test_a_page_on_another_port_cannot_hold_the_victims_stream_slots(stack
     attacking = True
 
     async def attack(headers):
-        while attacking:
+        while attacking or statuses.total() < 60:  # more than the victim's 50 slots, however slow the machine
             status, connection = await request_stream(server.port, headers)
             statuses[status] += 1
             (held if status == 200 else []).append(connection)
@@ -424,7 +424,7 @@ async def test_a_page_on_another_port_cannot_hold_the_victims_stream_slots(stack
 
     assert status == 200 and all(tab.is_open for tab in tabs)
     assert len(await stack.rows(user=victim)) == 50
-    assert set(statuses) == {403} and statuses[403] >= 50 and held == []
+    assert set(statuses) == {403} and held == []
     assert p99(loud) <= max(250, 3 * p99(quiet)), (sorted(quiet), sorted(loud))
     own_stream.close()
 
