@@ -136,41 +136,78 @@ class History:
         raise NotImplementedError
 
 
+@dataclass
+class MemoryUser:
+    """One user's history in a :class:`MemoryHistory`."""
+
+    epoch: str
+    events: deque[tuple[int, float, dict[str, Any]]]
+    seq: int = 0
+    #: ``time.time()`` of the newest event, and of the last append or read.
+    appended: float = 0.0
+    used: float = 0.0
+
+
 class MemoryHistory(History):
-    """For ``InMemoryChannelLayer``: one process, like the layer itself."""
+    """For ``InMemoryChannelLayer``: one process, like the layer itself.
+
+    Forgets as Redis expires a :class:`RedisHistory`'s keys, so a process that
+    served many users does not keep them all: a user's events ``HISTORY_TTL``
+    after the newest one, the user (epoch and seq) ``HEAD_TTL`` after their
+    history was last used. The head outlives the events so that a quiet open
+    tab is not reset. One pass over all users, at most every ``PRUNE_EVERY`` seconds.
+    """
+
+    PRUNE_EVERY = 60.0
 
     def __init__(self) -> None:
-        self.users: dict[Any, tuple[str, int, deque[tuple[int, float, dict[str, Any]]]]] = {}
+        self.users: dict[Any, MemoryUser] = {}
+        self.pruned_at = time.time()
 
-    def _user(self, user_id: Any) -> tuple[str, int, deque[tuple[int, float, dict[str, Any]]]]:
-        if user_id not in self.users:
-            self.users[user_id] = (new_epoch(), 0, deque(maxlen=registry_settings().HISTORY_SIZE))
-        return self.users[user_id]
+    def _user(self, user_id: Any, now: float) -> MemoryUser:
+        self.forget_expired(now)
+        user = self.users.get(user_id)
+        if user is None:
+            user = self.users[user_id] = MemoryUser(new_epoch(), deque(maxlen=registry_settings().HISTORY_SIZE))
+        user.used = now
+        return user
+
+    def forget_expired(self, now: float) -> None:
+        ttl = registry_settings().HISTORY_TTL
+        if now - self.pruned_at < min(ttl, self.PRUNE_EVERY):
+            return
+        self.pruned_at = now
+        for user_id, user in list(self.users.items()):
+            if now - user.used > HEAD_TTL:
+                del self.users[user_id]
+            elif now - user.appended > ttl:
+                user.events.clear()
 
     async def append(self, user_ids: Collection[Any], event: dict[str, Any]) -> dict[Any, Position]:
+        now = time.time()
         positions = {}
         for user_id in user_ids:
-            epoch, seq, events = self._user(user_id)
-            seq += 1
-            events.append((seq, time.time(), event))
-            self.users[user_id] = (epoch, seq, events)
-            positions[user_id] = Position(epoch, seq)
+            user = self._user(user_id, now)
+            user.seq += 1
+            user.events.append((user.seq, now, event))
+            user.appended = now
+            positions[user_id] = Position(user.epoch, user.seq)
         return positions
 
     async def read(self, user_id: Any, since: Position | None) -> Recovery:
-        epoch, seq, events = self._user(user_id)
-        head = Position(epoch, seq)
-        options = registry_settings()
+        now = time.time()
+        user = self._user(user_id, now)
+        head = Position(user.epoch, user.seq)
         if since is None:
             return Recovery(head)
         reset = check_limits(head, since)
         if reset:
             return Recovery(head, reset=reset)
-        oldest_kept = time.time() - options.HISTORY_TTL
-        missed = [(n, sent, e) for n, sent, e in events if n > since.seq]
+        oldest_kept = now - registry_settings().HISTORY_TTL
+        missed = [(n, sent, e) for n, sent, e in user.events if n > since.seq]
         if len(missed) != head.seq - since.seq or (missed and missed[0][1] < oldest_kept):
             return Recovery(head, reset=RESET_EXPIRED)
-        return Recovery(head, [resolved(e, Position(epoch, n)) for n, _, e in missed])
+        return Recovery(head, [resolved(e, Position(user.epoch, n)) for n, _, e in missed])
 
 
 #: Per user: the head hash (epoch, seq), then the stream of events, id ``<seq>-0``.

@@ -25,6 +25,7 @@ from .cursor import HISTORY_EVENTS, Cursor
 from .exceptions import LAYER_TRANSPORT_ERRORS, ChannelLayerUnavailable, ConnectionLimitExceeded
 from .history import history_for
 from .mapping import MappingStrategy
+from .origins import event_stream_allowed
 from .strategy import DeliveryStrategy, channel_layer
 
 logger = logging.getLogger(__name__)
@@ -71,8 +72,8 @@ async def on_shared_thread(coroutine):
 def refusal(status: int, code: str, detail: str) -> HttpResponse:
     """A stream refused before it opened: the status, and the same ``error`` frame a socket would get.
 
-    429 (over the connection limit) is final: opening again only works once another
-    connection closed. 503 carries ``Retry-After``.
+    403 (a page of another origin) is final, and so is 429 (over the connection limit):
+    opening again only works once another connection closed. 503 carries ``Retry-After``.
     """
     response = HttpResponse(json.dumps(protocol.error_frame(code, detail)), status=status,
                             content_type="application/json")  # fmt: skip
@@ -90,10 +91,11 @@ def signed_in_user_id(request):
 class EventStreamView(View):
     """``text/event-stream`` of everything delivered to the signed-in user.
 
-    Anonymous requests get 401; over ``MAX_CONNECTIONS_PER_USER`` 429, and 503
-    with ``Retry-After`` while the registry cannot be written, both at once. Each Channels event becomes one SSE event:
-    ``registry.notify`` → ``notification``, ``registry.direct`` → ``direct`` (the
-    same JSON frames a socket receives), ``registry.disconnect`` → a last
+    A request from a page of another origin gets 403 (``origins.event_stream_allowed``:
+    the WebSocket origin rule), anonymous requests 401; over ``MAX_CONNECTIONS_PER_USER``
+    429, and 503 with ``Retry-After`` while the registry cannot be written, all at once.
+    Each Channels event becomes one SSE event: ``registry.notify`` → ``notification``,
+    ``registry.direct`` → ``direct`` (the same JSON frames a socket receives), ``registry.disconnect`` → a last
     ``disconnect`` event carrying the close code, then the stream ends; any other
     type is passed on under its own name with the event as data. ``groups``
     works like a consumer's: the stream joins them while it is open.
@@ -104,6 +106,9 @@ class EventStreamView(View):
     groups: list[str] = []
 
     async def get(self, request):
+        # Before the session is read: another page's request learns nothing, holds nothing.
+        if not event_stream_allowed(request):
+            return refusal(403, protocol.FORBIDDEN, "event streams are only for this site's own pages")
         user_id = await sync_to_async(signed_in_user_id)(request)
         if user_id is None:
             return HttpResponse("Authentication required.", status=401, content_type="text/plain")

@@ -11,7 +11,9 @@
 #                                  http://localhost:$((PORT+1)): browsers share cookies
 #                                  between ports of one host, not between host names.
 #
-# Migrates, creates the demo users (idempotent) and prints their password first.
+# Migrates, creates the demo users (idempotent) and prints their password first, and deletes
+# stored messages older than DJANGO_INBOX_RETENTION_DAYS (30); a long-running demo should
+# also run `manage.py purge_notifications` daily (cron).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -42,6 +44,7 @@ esac
 
 "$BIN/python" demo_site/manage.py migrate --no-input --verbosity 0
 "$BIN/python" demo_site/manage.py demo_users
+"$BIN/python" demo_site/manage.py purge_notifications
 
 announce() { echo "demo: $SERVER serving on http://127.0.0.1:$1/ (Ctrl-C stops)"; }
 

@@ -22,7 +22,7 @@ from asgiref.sync import sync_to_async
 from django.db import connection
 
 from . import test_faults
-from .processes import ROOT, HandshakeRefused, csrf_token, http_request
+from .processes import ROOT, HandshakeRefused, await_until, close_all, csrf_token, http_request
 
 # The fault tests' fixtures: a throw-away database for the module, and a stack per test.
 demo_database = test_faults.demo_database
@@ -350,3 +350,114 @@ async def test_presence_changes_are_coalesced_for_everyone_else(stack):
     # At most one broadcast per 0.5 s, plus the one that starts a burst and the trailing one.
     assert 1 <= len(frames) <= churn_seconds / 0.5 + 3, (len(frames), churn_seconds)
     assert [person["username"] for person in frames[-1]["online"]] == ["alice"]
+
+
+# --------------------------------------------------------------------------- issue 17: origins and oracles
+
+
+async def request_stream(port: int, headers: dict) -> tuple[int, asyncio.StreamWriter]:
+    """``GET /events/`` over a raw connection: (status, the connection, still open to hold a stream)."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    lines = ["GET /events/ HTTP/1.1", f"Host: 127.0.0.1:{port}", "Accept: text/event-stream"]
+    lines += [f"{name}: {value}" for name, value in headers.items()]
+    writer.write(("\r\n".join(lines) + "\r\n\r\n").encode())
+    status_line = await asyncio.wait_for(reader.readline(), 10)
+    return int(status_line.split()[1]), writer
+
+
+async def open_timed(stack, server, user, count: int) -> tuple[list, list[float]]:
+    """``count`` tabs of ``user`` opened 10 at a time: (the tabs, each one's handshake time in ms)."""
+    times = []
+
+    async def timed():
+        started = time.perf_counter()
+        tab = await stack.open_tab(server, user)
+        times.append((time.perf_counter() - started) * 1000)
+        return tab
+
+    return await test_faults.bounded([timed() for _ in range(count)], limit=10), times
+
+
+async def test_a_page_on_another_port_cannot_hold_the_victims_stream_slots(stack):
+    """Issue 17, item 7: ``GET /events/`` with the victim's cookie from a page on another port of
+    the same host got 200, and such streams could fill the victim's 50 connections until their own
+    tabs got 4429. Shipped defaults: every such request is refused with 403 before it is registered,
+    and the victim opens all 50 of their connections while the attack runs, as fast as when quiet."""
+    stack.start_redis()
+    [server] = stack.daphnes(1)
+    [victim] = await stack.users("victim")
+    cookie = f"sessionid={victim.session}"
+    other_page = f"http://127.0.0.1:{server.port + 1}"
+    attacks = [
+        {"Cookie": cookie, "Origin": other_page, "Sec-Fetch-Site": "same-site"},  # its EventSource
+        {"Cookie": cookie, "Sec-Fetch-Site": "same-site"},  # its <img src> or no-cors fetch: no Origin
+        {"Cookie": cookie, "Sec-Fetch-Site": "cross-site"},
+    ]
+    own_page = {"Cookie": cookie, "Sec-Fetch-Site": "same-origin"}  # the site's own EventSource
+
+    tabs, quiet = await open_timed(stack, server, victim, 49)
+    status, own_stream = await request_stream(server.port, own_page)
+    assert status == 200 and len(await stack.rows(user=victim)) == 50
+    own_stream.close()
+    await close_all(tabs)
+    await await_until(lambda: test_faults.row_count(expect=0), 5)
+
+    statuses, held = Counter(), []
+    attacking = True
+
+    async def attack(headers):
+        while attacking or statuses.total() < 60:  # more than the victim's 50 slots, however slow the machine
+            status, connection = await request_stream(server.port, headers)
+            statuses[status] += 1
+            (held if status == 200 else []).append(connection)
+            if status != 200:
+                connection.close()
+
+    attackers = [asyncio.ensure_future(attack(attacks[n % len(attacks)])) for n in range(6)]
+    await asyncio.sleep(0.5)
+    tabs, loud = await open_timed(stack, server, victim, 49)
+    status, own_stream = await request_stream(server.port, own_page)
+    attacking = False
+    await asyncio.gather(*attackers)
+    print(f"\nvictim's handshakes p50/p99 ms quiet {statistics.median(quiet):.1f}/{p99(quiet):.1f}, "
+          f"attacked {statistics.median(loud):.1f}/{p99(loud):.1f}; attacker answers {dict(statuses)}")
+
+    assert status == 200 and all(tab.is_open for tab in tabs)
+    assert len(await stack.rows(user=victim)) == 50
+    assert set(statuses) == {403} and held == []
+    assert p99(loud) <= max(250, 3 * p99(quiet)), (sorted(quiet), sorted(loud))
+    own_stream.close()
+
+
+async def test_with_private_acks_the_copies_budget_tells_a_sender_nothing_about_the_recipient(stack):
+    """Issue 17, item 8: with ``ACK_DELIVERED`` off, a refused copies budget still answered a
+    ``retry_after`` exact to the millisecond: the price of the recipient's connections. Shipped
+    budgets: mallory drains her copies (4 messages to an accomplice's 50 tabs), then probes users
+    on 0, 1 and 5 tabs. Every answer is the same ack; what was over the budget reached nobody's
+    tabs live, and the 5-tab user's tabs get it with the next message sent to them."""
+    stack.start_redis()
+    stack.configure(ack_delivered=0)
+    [server] = stack.daphnes(1)
+    mallory, accomplice, zero, one, five, friend = await stack.users(
+        "mallory", "accomplice", "zero", "one", "five", "friend"
+    )
+    await open_tabs(stack, server, accomplice, 50)
+    await stack.open_tab(server, one)
+    five_tabs = await open_tabs(stack, server, five, 5)
+    sender, friend_tab = await stack.open_tab(server, mallory), await stack.open_tab(server, friend)
+
+    for n in range(4):  # 200 copies: the whole FANOUT_LIMIT
+        assert (await sender.request(direct(accomplice, "drain", f"d{n}")))["type"] == "ack"
+    answers: dict = {"zero": [], "one": [], "five": []}
+    for n in range(5):
+        for name, user in (("five", five), ("one", one), ("zero", zero)):
+            answers[name].append(await sender.request(direct(user, n, "probe")))
+
+    same_ack = {"type": "ack", "id": "probe", "delivered": None}
+    assert answers["zero"] == answers["one"] == answers["five"] == [same_ack] * 5
+    live = [len(tab.frames_of("direct")) for tab in five_tabs]
+    assert max(live) < 5, live  # some probes were over the budget: kept, not sent
+    assert (await friend_tab.request(direct(five, "wake", "w")))["type"] == "ack"
+    for tab in five_tabs:
+        await tab.wait_for(lambda f: f.get("message") == "wake", 5)
+        assert [frame["message"] for frame in tab.frames_of("direct")] == [0, 1, 2, 3, 4, "wake"]
