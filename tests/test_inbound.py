@@ -13,7 +13,12 @@ import pytest
 from channel_registry.inbound import FRAME_COST
 from channel_registry.protocol import CLOSE_TOO_FAST
 
-from .test_protocol import PONG, Between, consumer, open_as  # noqa: F401 (fixtures)
+from . import test_protocol
+from .test_protocol import PONG, Between
+
+# The protocol tests' fixtures: both consumers, a socket as a user.
+consumer = test_protocol.consumer
+open_as = test_protocol.open_as
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
