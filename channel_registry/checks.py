@@ -22,68 +22,54 @@ def check_options(app_configs: Any = None, **kwargs: Any) -> list[checks.CheckMe
     errors = []
     unknown = sorted(set(user_options()) - OPTION_NAMES)
     if unknown:
-        errors.append(
-            checks.Error(
-                f"{SETTINGS_NAME} has unknown option(s): {', '.join(unknown)}.",
-                hint=f"Valid options: {', '.join(sorted(OPTION_NAMES))}.",
-                id="channel_registry.E001",
-            )
-        )
+        errors.append(checks.Error(
+            f"{SETTINGS_NAME} has unknown option(s): {', '.join(unknown)}.",
+            hint=f"Valid options: {', '.join(sorted(OPTION_NAMES))}.",
+            id="channel_registry.E001",
+        ))
     try:
         options = registry_settings()
     except TypeError as error:
         return [*errors, checks.Error(f"{SETTINGS_NAME} is not a valid dict: {error}", id="channel_registry.E002")]
     if options.STALE_AFTER <= options.HEARTBEAT_INTERVAL:
-        errors.append(
-            checks.Error(
-                f"STALE_AFTER ({options.STALE_AFTER}) must be larger than HEARTBEAT_INTERVAL "
-                f"({options.HEARTBEAT_INTERVAL}), or live connections are treated as stale.",
-                hint="Use at least three heartbeats, e.g. HEARTBEAT_INTERVAL=30, STALE_AFTER=90.",
-                id="channel_registry.E003",
-            )
-        )
+        errors.append(checks.Error(
+            f"STALE_AFTER ({options.STALE_AFTER}) must be larger than HEARTBEAT_INTERVAL "
+            f"({options.HEARTBEAT_INTERVAL}), or live connections are treated as stale.",
+            hint="Use at least three heartbeats, e.g. HEARTBEAT_INTERVAL=30, STALE_AFTER=90.",
+            id="channel_registry.E003",
+        ))
     for name, unit in (("RATE_LIMIT", "messages"), ("FANOUT_LIMIT", "copies"), ("INBOUND_LIMIT", "bytes")):
         rate = getattr(options, name)
         if rate is not None and not (
             isinstance(rate, tuple) and len(rate) == 2 and all(isinstance(n, (int, float)) and n > 0 for n in rate)
         ):
-            errors.append(
-                checks.Error(
-                    f"{name} must be None or ({unit}, seconds) with two positive numbers, not {rate!r}.",
-                    id="channel_registry.E004",
-                )
-            )
+            errors.append(checks.Error(
+                f"{name} must be None or ({unit}, seconds) with two positive numbers, not {rate!r}.",
+                id="channel_registry.E004",
+            ))
     limit = options.MAX_CONNECTIONS_PER_USER
     if limit is not None and not (isinstance(limit, int) and not isinstance(limit, bool) and limit > 0):
-        errors.append(
-            checks.Error(
-                f"MAX_CONNECTIONS_PER_USER must be None or a positive integer, not {limit!r}.",
-                hint="None lets one account hold any number of sockets; the default is 50.",
-                id="channel_registry.E007",
-            )
-        )
+        errors.append(checks.Error(
+            f"MAX_CONNECTIONS_PER_USER must be None or a positive integer, not {limit!r}.",
+            hint="None lets one account hold any number of sockets; the default is 50.",
+            id="channel_registry.E007",
+        ))
     if options.ON_LIMIT not in ("close_newest", "close_oldest"):
-        errors.append(
-            checks.Error(
-                f"ON_LIMIT must be 'close_newest' or 'close_oldest', not {options.ON_LIMIT!r}.",
-                id="channel_registry.E005",
-            )
-        )
+        errors.append(checks.Error(
+            f"ON_LIMIT must be 'close_newest' or 'close_oldest', not {options.ON_LIMIT!r}.",
+            id="channel_registry.E005",
+        ))
     if options.CLOSE_ON_LOGOUT not in ("session", "user", None):
-        errors.append(
-            checks.Error(
-                f"CLOSE_ON_LOGOUT must be 'session', 'user' or None, not {options.CLOSE_ON_LOGOUT!r}.",
-                id="channel_registry.E013",
-            )
-        )
+        errors.append(checks.Error(
+            f"CLOSE_ON_LOGOUT must be 'session', 'user' or None, not {options.CLOSE_ON_LOGOUT!r}.",
+            id="channel_registry.E013",
+        ))
     if options.HISTORY and not 1 <= options.RECOVERY_LIMIT <= options.HISTORY_SIZE:
-        errors.append(
-            checks.Error(
-                f"RECOVERY_LIMIT ({options.RECOVERY_LIMIT}) must be between 1 and HISTORY_SIZE "
-                f"({options.HISTORY_SIZE}): a reconnect can only replay events the history keeps.",
-                id="channel_registry.E014",
-            )
-        )
+        errors.append(checks.Error(
+            f"RECOVERY_LIMIT ({options.RECOVERY_LIMIT}) must be between 1 and HISTORY_SIZE "
+            f"({options.HISTORY_SIZE}): a reconnect can only replay events the history keeps.",
+            id="channel_registry.E014",
+        ))
     if options.CAN_MESSAGE is not None:
         try:
             import_string(options.CAN_MESSAGE)
@@ -125,14 +111,12 @@ def check_channel_layer(app_configs: Any = None, **kwargs: Any) -> list[checks.C
     alias = registry_settings().CHANNEL_LAYER
     layer = getattr(settings, "CHANNEL_LAYERS", {}).get(alias)
     if layer is None:
-        return [
-            checks.Error(
-                f"CHANNEL_LAYERS has no {alias!r} layer; channel_registry cannot deliver anything.",
-                hint="Add CHANNEL_LAYERS = {'default': channel_registry.layers.redis_layer(REDIS_URL)} "
-                "(or the in-memory layer for a single process).",
-                id="channel_registry.E010",
-            )
-        ]
+        return [checks.Error(
+            f"CHANNEL_LAYERS has no {alias!r} layer; channel_registry cannot deliver anything.",
+            hint="Add CHANNEL_LAYERS = {'default': channel_registry.layers.redis_layer(REDIS_URL)} "
+            "(or the in-memory layer for a single process).",
+            id="channel_registry.E010",
+        )]
     messages = _check_history_support(layer.get("BACKEND", ""))
     if layer.get("BACKEND") not in REDIS_LAYERS:
         return messages
@@ -140,14 +124,12 @@ def check_channel_layer(app_configs: Any = None, **kwargs: Any) -> list[checks.C
     for host in hosts:
         messages += _check_redis_host(host)
     if len(hosts) > 1 and layer["BACKEND"] == STOCK_LAYER:  # the batched layer's send picks the right shard
-        messages.append(
-            checks.Info(
-                "Sharded RedisChannelLayer: channel_registry delivers to the right shard, but your own "
-                "channel_layer.send() to a specific channel loses about half the messages "
-                "(channels_redis#221). Use send_to_user() or group_send() instead.",
-                id="channel_registry.I012",
-            )
-        )
+        messages.append(checks.Info(
+            "Sharded RedisChannelLayer: channel_registry delivers to the right shard, but your own "
+            "channel_layer.send() to a specific channel loses about half the messages "
+            "(channels_redis#221). Use send_to_user() or group_send() instead.",
+            id="channel_registry.I012",
+        ))
     return messages
 
 
@@ -156,25 +138,21 @@ def _check_redis_host(host: Any) -> list[checks.CheckMessage]:
     timeout = _host_option(host, "socket_timeout")
     too_short = timeout not in (None, ...) and float(timeout) <= BLOCKING_READ
     if too_short or (timeout is ... and _redis_py_version() >= (8, 0)):
-        messages.append(
-            checks.Error(
-                f"Redis host {host!r} keeps redis-py's 5 s socket_timeout: idle consumers are "
-                "disconnected with 1011 after ~5.8 s (redis/redis-py#4091).",
-                hint="Use channel_registry.layers.redis_layer(url), or give the host as "
-                "{'address': url, 'socket_timeout': 15}.",
-                id="channel_registry.E011",
-            )
-        )
+        messages.append(checks.Error(
+            f"Redis host {host!r} keeps redis-py's 5 s socket_timeout: idle consumers are "
+            "disconnected with 1011 after ~5.8 s (redis/redis-py#4091).",
+            hint="Use channel_registry.layers.redis_layer(url), or give the host as "
+            "{'address': url, 'socket_timeout': 15}.",
+            id="channel_registry.E011",
+        ))
     if str(_host_option(host, "protocol")) != "2" and _on_tcp(host) and _redis_py_version() >= (8, 1):
-        messages.append(
-            checks.Warning(
-                f"Redis host {host!r} speaks RESP3 (redis-py 8's default), and on redis-py 8.1 or later "
-                "every connection pooled before a Redis restart fails its next command with 'Connection "
-                "closed by server': sends and direct messages fail once per pooled connection (redis/redis-py#4252).",
-                hint="Use channel_registry.layers.redis_layer(url), or add 'protocol': 2 to the host.",
-                id="channel_registry.W016",
-            )
-        )
+        messages.append(checks.Warning(
+            f"Redis host {host!r} speaks RESP3 (redis-py 8's default), and on redis-py 8.1 or later "
+            "every connection pooled before a Redis restart fails its next command with 'Connection "
+            "closed by server': sends and direct messages fail once per pooled connection (redis/redis-py#4252).",
+            hint="Use channel_registry.layers.redis_layer(url), or add 'protocol': 2 to the host.",
+            id="channel_registry.W016",
+        ))
     return messages
 
 
@@ -188,14 +166,12 @@ def _check_history_support(backend: str) -> list[checks.CheckMessage]:
             return []
     except ImportError:
         pass
-    return [
-        checks.Warning(
-            f"HISTORY is on but {backend!r} keeps no history: clients that reconnect cannot recover "
-            "the events they missed, and events carry no position.",
-            hint="Use channel_registry.layers.redis_layer() or the in-memory layer, or set HISTORY=False.",
-            id="channel_registry.W015",
-        )
-    ]
+    return [checks.Warning(
+        f"HISTORY is on but {backend!r} keeps no history: clients that reconnect cannot recover "
+        "the events they missed, and events carry no position.",
+        hint="Use channel_registry.layers.redis_layer() or the in-memory layer, or set HISTORY=False.",
+        id="channel_registry.W015",
+    )]
 
 
 @checks.register()
@@ -203,13 +179,11 @@ def check_persistent_connections(app_configs: Any = None, **kwargs: Any) -> list
     database = settings.DATABASES.get("default", {})
     pooled = bool(database.get("OPTIONS", {}).get("pool"))
     if database.get("CONN_MAX_AGE", 0) == 0 and not pooled:
-        return [
-            checks.Warning(
-                "DATABASES['default'] has CONN_MAX_AGE=0: Channels closes the connection before every "
-                "consumer handler, so each registry lookup opens a new database connection (~3 ms).",
-                hint="Set CONN_MAX_AGE=None (with CONN_HEALTH_CHECKS=True) or use Django's psycopg pool "
-                "(OPTIONS={'pool': True}, Django ≥ 5.1).",
-                id="channel_registry.W020",
-            )
-        ]
+        return [checks.Warning(
+            "DATABASES['default'] has CONN_MAX_AGE=0: Channels closes the connection before every "
+            "consumer handler, so each registry lookup opens a new database connection (~3 ms).",
+            hint="Set CONN_MAX_AGE=None (with CONN_HEALTH_CHECKS=True) or use Django's psycopg pool "
+            "(OPTIONS={'pool': True}, Django ≥ 5.1).",
+            id="channel_registry.W020",
+        )]
     return []

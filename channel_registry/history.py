@@ -279,13 +279,10 @@ class RedisHistory(History):
         payloads = answer[2:]
         if payloads and payloads[0] is None:
             return Recovery(head, reset=RESET_EXPIRED)
-        return Recovery(
-            head,
-            [
-                resolved(self.layer.deserialize(payload), Position(head.epoch, since.seq + i))
-                for i, payload in enumerate(payloads, start=1)
-            ],
-        )
+        return Recovery(head, [
+            resolved(self.layer.deserialize(payload), Position(head.epoch, since.seq + i))
+            for i, payload in enumerate(payloads, start=1)
+        ])
 
 
 def history_layer_types() -> tuple[type, ...]:

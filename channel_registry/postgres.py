@@ -82,13 +82,9 @@ class Statements:
         self.lock_user = f"SELECT 1 FROM {users} WHERE {pk} = %s FOR UPDATE"
         # A direct message's recipient check and channel lookup: the user LEFT JOIN their rows.
         active = active_users_condition(quote)
-        self.recipient_rows = (
-            None
-            if active is None
-            else (
-                f"SELECT c.channel_name, c.last_seen FROM {users} u LEFT JOIN {table} c ON c.{user_id} = u.{pk} "
-                f"WHERE u.{pk} = %s{active}"
-            )
+        self.recipient_rows = None if active is None else (
+            f"SELECT c.channel_name, c.last_seen FROM {users} u LEFT JOIN {table} c ON c.{user_id} = u.{pk} "
+            f"WHERE u.{pk} = %s{active}"
         )
         columns = f"{user_id}, channel_name, server, session, connected_at, last_seen"
         # A CTE's SELECT sees the table as it was before the CTE's own INSERT/DELETE:

@@ -41,7 +41,9 @@ def channel_layer() -> Any:
     alias = registry_settings().CHANNEL_LAYER
     layer = get_channel_layer(alias)
     if layer is None:
-        raise ImproperlyConfigured(f"channel_registry needs a channel layer: CHANNEL_LAYERS has no {alias!r} entry.")
+        raise ImproperlyConfigured(
+            f"channel_registry needs a channel layer: CHANNEL_LAYERS has no {alias!r} entry."
+        )
     return layer
 
 

@@ -21,16 +21,12 @@ class Command(BaseCommand):
 
     def add_arguments(self, parser: Any) -> None:
         parser.add_argument(
-            "--older-than",
-            type=positive,
-            metavar="SECONDS",
+            "--older-than", type=positive, metavar="SECONDS",
             help="Staleness threshold (default: CHANNEL_REGISTRY['STALE_AFTER']).",
         )
         parser.add_argument("--dry-run", action="store_true", help="Count stale rows, delete nothing.")
         parser.add_argument(
-            "--every",
-            type=positive,
-            metavar="SECONDS",
+            "--every", type=positive, metavar="SECONDS",
             help="Keep running, pruning every SECONDS, until interrupted.",
         )
 
