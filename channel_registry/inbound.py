@@ -113,7 +113,7 @@ class InboundGate:
     def stop(self) -> None:
         self._reader.cancel()
 
-    def _reader_done(self, reader: asyncio.Future) -> None:
+    def _reader_done(self, reader: asyncio.Future[None]) -> None:
         if not reader.cancelled() and reader.exception() is not None:
             self._passed.put_nowait(READER_FAILED)
 

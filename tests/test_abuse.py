@@ -20,8 +20,8 @@ from collections import Counter
 
 import pytest
 from asgiref.sync import sync_to_async
-from redis import Redis
 from django.db import connection
+from redis import Redis
 
 from . import test_faults
 from .processes import ROOT, HandshakeRefused, csrf_token, http_request
@@ -416,7 +416,8 @@ async def test_a_frame_flood_from_the_maximum_sockets_is_closed_and_costs_bystan
             loud, replies = await converse(pairs, 24, "l.", gap=0.3)  # about 8 s
     acks += replies
     growth_mib = (max(rss.samples) - rss_before) / 1024
-    print(f"\n[{kind}] RSS {rss_before / 1024:.0f} MiB + {growth_mib:.1f} MiB; Redis PING p99 {p99(pings.samples):.1f} ms; "
+    print(f"\n[{kind}] RSS {rss_before / 1024:.0f} MiB + {growth_mib:.1f} MiB; "
+          f"Redis PING p99 {p99(pings.samples):.1f} ms; "
           f"bystander p50/p99 ms quiet {statistics.median(quiet):.1f}/{p99(quiet):.1f}, "
           f"flood {statistics.median(loud):.1f}/{p99(loud):.1f}; flooder {dict(flood.answers)}")  # fmt: skip
 
@@ -425,3 +426,21 @@ async def test_a_frame_flood_from_the_maximum_sockets_is_closed_and_costs_bystan
     assert p99(pings.samples) <= 20
     assert [a.get("delivered") for a in acks] == [1] * len(acks) == [1] * 120
     assert p99(loud) <= 5000, (sorted(quiet), sorted(loud))
+
+
+async def test_group_sockets_count_against_the_connection_limit_and_their_slots_come_back(stack):
+    """Issue 17, item 6: 60 of 60 ``GroupConsumer`` sockets of one account stayed open."""
+    stack.start_redis()
+    first, second = stack.daphnes(2)
+    [mallory] = await stack.users("mallory")
+    tabs = await test_faults.bounded(
+        [stack.tab(server, mallory, path="/ws/groups/") for server in (first, second) for _ in range(30)], limit=10
+    )
+    await asyncio.sleep(0.5)
+    codes = Counter(tab.close_code if not tab.is_open else "open" for tab in tabs)
+    assert codes == {"open": 50, 4429: 10}
+
+    await test_faults.close_all([tab for tab in tabs if tab.is_open][:5])
+    again = await test_faults.bounded([stack.tab(second, mallory, path="/ws/groups/") for _ in range(6)], limit=6)
+    await asyncio.sleep(0.5)
+    assert Counter(tab.close_code if not tab.is_open else "open" for tab in again) == {"open": 5, 4429: 1}
