@@ -50,6 +50,8 @@ class RegistryConsumerMixin:
     _unregistering: asyncio.Future | None = None
     #: Where this connection is in its user's history; ``None`` without one.
     cursor: Cursor | None = None
+    #: What this connection may send (``INBOUND_LIMIT``); ``None`` without a limit.
+    inbound: InboundGate | None = None
     #: Channel layer events whose handlers only write to the socket. Channels runs
     #: ``close_old_connections`` through the thread pool before every handler; for
     #: these (one per delivered copy of every message) the hop is skipped. A
@@ -151,7 +153,7 @@ class RegistryConsumerMixin:
         # The consumer reads the server's queue through the connection's inbound
         # budget, which never stops reading it (see inbound.py).
         limit = registry_settings().INBOUND_LIMIT
-        gate = InboundGate(receive, send, limit) if limit else None
+        self.inbound = gate = InboundGate(receive, send, limit) if limit else None
         # The other exits — an exception in a handler, or cancellation (daphne
         # cancels consumers on shutdown) — end here, so the row goes in all cases.
         try:
@@ -198,8 +200,10 @@ class RegistryConsumer(RegistryConsumerMixin, AsyncJsonWebsocketConsumer):
             payload = protocol.decode_frame(text_data, registry_settings().MAX_MESSAGE_BYTES)
             reply = await self.handle_frame(payload)
         except ProtocolError as error:
-            # Answered at once, budget refusals included: what a connection that ignores
-            # them may cost is bounded by its inbound budget (INBOUND_LIMIT).
+            # Answered at once, budget refusals included; a connection that sends on
+            # regardless runs into its inbound budget (INBOUND_LIMIT) and is closed.
+            if error.retry_after and self.inbound:
+                self.inbound.told_to_wait(error.retry_after)
             reply = error.frame()
         if reply is not None:
             await self.send_json(reply)

@@ -10,6 +10,10 @@ so the bucket goes into debt. A connection that sends another full bucket after
 being told is closed with ``CLOSE_TOO_FAST``; its frames not handled yet, and
 what it sends until the server reports the close, are dropped unread.
 
+A refusal by another budget (the user's ``RATE_LIMIT`` or ``FANOUT_LIMIT``)
+charges the connection the wait it announced (:meth:`InboundGate.told_to_wait`),
+so sending on regardless ends the same way.
+
 The bucket lives in this process: a budget per connection needs no Redis round
 trip. It holds ``INBOUND_LIMIT[0]`` bytes and refills over ``INBOUND_LIMIT[1]``
 seconds; every frame costs its length plus ``FRAME_COST`` (a ping is not free).
@@ -59,6 +63,10 @@ class InboundBucket:
         if paid:
             return None
         return math.ceil((cost - self.tokens) / self.rate * 1000) / 1000
+
+    def owe(self, seconds: float) -> None:
+        """Charge what ``seconds`` of waiting refills (at most a full bucket)."""
+        self.tokens -= min(self.capacity, seconds * self.rate)
 
     @property
     def exhausted(self) -> bool:
@@ -112,6 +120,15 @@ class InboundGate:
 
     def stop(self) -> None:
         self._reader.cancel()
+
+    def told_to_wait(self, seconds: float) -> None:
+        """Another budget refused a frame for ``seconds`` (``RATE_LIMIT``, ``FANOUT_LIMIT``).
+
+        The connection is charged that wait: a client that waits as told loses
+        nothing, one that sends on runs into this budget's debt, then is closed.
+        """
+        self.told = True
+        self.bucket.owe(seconds)
 
     def _reader_done(self, reader: asyncio.Future[None]) -> None:
         if not reader.cancelled() and reader.exception() is not None:
