@@ -42,10 +42,11 @@ class RegistrySettings:
     MAX_MESSAGE_BYTES: int = 16 * 1024
     #: ``(bytes, seconds)``: what one connection may send, checked in its process as
     #: each frame arrives (see ``inbound.py``); a frame costs its length plus 1 KiB.
-    #: 512 KiB per 10 s: 20 frames of the largest size at once, or about 500 pings.
-    #: Over it a frame is refused; another full budget sent after that closes the
-    #: connection with 4420. ``None`` disables it.
-    INBOUND_LIMIT: tuple[int, float] | None = (512 * 1024, 10)
+    #: 128 KiB per 10 s: 7 frames of the largest size at once, or about 120 pings.
+    #: Its size bounds what a flooding socket makes its process hold (paid frames wait
+    #: for the consumer). Over it a frame is refused; another full budget sent after
+    #: that closes the connection with 4420. ``None`` disables it.
+    INBOUND_LIMIT: tuple[int, float] | None = (128 * 1024, 10)
     #: ``(messages, seconds)``: direct messages per user, over all their connections
     #: and processes (a token bucket in Redis with channels_redis). ``None`` disables it.
     RATE_LIMIT: tuple[int, float] | None = (20, 10)
