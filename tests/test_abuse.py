@@ -21,7 +21,6 @@ from collections import Counter
 import pytest
 from asgiref.sync import sync_to_async
 from django.db import connection
-from redis import Redis
 
 from channel_registry.conf import RegistrySettings
 from channel_registry.inbound import FRAME_COST
@@ -386,10 +385,24 @@ class Sampler:
         self._thread.join(5)
 
 
-def ping_ms(client) -> float:
-    started = time.perf_counter()
-    client.ping()
-    return (time.perf_counter() - started) * 1000
+class RedisPings:
+    """``tests/redis_pinger.py`` in a process of its own while in the ``async with``: ``samples`` in ms."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+
+    async def __aenter__(self) -> RedisPings:
+        self.process = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "tests.redis_pinger", self.url, "0.02", cwd=ROOT,
+            stdout=asyncio.subprocess.PIPE, env={**os.environ, "PYTHONPATH": str(ROOT)},
+        )  # fmt: skip
+        assert await asyncio.wait_for(self.process.stdout.readline(), 20) == b"ready\n"
+        return self
+
+    async def __aexit__(self, *exc_info) -> None:
+        self.process.terminate()
+        output, _ = await asyncio.wait_for(self.process.communicate(), 30)
+        self.samples: list[float] = json.loads(output)
 
 
 @pytest.mark.parametrize("kind", ["daphne", "uvicorn"])
@@ -415,12 +428,12 @@ async def test_a_frame_flood_from_the_maximum_sockets_is_closed_and_costs_bystan
     pairs = list(zip(people[::2], people[1::2], strict=True))
     # Every bystander sends 3 + 12 messages: within their own budget of 20.
     quiet, acks = await converse(pairs, 6, "q.", gap=0.3)
-    redis = Redis.from_url(stack.redis[0].url)
 
     rss_before = server.rss_kb()
-    with Sampler(server.rss_kb, 0.05) as rss, Sampler(lambda: ping_ms(redis), 0.02) as pings:
-        async with Flood(server, mallory, bob, sockets=50, mode="blast") as flood:
-            loud, replies = await converse(pairs, 24, "l.", gap=0.3)  # about 8 s
+    async with RedisPings(stack.redis[0].url) as pings:
+        with Sampler(server.rss_kb, 0.05) as rss:
+            async with Flood(server, mallory, bob, sockets=50, mode="blast") as flood:
+                loud, replies = await converse(pairs, 24, "l.", gap=0.3)  # about 8 s
     acks += replies
     growth_mib = (max(rss.samples) - rss_before) / 1024
     print(f"\n[{kind}] RSS {rss_before / 1024:.0f} MiB + {growth_mib:.1f} MiB; "

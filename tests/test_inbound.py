@@ -105,6 +105,7 @@ async def test_forty_directs_at_once_are_all_answered_under_the_default_budgets(
         await sender.send_json_to({"type": "direct", "to": bob.pk, "message": "x" * 1000, "id": n})
     answers = await outputs(sender, 40)
     assert sorted(a["id"] for a in answers) == list(range(40))
-    assert [a["type"] for a in answers].count("ack") == 20
+    # 20 from the full bucket, plus one per 0.5 s it took to answer them all.
+    assert 20 <= [a["type"] for a in answers].count("ack") <= 25
     assert all(a["code"] == "rate_limited" for a in answers if a["type"] == "error")
     assert await sender.receive_nothing()
