@@ -5,9 +5,9 @@ so a logout can close that session's connections); delivery is one
 ``group_send`` per user. Groups cannot be listed, so this strategy cannot say
 how many channels an event reached (``Delivery.channels`` and ``sent`` are
 ``None``, the ``ack`` frame's ``delivered`` is ``null``), cannot answer presence,
-and keeps a dead member until the layer's ``group_expiry``. The connection limit
-is kept apart, in slots (``slots.py``). It exists so both
-approaches can be compared on the same workload, with the same protocol.
+and keeps a dead member until the layer's ``group_expiry``. It exists so both
+approaches can be compared on the same workload, with the same protocol. The
+connection limit is counted apart from the groups, in slots (``slots.py``).
 """
 
 from __future__ import annotations
@@ -69,9 +69,11 @@ class GroupStrategy(DeliveryStrategy):
             await send_many(channel_layer(), evicted, event, concurrency=registry_settings().SEND_CONCURRENCY)
 
     async def unregister(self, user_id: Any, channel_name: str, session_key: str | None = None) -> None:
-        for group in connection_groups(user_id, session_key):
-            await _layer_call("group_discard", group, channel_name)
-        await slots.release(channel_layer(), channel_name)
+        try:
+            for group in connection_groups(user_id, session_key):
+                await _layer_call("group_discard", group, channel_name)
+        finally:
+            await slots.release(channel_layer(), channel_name)
 
     async def route(
         self, user_ids: Collection[Any], event: dict[str, Any], positions: dict[Any, Position] | None = None
