@@ -11,8 +11,8 @@ being told is closed with ``CLOSE_TOO_FAST``; its frames not handled yet, and
 what it sends until the server reports the close, are dropped unread.
 
 A refusal by another budget (the user's ``RATE_LIMIT`` or ``FANOUT_LIMIT``)
-charges the connection the wait it announced (:meth:`InboundGate.told_to_wait`),
-so sending on regardless ends the same way.
+charges the connection the wait it announced, up to a second's refill
+(:meth:`InboundGate.told_to_wait`), so sending on regardless ends the same way.
 
 The bucket lives in this process: a budget per connection needs no Redis round
 trip. It holds ``INBOUND_LIMIT[0]`` bytes and refills over ``INBOUND_LIMIT[1]``
@@ -33,6 +33,10 @@ from . import protocol
 
 #: What every frame costs on top of its length, in bytes: the server's own work per frame.
 FRAME_COST = 1024
+
+#: Most seconds of refill one refusal by another budget charges: enough that a client sending
+#: on regardless soon runs out, little enough that its next, different frame still passes.
+OWED_WAIT_MAX = 1.0
 
 #: Put in the consumer's queue when the reader failed; ``receive`` raises the reader's error.
 READER_FAILED: dict[str, Any] = {"type": "registry.inbound_failed"}
@@ -65,8 +69,8 @@ class InboundBucket:
         return math.ceil((cost - self.tokens) / self.rate * 1000) / 1000
 
     def owe(self, seconds: float) -> None:
-        """Charge what ``seconds`` of waiting refills (at most a full bucket)."""
-        self.tokens -= min(self.capacity, seconds * self.rate)
+        """Charge what ``seconds`` of waiting refills, at most ``OWED_WAIT_MAX`` seconds' worth."""
+        self.tokens -= min(seconds, OWED_WAIT_MAX) * self.rate
 
     @property
     def exhausted(self) -> bool:
@@ -124,8 +128,9 @@ class InboundGate:
     def told_to_wait(self, seconds: float) -> None:
         """Another budget refused a frame for ``seconds`` (``RATE_LIMIT``, ``FANOUT_LIMIT``).
 
-        The connection is charged that wait: a client that waits as told loses
-        nothing, one that sends on runs into this budget's debt, then is closed.
+        The connection is charged that wait (at most ``OWED_WAIT_MAX``): a client that
+        waits as told loses nothing, one that sends on runs into this budget's debt,
+        then is closed.
         """
         self.told = True
         self.bucket.owe(seconds)
