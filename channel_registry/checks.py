@@ -44,7 +44,7 @@ def check_options(app_configs: Any = None, **kwargs: Any) -> list[checks.CheckMe
             hint="Use at least three heartbeats, e.g. HEARTBEAT_INTERVAL=30, STALE_AFTER=90.",
             id="channel_registry.E003",
         ))
-    for name, unit in (("RATE_LIMIT", "messages"), ("FANOUT_LIMIT", "copies")):
+    for name, unit in (("RATE_LIMIT", "messages"), ("FANOUT_LIMIT", "copies"), ("INBOUND_LIMIT", "bytes")):
         rate = getattr(options, name)
         if rate is not None and not (
             isinstance(rate, tuple) and len(rate) == 2 and all(isinstance(n, (int, float)) and n > 0 for n in rate)

@@ -42,6 +42,13 @@ class RegistrySettings:
     SEND_CONCURRENCY: int = 50
     #: Largest text frame a consumer accepts, in bytes of UTF-8.
     MAX_MESSAGE_BYTES: int = 16 * 1024
+    #: ``(bytes, seconds)``: what one connection may send, checked in its process as
+    #: each frame arrives (see ``inbound.py``); a frame costs its length plus 1 KiB.
+    #: 128 KiB per 10 s: 7 frames of the largest size at once, or about 120 pings.
+    #: Its size bounds what a flooding socket makes its process hold (paid frames wait
+    #: for the consumer). Over it a frame is refused; another full budget sent after
+    #: that closes the connection with 4420. ``None`` disables it.
+    INBOUND_LIMIT: tuple[int, float] | None = (128 * 1024, 10)
     #: ``(messages, seconds)``: direct messages per user, over all their connections
     #: and processes (a token bucket in Redis with channels_redis). ``None`` disables it.
     RATE_LIMIT: tuple[int, float] | None = (20, 10)
@@ -131,7 +138,7 @@ def _renamed(options: dict[str, Any]) -> dict[str, Any]:
 def registry_settings() -> RegistrySettings:
     """The effective settings; unknown keys are reported by the system check."""
     options = {k: v for k, v in _renamed(user_options()).items() if k in OPTION_NAMES}
-    for name in ("RATE_LIMIT", "FANOUT_LIMIT"):
+    for name in ("RATE_LIMIT", "FANOUT_LIMIT", "INBOUND_LIMIT"):
         if isinstance(options.get(name), list):
             options[name] = tuple(options[name])
     return RegistrySettings(**options)

@@ -36,6 +36,9 @@ CLOSE_SESSION_ENDED = 4410
 CLOSE_REAUTHENTICATE = 4409
 #: Over the per-user connection limit. Do not retry: it would only evict another tab.
 CLOSE_TOO_MANY = 4429
+#: The connection kept sending after its frames were refused (``INBOUND_LIMIT``).
+#: Reconnect only after a long delay, and send less.
+CLOSE_TOO_FAST = 4420
 #: The server cannot register connections right now (database or Redis down). Retry with backoff.
 CLOSE_UNAVAILABLE = 4503
 

@@ -856,7 +856,8 @@ async def test_1000_random_frames_never_crash_the_consumer_nor_reach_anyone_unad
     consumer, connect, alice, bob, carol, dave, settings
 ):
     """Alice's one socket gets 1,000 random frames; Carol may be addressed, Bob never is."""
-    settings.CHANNEL_REGISTRY = {"RATE_LIMIT": None, "MAX_MESSAGE_BYTES": FUZZ_MAX_BYTES}
+    # One socket sends 1,000 frames back to back: no per-user or per-connection budget.
+    settings.CHANNEL_REGISTRY = {"RATE_LIMIT": None, "INBOUND_LIMIT": None, "MAX_MESSAGE_BYTES": FUZZ_MAX_BYTES}
     users = {"sender": alice.pk, "addressee": carol.pk, "inactive": dave.pk}
     sockets = {"sender": await connect(alice, consumer=consumer)}
     addressee, bystander = await connect(carol, consumer=consumer), await connect(bob, consumer=consumer)

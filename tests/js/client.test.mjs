@@ -243,6 +243,24 @@ describe("RegistrySocket", () => {
     assert.equal(FakeWebSocket.all.length, 3);
   });
 
+  test("4420 (sent too fast) waits slowDownDelay plus the growing backoff before each reconnect", () => {
+    const client = socket({ slowDownDelay: 30000 });
+    const seen = record(client, ["state"]);
+    client.connect();
+    FakeWebSocket.last.serverOpens();
+    FakeWebSocket.last.serverCloses(4420);
+    assert.equal(client.state, State.RECONNECTING);
+    assert.deepEqual([seen.at(-1)[1].delay, seen.at(-1)[1].code], [31000, undefined]);
+    mock.timers.tick(30999);
+    assert.equal(FakeWebSocket.all.length, 1, "no reconnect before the delay");
+    mock.timers.tick(1);
+    assert.equal(FakeWebSocket.all.length, 2);
+    FakeWebSocket.last.serverOpens();
+    FakeWebSocket.last.serverCloses(4420);
+    assert.equal(seen.at(-1)[1].delay, 32000);
+    client.close();
+  });
+
   test("4503 (server unavailable) is retried with backoff", () => {
     const client = socket();
     client.connect();
