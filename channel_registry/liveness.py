@@ -150,7 +150,7 @@ async def watch(channel_name: str, access: Access) -> int | None:
     heartbeat.ensure_running()
     try:
         return (await database_sync_to_async(ended)({channel_name: access})).get(channel_name)
-    except DatabaseError as error:
+    except Exception as error:  # a session cache backend's errors too: the beat checks again
         logger.warning("channel_registry: could not check %s now (%s); the heartbeat will", channel_name, error)
         return None
 
@@ -168,7 +168,7 @@ async def revalidate() -> dict[str, int]:
     """
     try:
         codes = await database_sync_to_async(ended)(dict(process.watched))
-    except DatabaseError:
+    except Exception:  # the database's, or a session cache backend's: the heartbeat must keep beating
         logger.warning("channel_registry: could not check open connections; retrying next interval", exc_info=True)
         return {}
     by_code: dict[int, list[str]] = {}

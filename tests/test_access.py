@@ -194,3 +194,18 @@ def test_a_session_engine_that_cannot_be_asked_is_reported(settings):
     assert warning.id == "channel_registry.W030" and warning.level == checks.WARNING
     settings.CHANNEL_REGISTRY = {"CLOSE_ON_LOGOUT": None}
     assert check_session_engine() == []
+
+
+async def test_a_check_that_fails_never_stops_the_heartbeat(connect, alice, monkeypatch):
+    """A session cache that is down raises its own errors, not the database's: logged, checked again next beat."""
+    socket = await connect(alice, session_key=await sync_to_async(signed_in)(alice))
+
+    def cache_down(keys):
+        raise ConnectionError("session cache unreachable")
+
+    monkeypatch.setattr("channel_registry.sessions.live_sessions", cache_down)
+    assert await revalidate() == {}
+    assert await socket.receive_nothing()
+    monkeypatch.undo()
+    await sync_to_async(delete_session)(alice, process.watched[socket.channel_name].session_key)
+    assert await revalidate() == {socket.channel_name: 4410}
