@@ -115,7 +115,7 @@ async def test_a_handshake_that_loaded_its_session_before_the_change_is_refused(
     key = await sync_to_async(signed_in)(alice)
     await sync_to_async(ending)(alice, key)
 
-    socket = await connect(alice, session_key=key, expect_accept=True, **kwargs)
+    socket = await connect(alice, session_key=key, **kwargs)
 
     if ending is delete_user and consumer is None:
         code = 4503  # the row of a user that is gone cannot be written: retried, it gets 4401
