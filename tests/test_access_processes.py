@@ -1,4 +1,4 @@
-"""Access that ends outside Django's auth functions, against real daphne processes, Redis and PostgreSQL.
+"""Access that ends outside Django's auth functions, against real daphne (and uvicorn) processes, Redis and PostgreSQL.
 
 The processes, database and clients are the fault tests' (``tests/test_faults.py``):
 daphne serving ``demo_site``, real sessions, the ``websockets`` client; this
@@ -27,7 +27,7 @@ from websockets.exceptions import ConnectionClosed
 from channel_registry.models import UserChannel
 
 from . import test_faults
-from .processes import HandshakeRefused, Tab, await_until
+from .processes import SERVERS, HandshakeRefused, Tab, await_until
 
 # The fault tests' fixtures: a throw-away database for the module, and a stack per test.
 demo_database = test_faults.demo_database
@@ -142,13 +142,14 @@ async def closed_at(connection) -> float:
     return time.monotonic()
 
 
-async def test_every_way_access_ends_closes_the_users_connections_within_two_heartbeats(stack):
+@pytest.mark.parametrize("server", SERVERS)
+async def test_every_way_access_ends_closes_the_users_connections_within_two_heartbeats(stack, server):
     """Each user has a mapping socket on one process, a group socket and an event stream on the
     other; each user's access ends a different way, none through the auth API but the last. A
     bystander's row pruned meanwhile comes back although a deleted user's socket is still open."""
     stack.start_redis()
     stack.configure(heartbeat=HEARTBEAT, stale_after=4 * HEARTBEAT)
-    first, second = stack.daphnes(2)
+    first, second = stack.daphnes(2, kind=server)
     users = await stack.users(*[ending.__name__ for ending, _ in ENDINGS], "bystander")
     *victims, bystander = users
     connections = {}
