@@ -193,3 +193,18 @@ def check_persistent_connections(app_configs: Any = None, **kwargs: Any) -> list
             id="channel_registry.W020",
         )]
     return []
+
+
+@checks.register()
+def check_session_engine(app_configs: Any = None, **kwargs: Any) -> list[checks.CheckMessage]:
+    from .sessions import session_check
+
+    if registry_settings().CLOSE_ON_LOGOUT is None or session_check() is not None:
+        return []
+    return [checks.Warning(
+        f"SESSION_ENGINE {settings.SESSION_ENGINE!r} cannot be asked which sessions still exist: "
+        "an open connection is not closed when its session is deleted or expires other than "
+        "through logout() (users deleted, deactivated or with a new password still are).",
+        hint="Use the db, cached_db, cache or signed_cookies engine.",
+        id="channel_registry.W030",
+    )]

@@ -18,9 +18,11 @@ from .exceptions import LAYER_TRANSPORT_ERRORS, ChannelLayerUnavailable, Connect
 from .groups import GroupStrategy
 from .history import history_for
 from .inbound import InboundGate
+from .liveness import unwatch, watch
 from .mapping import MappingStrategy
 from .messaging import DirectMessages
 from .protocol import CLOSE_FORBIDDEN, CLOSE_TOO_MANY, CLOSE_UNAUTHENTICATED, CLOSE_UNAVAILABLE, ProtocolError
+from .sessions import Access
 from .strategy import DeliveryStrategy, channel_layer
 
 logger = logging.getLogger(__name__)
@@ -75,6 +77,13 @@ class RegistryConsumerMixin:
             await self.refuse(CLOSE_UNAVAILABLE)
             return
         self.user_id = user.pk
+        # The session may have ended since the middleware loaded it: a logout or
+        # password change whose close went out before this registration.
+        ended = await watch(self.channel_name, Access.of(user, self.session_key))
+        if ended is not None:
+            await self._unregister()
+            await self.refuse(ended)
+            return
         # Accepted only once registered: a client that sees "open" is reachable.
         await self.accept()
         await self.start_history()
@@ -167,6 +176,7 @@ class RegistryConsumerMixin:
         user_id, self.user_id = self.user_id, None
         if user_id is None:
             return
+        unwatch(self.channel_name)
         try:
             await self.strategy.unregister(user_id, self.channel_name, self.session_key)
         except (DatabaseError, ChannelLayerUnavailable):

@@ -41,6 +41,7 @@ def fresh_process_channels():
     yield
     process.open.clear()
     process.closing.clear()
+    process.watched.clear()
 
 
 @pytest.fixture(autouse=True)
