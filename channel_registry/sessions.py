@@ -137,9 +137,12 @@ def ended(accesses: Mapping[str, Access]) -> dict[str, int]:
 
 
 def close_code(access: Access, user: Any, auth_hash: str | None, sessions: set[str] | None) -> int | None:
-    """4410: the user is gone or inactive, or the session is gone or expired; 4409: the
-    user's session auth hash changed (the password, by any path); ``None``: still in.
+    """4410: the user is gone or inactive; 4409: the user's session auth hash changed (the
+    password, by any path), or the session is gone or expired; ``None``: still in.
 
+    A session that is gone is a 4409, not a 4410: the browser may hold a newer one (a new
+    login rotates the key with ``cycle_key``), so the client reconnects once and its
+    handshake decides. A logout's own close (4410) is sent by its signal, before this.
     A check runs only while its ``CLOSE_ON_*`` option is on; a deleted user always closes.
     """
     options = registry_settings()
@@ -149,7 +152,7 @@ def close_code(access: Access, user: Any, auth_hash: str | None, sessions: set[s
         if not constant_time_compare(auth_hash, access.auth_hash):
             return CLOSE_REAUTHENTICATE
     if sessions is not None and access.session_key and access.session_key not in sessions:
-        return CLOSE_SESSION_ENDED
+        return CLOSE_REAUTHENTICATE
     return None
 
 

@@ -63,8 +63,8 @@ def update_password(user, session_key):
 ENDINGS = [
     (deactivate, 4410),
     (delete_user, 4410),
-    (delete_session, 4410),
-    (expire_session, 4410),
+    (delete_session, 4409),
+    (expire_session, 4409),
     (update_password, 4409),
 ]
 ENDING_IDS = [ending.__name__ for ending, _ in ENDINGS]
@@ -208,4 +208,4 @@ async def test_a_check_that_fails_never_stops_the_heartbeat(connect, alice, monk
     assert await socket.receive_nothing()
     monkeypatch.undo()
     await sync_to_async(delete_session)(alice, process.watched[socket.channel_name].session_key)
-    assert await revalidate() == {socket.channel_name: 4410}
+    assert await revalidate() == {socket.channel_name: 4409}

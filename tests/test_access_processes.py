@@ -129,8 +129,8 @@ def save_password(user) -> None:
 ENDINGS = [
     (deactivate, 4410),
     (delete_user, 4410),
-    (delete_session, 4410),
-    (expire_session, 4410),
+    (delete_session, 4409),
+    (expire_session, 4409),
     (update_password, 4409),
     (save_password, 4409),
 ]
