@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 PORT   ?= 8000
 PYTEST_ARGS ?=
 
-.PHONY: test test-real test-memory test-js test-wheel matrix matrix-all lint demo demo-multi demo-uvicorn bench load services clean
+.PHONY: test test-real test-real-parallel test-timing test-memory test-js test-wheel matrix matrix-all lint demo demo-multi demo-uvicorn bench load services clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -19,13 +19,27 @@ $(VENV)/.installed-%: setup.cfg pyproject.toml | $(BIN)/python
 services:
 	bash tests/tools/ensure_services.sh
 
-# The suite runs twice: PostgreSQL + Redis, then SQLite + the in-memory layer; then the JS
-# client's unit tests, the in-memory suite on two more Python x Django combinations (noxfile.py)
-# and the built wheel in a new venv.
-test: $(VENV)/.installed-test services lint test-real test-memory test-js matrix test-wheel
+# `make test` in two phases. First, side by side (output kept per target): lint, the real-services
+# suite without its timing-sensitive tests on $(WORKERS) pytest workers, the in-memory suite, the
+# JS client's tests, the extra Python x Django leg (noxfile.py) and the built wheel. Then, alone on
+# a quiet machine, the tests that measure latency, memory or timing against real processes
+# (markers abuse and browser): bystanders' p99 and a server's RSS mean nothing next to other suites.
+test: $(VENV)/.installed-test services
+	$(MAKE) --no-print-directory -j 6 --output-sync=target lint test-real-parallel test-memory test-js matrix test-wheel
+	$(MAKE) --no-print-directory test-timing
 
+WORKERS ?= 2
+TIMING := abuse or browser
+
+# The whole real-services suite in one process (what test-real-parallel + test-timing split).
 test-real: $(VENV)/.installed-test
 	CR_TEST_STACK=real $(BIN)/pytest $(PYTEST_ARGS)
+
+test-real-parallel: $(VENV)/.installed-test
+	CR_TEST_STACK=real $(BIN)/pytest -n $(WORKERS) -m "not ($(TIMING))" $(PYTEST_ARGS)
+
+test-timing: $(VENV)/.installed-test
+	CR_TEST_STACK=real $(BIN)/pytest -m "$(TIMING)" $(PYTEST_ARGS)
 
 test-memory: $(VENV)/.installed-test
 	CR_TEST_STACK=memory $(BIN)/pytest -m "not faults and not browser and not abuse" $(PYTEST_ARGS)
@@ -35,7 +49,7 @@ test-memory: $(VENV)/.installed-test
 test-js:
 	bash tests/tools/node_tests.sh
 
-# Python 3.13 + Django 6.1 and Python 3.12 + Django 6.0, in-memory suite; a missing Python is skipped.
+# Python 3.13 + Django 6.1, in-memory suite; a missing Python is skipped.
 matrix: $(VENV)/.installed-test
 	$(BIN)/nox -s ci
 

@@ -23,7 +23,7 @@ if TYPE_CHECKING:  # what __getattr__ returns, for type checkers and editors; no
     from .presence import ais_online, aonline_user_ids, is_online, online_user_ids  # noqa: F401
     from .strategy import Delivery  # noqa: F401
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 _PUBLIC = {
     "Delivery": "strategy",

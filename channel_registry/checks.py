@@ -9,7 +9,7 @@ from django.conf import settings
 from django.core import checks
 from django.utils.module_loading import import_string
 
-from .conf import OPTION_NAMES, SETTINGS_NAME, registry_settings, user_options
+from .conf import DEPRECATED_OPTIONS, OPTION_NAMES, SETTINGS_NAME, registry_settings, user_options
 
 STOCK_LAYER = "channels_redis.core.RedisChannelLayer"
 REDIS_LAYERS = {STOCK_LAYER, "channel_registry.redis_layer.BatchedRedisChannelLayer"}
@@ -20,12 +20,18 @@ BLOCKING_READ = 5
 @checks.register()
 def check_options(app_configs: Any = None, **kwargs: Any) -> list[checks.CheckMessage]:
     errors = []
-    unknown = sorted(set(user_options()) - OPTION_NAMES)
+    unknown = sorted(set(user_options()) - OPTION_NAMES - set(DEPRECATED_OPTIONS))
     if unknown:
         errors.append(checks.Error(
             f"{SETTINGS_NAME} has unknown option(s): {', '.join(unknown)}.",
             hint=f"Valid options: {', '.join(sorted(OPTION_NAMES))}.",
             id="channel_registry.E001",
+        ))
+    for old in sorted(set(user_options()) & set(DEPRECATED_OPTIONS)):
+        errors.append(checks.Warning(
+            f"{SETTINGS_NAME}[{old!r}] is deprecated and will be removed in 0.3.",
+            hint=f"Use {DEPRECATED_OPTIONS[old][0]!r} instead (see CHANGELOG.md).",
+            id="channel_registry.W031",
         ))
     try:
         options = registry_settings()
@@ -39,8 +45,8 @@ def check_options(app_configs: Any = None, **kwargs: Any) -> list[checks.CheckMe
             id="channel_registry.E003",
         ))
     for name, unit in (
-        ("RATE_LIMIT", "messages"), ("FANOUT_LIMIT", "copies"), ("HISTORY_SENDER_LIMIT", "bytes"),
-        ("HANDSHAKE_LIMIT", "handshakes"), ("RESUME_LIMIT", "resumes"),
+        ("RATE_LIMIT", "messages"), ("FANOUT_LIMIT", "copies"), ("INBOUND_LIMIT", "bytes"),
+        ("HISTORY_SENDER_LIMIT", "bytes"), ("HANDSHAKE_LIMIT", "handshakes"), ("RESUME_LIMIT", "resumes"),
     ):  # fmt: skip
         rate = getattr(options, name)
         if rate is not None and not (
@@ -79,13 +85,13 @@ def check_options(app_configs: Any = None, **kwargs: Any) -> list[checks.CheckMe
             f"RECOVERY_MAX_BYTES ({options.RECOVERY_MAX_BYTES}) must be between HISTORY_EVENT_MAX_BYTES "
             f"({options.HISTORY_EVENT_MAX_BYTES}) and HISTORY_MAX_BYTES ({options.HISTORY_MAX_BYTES}): "
             "a resume must be able to replay one kept event, and can replay no more than is kept.",
-            id="channel_registry.E030",
+            id="channel_registry.E040",
         ))
     share = options.HISTORY_SENDER_SHARE
     if share is not None and not (isinstance(share, (int, float)) and 0 < share <= 1):
         errors.append(checks.Error(
             f"HISTORY_SENDER_SHARE must be None or a fraction in (0, 1], not {share!r}.",
-            id="channel_registry.E031",
+            id="channel_registry.E041",
         ))
     if options.CAN_MESSAGE is not None:
         try:
@@ -204,3 +210,18 @@ def check_persistent_connections(app_configs: Any = None, **kwargs: Any) -> list
             id="channel_registry.W020",
         )]
     return []
+
+
+@checks.register()
+def check_session_engine(app_configs: Any = None, **kwargs: Any) -> list[checks.CheckMessage]:
+    from .sessions import session_check
+
+    if registry_settings().CLOSE_ON_LOGOUT is None or session_check() is not None:
+        return []
+    return [checks.Warning(
+        f"SESSION_ENGINE {settings.SESSION_ENGINE!r} cannot be asked which sessions still exist: "
+        "an open connection is not closed when its session is deleted or expires other than "
+        "through logout() (users deleted, deactivated or with a new password still are).",
+        hint="Use the db, cached_db, cache or signed_cookies engine.",
+        id="channel_registry.W030",
+    )]

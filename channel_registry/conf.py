@@ -7,6 +7,8 @@ tests change settings (``override_settings``).
 
 from __future__ import annotations
 
+import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, fields
 from functools import cache
 from typing import Any
@@ -40,6 +42,13 @@ class RegistrySettings:
     SEND_CONCURRENCY: int = 50
     #: Largest text frame a consumer accepts, in bytes of UTF-8.
     MAX_MESSAGE_BYTES: int = 16 * 1024
+    #: ``(bytes, seconds)``: what one connection may send, checked in its process as
+    #: each frame arrives (see ``inbound.py``); a frame costs its length plus 1 KiB.
+    #: 128 KiB per 10 s: 7 frames of the largest size at once, or about 120 pings.
+    #: Its size bounds what a flooding socket makes its process hold (paid frames wait
+    #: for the consumer). Over it a frame is refused; another full budget sent after
+    #: that closes the connection with 4420. ``None`` disables it.
+    INBOUND_LIMIT: tuple[int, float] | None = (128 * 1024, 10)
     #: ``(messages, seconds)``: direct messages per user, over all their connections
     #: and processes (a token bucket in Redis with channels_redis). ``None`` disables it.
     RATE_LIMIT: tuple[int, float] | None = (20, 10)
@@ -120,16 +129,42 @@ class RegistrySettings:
 OPTION_NAMES = frozenset(f.name for f in fields(RegistrySettings))
 
 
+def _close_on_logout(disconnect: bool) -> str | None:
+    # 0.1 closed every connection of the user on logout; 0.2 defaults to the logged-out session only.
+    return "user" if disconnect else None
+
+
+#: Renamed options still read for one release: old name -> (new name, old value -> new value).
+DEPRECATED_OPTIONS: dict[str, tuple[str, Callable[[Any], Any]]] = {
+    "DISCONNECT_ON_LOGOUT": ("CLOSE_ON_LOGOUT", _close_on_logout),
+}
+
+
 def user_options() -> dict[str, Any]:
     """The raw dict from the project's settings (empty when it has none)."""
     return dict(getattr(settings, SETTINGS_NAME, None) or {})
 
 
+def _renamed(options: dict[str, Any]) -> dict[str, Any]:
+    """Options under their current names; a deprecated name warns and maps unless the new one is set."""
+    current = dict(options)
+    for old, (new, convert) in DEPRECATED_OPTIONS.items():
+        if old in current:
+            warnings.warn(
+                f"{SETTINGS_NAME}[{old!r}] is deprecated and will be removed in 0.3; use {new!r}.",
+                DeprecationWarning,
+                stacklevel=3,
+            )
+            value = convert(current.pop(old))
+            current.setdefault(new, value)
+    return current
+
+
 @cache
 def registry_settings() -> RegistrySettings:
     """The effective settings; unknown keys are reported by the system check."""
-    options = {k: v for k, v in user_options().items() if k in OPTION_NAMES}
-    for name in ("RATE_LIMIT", "FANOUT_LIMIT", "HISTORY_SENDER_LIMIT", "HANDSHAKE_LIMIT", "RESUME_LIMIT"):
+    options = {k: v for k, v in _renamed(user_options()).items() if k in OPTION_NAMES}
+    for name in ("RATE_LIMIT", "FANOUT_LIMIT", "INBOUND_LIMIT", "HISTORY_SENDER_LIMIT", "HANDSHAKE_LIMIT", "RESUME_LIMIT"):
         if isinstance(options.get(name), list):
             options[name] = tuple(options[name])
     return RegistrySettings(**options)

@@ -22,6 +22,8 @@ from .exceptions import (
 )
 from .groups import GroupStrategy
 from .history import history_for
+from .inbound import InboundGate
+from .liveness import unwatch, watch
 from .mapping import MappingStrategy
 from .messaging import DirectMessages
 from .protocol import (
@@ -32,13 +34,12 @@ from .protocol import (
     CLOSE_UNAVAILABLE,
     ProtocolError,
 )
+from .sessions import Access
 from .strategy import DeliveryStrategy, channel_layer
 
 logger = logging.getLogger(__name__)
 
 RECEIVE_RETRY_MAX = 10.0
-#: Longest a refusal over budget is held back (see ``RegistryConsumer.hold_back``).
-HOLD_BACK_MAX = 1.0
 
 
 def query_param(scope: dict, name: str) -> str | None:
@@ -63,6 +64,8 @@ class RegistryConsumerMixin:
     _unregistering: asyncio.Future | None = None
     #: Where this connection is in its user's history; ``None`` without one.
     cursor: Cursor | None = None
+    #: What this connection may send (``INBOUND_LIMIT``); ``None`` without a limit.
+    inbound: InboundGate | None = None
     #: Channel layer events whose handlers only write to the socket. Channels runs
     #: ``close_old_connections`` through the thread pool before every handler; for
     #: these (one per delivered copy of every message) the hop is skipped. A
@@ -101,6 +104,13 @@ class RegistryConsumerMixin:
             await self.refuse(CLOSE_UNAVAILABLE)
             return
         self.user_id = user.pk
+        # The session may have ended since the middleware loaded it: a logout or
+        # password change whose close went out before this registration.
+        ended = await watch(self.channel_name, Access.of(user, self.session_key))
+        if ended is not None:
+            await self._unregister()
+            await self.refuse(ended)
+            return
         # Accepted only once registered: a client that sees "open" is reachable.
         await self.accept()
         await self.start_history()
@@ -176,17 +186,24 @@ class RegistryConsumerMixin:
         await super().websocket_disconnect(message)
 
     async def __call__(self, scope, receive, send):
+        # The consumer reads the server's queue through the connection's inbound
+        # budget, which never stops reading it (see inbound.py).
+        limit = registry_settings().INBOUND_LIMIT
+        self.inbound = gate = InboundGate(receive, send, limit) if limit else None
         # The other exits — an exception in a handler, or cancellation (daphne
         # cancels consumers on shutdown) — end here, so the row goes in all cases.
         try:
-            await super().__call__(scope, receive, send)
+            await super().__call__(scope, gate.receive if gate else receive, send)
         finally:
+            if gate:
+                gate.stop()
             await (self._unregistering or self._unregister())
 
     async def _unregister(self) -> None:
         user_id, self.user_id = self.user_id, None
         if user_id is None:
             return
+        unwatch(self.channel_name)
         try:
             await self.strategy.unregister(user_id, self.channel_name, self.session_key)
         except (DatabaseError, ChannelLayerUnavailable):
@@ -220,21 +237,13 @@ class RegistryConsumer(RegistryConsumerMixin, AsyncJsonWebsocketConsumer):
             payload = protocol.decode_frame(text_data, registry_settings().MAX_MESSAGE_BYTES)
             reply = await self.handle_frame(payload)
         except ProtocolError as error:
-            await self.hold_back(error)
+            # Answered at once, budget refusals included; a connection that sends on
+            # regardless runs into its inbound budget (INBOUND_LIMIT) and is closed.
+            if error.retry_after and self.inbound:
+                self.inbound.told_to_wait(error.retry_after)
             reply = error.frame()
         if reply is not None:
             await self.send_json(reply)
-
-    async def hold_back(self, error: ProtocolError) -> None:
-        """Answer a sender over budget only after ``retry_after`` (at most ``HOLD_BACK_MAX``).
-
-        The connection reads nothing meanwhile. A client that honours ``retry_after``
-        loses nothing; one that does not — a flood, sending again as soon as it is
-        answered — is slowed to about one frame a second per connection, instead of
-        costing its process a frame and a Redis round trip each time.
-        """
-        if error.retry_after:
-            await asyncio.sleep(min(error.retry_after, HOLD_BACK_MAX))
 
     async def handle_frame(self, payload: dict) -> dict | None:
         frame_type = payload.get("type")

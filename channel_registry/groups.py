@@ -6,20 +6,25 @@ so a logout can close that session's connections); delivery is one
 how many channels an event reached (``Delivery.channels`` and ``sent`` are
 ``None``, the ``ack`` frame's ``delivered`` is ``null``), cannot answer presence,
 and keeps a dead member until the layer's ``group_expiry``. It exists so both
-approaches can be compared on the same workload, with the same protocol.
+approaches can be compared on the same workload, with the same protocol. The
+connection limit is counted apart from the groups, in slots (``slots.py``).
 """
 
 from __future__ import annotations
 
+import contextlib
+import warnings
 from collections.abc import Collection
 from typing import Any
 
 from .conf import registry_settings
-from .delivery import layer_slots, run_bounded
+from .delivery import layer_slots, run_bounded, send_many
 from .dispatch import Dispatcher
-from .exceptions import layer_unavailable
+from .exceptions import ChannelLayerUnavailable, layer_unavailable
 from .history import Position, stamped
 from .models import session_digest
+from .protocol import CLOSE_TOO_MANY, DISCONNECT_EVENT
+from .slots import slots
 from .strategy import Delivery, DeliveryStrategy, channel_layer
 
 
@@ -45,15 +50,31 @@ async def _layer_call(method: str, *args: Any) -> None:
 
 
 class GroupStrategy(DeliveryStrategy):
-    """Per-user groups: `group_add` on connect, one `group_send` per user to deliver."""
+    """Per-user groups: `group_add` on connect, one `group_send` per user to deliver.
+
+    ``MAX_CONNECTIONS_PER_USER`` counts a slot per connection (see ``slots.py``).
+    """
 
     async def register(self, user_id: Any, channel_name: str, session_key: str | None = None) -> None:
-        for group in connection_groups(user_id, session_key):
-            await _layer_call("group_add", group, channel_name)
+        evicted = await slots.claim(channel_layer(), user_id, channel_name)
+        try:
+            for group in connection_groups(user_id, session_key):
+                await _layer_call("group_add", group, channel_name)
+        except Exception:
+            # Not registered: the slot goes now, or (Redis down) expires unrefreshed.
+            with contextlib.suppress(ChannelLayerUnavailable):
+                await slots.release(channel_layer(), channel_name)
+            raise
+        if evicted:
+            event = {"type": DISCONNECT_EVENT, "code": CLOSE_TOO_MANY}
+            await send_many(channel_layer(), evicted, event, concurrency=registry_settings().SEND_CONCURRENCY)
 
     async def unregister(self, user_id: Any, channel_name: str, session_key: str | None = None) -> None:
-        for group in connection_groups(user_id, session_key):
-            await _layer_call("group_discard", group, channel_name)
+        try:
+            for group in connection_groups(user_id, session_key):
+                await _layer_call("group_discard", group, channel_name)
+        finally:
+            await slots.release(channel_layer(), channel_name)
 
     async def route(
         self, user_ids: Collection[Any], event: dict[str, Any], positions: dict[Any, Position] | None = None
@@ -84,3 +105,18 @@ send_to_users = groups.send_to_users
 notify_user = groups.notify_user
 adisconnect_user = groups.adisconnect_user
 disconnect_user = groups.disconnect_user
+
+
+def __getattr__(name: str) -> Any:
+    # 0.1 defined GroupConsumer here; it moved to consumers (which imports this module).
+    if name == "GroupConsumer":
+        from .consumers import GroupConsumer
+
+        warnings.warn(
+            "channel_registry.groups.GroupConsumer moved to channel_registry.consumers.GroupConsumer; "
+            "the old import will be removed in 0.3.",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return GroupConsumer
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -231,6 +231,9 @@ class UserLog:
     events: deque[Kept] = field(default_factory=deque)
     bytes: int = 0
     held: dict[Any, int] = field(default_factory=dict)
+    #: ``time.time()`` of the newest event, and of the last append or read.
+    appended: float = 0.0
+    used: float = 0.0
 
     def trim(self, window: Window, now: float) -> None:
         """Drop the oldest events until the window holds: events, bytes, age."""
@@ -246,15 +249,40 @@ class UserLog:
 
 
 class MemoryHistory(History):
-    """For ``InMemoryChannelLayer``: one process, like the layer itself."""
+    """For ``InMemoryChannelLayer``: one process, like the layer itself.
+
+    Forgets as Redis expires a :class:`RedisHistory`'s keys, so a process that
+    served many users does not keep them all: a user's events ``HISTORY_TTL``
+    after the newest one, the user (epoch and seq) ``HEAD_TTL`` after their
+    history was last used. The head outlives the events so that a quiet open
+    tab is not reset. One pass over all users, at most every ``PRUNE_EVERY`` seconds.
+    """
+
+    PRUNE_EVERY = 60.0
 
     def __init__(self) -> None:
         self.users: dict[Any, UserLog] = {}
+        self.pruned_at = time.time()
 
-    def _user(self, user_id: Any) -> UserLog:
-        if user_id not in self.users:
-            self.users[user_id] = UserLog()
-        return self.users[user_id]
+    def _user(self, user_id: Any, now: float) -> UserLog:
+        self.forget_expired(now)
+        user = self.users.get(user_id)
+        if user is None:
+            user = self.users[user_id] = UserLog()
+        user.used = now
+        return user
+
+    def forget_expired(self, now: float) -> None:
+        ttl = registry_settings().HISTORY_TTL
+        if now - self.pruned_at < min(ttl, self.PRUNE_EVERY):
+            return
+        self.pruned_at = now
+        window = Window.current()
+        for user_id, user in list(self.users.items()):
+            if now - user.used > HEAD_TTL:
+                del self.users[user_id]
+            elif now - user.appended > ttl:
+                user.trim(window, now)  # every event is older than the window: all go
 
     async def append(
         self, user_ids: Collection[Any], event: dict[str, Any], sender: Any = None
@@ -265,7 +293,7 @@ class MemoryHistory(History):
         size = size if kept else 0
         positions = {}
         for user_id in user_ids:
-            log = self._user(user_id)
+            log = self._user(user_id, now)
             log.trim(window, now)
             if sender is not None and log.held.get(sender, 0) + window.weight(size) > window.share:
                 continue
@@ -275,11 +303,13 @@ class MemoryHistory(History):
             if sender is not None:
                 log.held[sender] = log.held.get(sender, 0) + window.weight(size)
             log.trim(window, now)
+            log.appended = now
             positions[user_id] = Position(log.epoch, log.seq)
         return positions
 
     async def read(self, user_id: Any, since: Position | None) -> Recovery:
-        log = self._user(user_id)
+        now = time.time()
+        log = self._user(user_id, now)
         head = Position(log.epoch, log.seq)
         options = registry_settings()
         if since is None:
@@ -288,7 +318,7 @@ class MemoryHistory(History):
         if reset:
             return Recovery(head, reset=reset)
         missed = [kept for kept in log.events if kept.seq > since.seq]
-        if len(missed) != head.seq - since.seq or (missed and missed[0].sent < time.time() - options.HISTORY_TTL):
+        if len(missed) != head.seq - since.seq or (missed and missed[0].sent < now - options.HISTORY_TTL):
             return Recovery(head, reset=RESET_EXPIRED)
         if sum(kept.size for kept in missed) > options.RECOVERY_MAX_BYTES:
             return Recovery(head, reset=RESET_TOO_MANY)

@@ -5,6 +5,9 @@ per process refreshes ``last_seen`` for all of its rows with a single UPDATE,
 so liveness costs one statement per interval however many sockets are open.
 Rows of a process that died stop being refreshed, turn stale after
 ``STALE_AFTER`` and are skipped by dispatch until ``prune_channels`` deletes them.
+
+The same task checks every open connection's access again (``sessions.ended``):
+a connection whose user or session ended by any path is closed within two intervals.
 """
 
 from __future__ import annotations
@@ -20,8 +23,13 @@ from channels.db import database_sync_to_async
 from django.db import DatabaseError, connections
 
 from .conf import registry_settings
+from .delivery import send_batches
+from .exceptions import ChannelLayerUnavailable
 from .models import UserChannel
+from .protocol import DISCONNECT_EVENT
+from .sessions import Access, ended
 from .store import Registration, orm
+from .strategy import channel_layer
 
 logger = logging.getLogger(__name__)
 
@@ -32,6 +40,8 @@ class ProcessChannels:
     ``open``: registered connections, by channel name. ``closing``: channels
     whose row may still exist although their connection is gone (a DELETE that
     failed or was cancelled, an INSERT cut short); the heartbeat deletes them.
+    ``watched``: the access of every open connection, of either strategy and of
+    event streams; the heartbeat checks it again.
 
     The server id changes after a fork, so workers forked from one parent never
     share (and never delete) each other's rows.
@@ -42,6 +52,7 @@ class ProcessChannels:
         self._server = ""
         self._open: dict[str, Registration] = {}
         self._closing: dict[str, object] = {}
+        self._watched: dict[str, Access] = {}
         #: The database the rows were written to (a test run may have dropped it by exit time).
         self.database: object = None
 
@@ -51,6 +62,7 @@ class ProcessChannels:
             self._server = f"{socket.gethostname()}:{self._pid}:{secrets.token_hex(4)}"[-100:]
             self._open = {}
             self._closing = {}
+            self._watched = {}
             self.database = None
 
     @property
@@ -69,9 +81,14 @@ class ProcessChannels:
         return self._closing
 
     @property
+    def watched(self) -> dict[str, Access]:
+        self._check_fork()
+        return self._watched
+
+    @property
     def idle(self) -> bool:
-        """Nothing to refresh and nothing to delete: no row of this process should exist."""
-        return not self.open and not self.closing
+        """Nothing to refresh, delete or check: no connection is open, no row of this process should exist."""
+        return not self.open and not self.closing and not self.watched
 
     def registration(self, user_id, session: str) -> Registration:
         server = self.server  # first: a fork resets what follows
@@ -123,6 +140,50 @@ def forget_process() -> int:
     return deleted
 
 
+async def watch(channel_name: str, access: Access) -> int | None:
+    """Check the access of a connection that just registered, and keep checking it on every beat.
+
+    Returns the close code if its access has already ended. Watched before the
+    check, so a change the check misses is seen by the next beat.
+    """
+    process.watched[channel_name] = access
+    heartbeat.ensure_running()
+    try:
+        return (await database_sync_to_async(ended)({channel_name: access})).get(channel_name)
+    except Exception as error:  # a session cache backend's errors too: the beat checks again
+        logger.warning("channel_registry: could not check %s now (%s); the heartbeat will", channel_name, error)
+        return None
+
+
+def unwatch(channel_name: str) -> None:
+    process.watched.pop(channel_name, None)
+    heartbeat.stop_if_idle()
+
+
+async def revalidate() -> dict[str, int]:
+    """Close, through the channel layer, every watched connection whose access ended; their codes.
+
+    A connection stays watched until it unregisters: one whose close could not
+    be sent (Redis down) is closed by a later beat.
+    """
+    try:
+        codes = await database_sync_to_async(ended)(dict(process.watched))
+    except Exception:  # the database's, or a session cache backend's: the heartbeat must keep beating
+        logger.warning("channel_registry: could not check open connections; retrying next interval", exc_info=True)
+        return {}
+    by_code: dict[int, list[str]] = {}
+    for channel_name, code in codes.items():
+        by_code.setdefault(code, []).append(channel_name)
+    if not by_code:
+        return {}
+    batches = [({"type": DISCONNECT_EVENT, "code": code}, names) for code, names in by_code.items()]
+    try:
+        await send_batches(channel_layer(), batches, concurrency=registry_settings().SEND_CONCURRENCY)
+    except ChannelLayerUnavailable:
+        logger.warning("channel_registry: could not close %d connection(s) whose access ended", len(codes))
+    return codes
+
+
 class Heartbeat:
     """The one periodic task per process and event loop."""
 
@@ -152,6 +213,7 @@ class Heartbeat:
                 await database_sync_to_async(beat)()
             except DatabaseError:
                 logger.warning("channel_registry heartbeat failed; retrying next interval", exc_info=True)
+            await revalidate()
             self.stop_if_idle()
 
 

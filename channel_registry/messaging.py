@@ -13,7 +13,10 @@ discloses cannot differ between transports. In order:
 3. the copies: the recipient's live connections are counted and, before anything
    is stored or sent, the sender's ``FANOUT_LIMIT`` pays one token per connection,
    so a refused flood never reaches the recipient's history or server process
-   (without hooks or a policy, 2 and 3 are one registry statement);
+   (without hooks or a policy, 2 and 3 are one registry statement). With
+   ``ACK_DELIVERED`` off, a refusal would tell the sender what the ack hides: the
+   message is then kept in the history without being sent (``keep``), and answered
+   like any other;
 4. delivery, refused with ``rate_limited`` when the recipient's history already
    holds the sender's share (``HISTORY_SENDER_SHARE``), and the ack, with
    ``delivered`` only if ``ACK_DELIVERED``.
@@ -30,7 +33,7 @@ from django.utils.module_loading import import_string
 from . import budget, protocol
 from .conf import registry_settings
 from .exceptions import HistoryShareExceeded
-from .history import as_json
+from .history import as_json, history_for
 from .protocol import Direct, ProtocolError
 from .strategy import Delivery, DeliveryStrategy, active_user_exists, channel_layer
 
@@ -51,10 +54,12 @@ class DirectMessages:
         event = {"type": protocol.DIRECT_EVENT, "frame": self.build_direct_message(direct)}
         await self.spend(self.sending_costs(event), direct)
         recipient_id, copies = await self.recipient(direct)
-        await self.pay_copies(direct, copies)
         try:
-            # Recoverable: a connection of the recipient that reconnects replays it (see history.py).
-            delivery = await self.strategy.deliver([recipient_id], event, recover=True, sender=self.sender.pk)
+            if await self.pay_copies(direct, copies):
+                # Recoverable: a connection of the recipient that reconnects replays it (see history.py).
+                delivery = await self.strategy.deliver([recipient_id], event, recover=True, sender=self.sender.pk)
+            else:
+                delivery = await self.keep(recipient_id, event)
         except HistoryShareExceeded:
             detail = "too many of your messages are waiting for this user; try again later"
             raise ProtocolError(protocol.RATE_LIMITED, detail, direct.id) from None
@@ -109,15 +114,40 @@ class DirectMessages:
                 protocol.RATE_LIMITED, f"too many {names}; slow down", direct.id, retry_after=verdict.retry_after
             )
 
-    async def pay_copies(self, direct: Direct, copies: int | None) -> None:
+    async def pay_copies(self, direct: Direct, copies: int | None) -> bool:
         """One ``FANOUT_LIMIT`` token per connection reached: a user with many tabs costs more to flood.
 
         A recipient with more connections than the whole bucket can still be reached
         once it is full; the debt then holds the sender back. Groups cannot count: free.
+
+        Over the budget, ``rate_limited``, unless ``ACK_DELIVERED`` is off: only an
+        online recipient costs tokens, and ``retry_after`` (exact to the millisecond)
+        is what their connections cost, so the refusal would tell whether they are
+        online and on how many tabs. There the answer is the ack any message gets,
+        and ``False``: the message is kept, not sent.
         """
         limit = registry_settings().FANOUT_LIMIT
-        if limit and copies:
-            await self.spend([budget.Spend("copies", *limit, cost=copies, need=min(copies, limit[0]))], direct)
+        if not limit or not copies:
+            return True
+        item = budget.Spend("copies", *limit, cost=copies, need=min(copies, limit[0]))
+        if registry_settings().ACK_DELIVERED:
+            await self.spend([item], direct)
+            return True
+        return (await budget.spend(channel_layer(), self.sender.pk, [item])).allowed
+
+    async def keep(self, recipient_id: Any, event: dict[str, Any]) -> Delivery:
+        """Store ``event`` in the recipient's history without sending it to any connection.
+
+        What a message over the copies budget gets when acks are private. Their open
+        connections get it with the next event sent to them (the gap is read from the
+        history) or when they reconnect; without a history it is lost, as a message to
+        an offline recipient would be. No live copy: the budget's bound holds.
+        Raises ``HistoryShareExceeded`` as ``deliver`` does.
+        """
+        history = history_for(channel_layer())
+        if history is not None and not await history.append([recipient_id], event, self.sender.pk):
+            raise HistoryShareExceeded(f"a history holds the share of {self.sender.pk!r} already")
+        return Delivery(channels=0, sent=0)
 
     def refusal(self, direct: Direct, found: bool) -> ProtocolError:
         """The same answer for "no such account" and "not for you", unless refusals may be revealed."""

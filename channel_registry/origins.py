@@ -21,6 +21,11 @@ Everything else is refused with HTTP 403, before any application code runs: a
 missing or ``null`` origin, another scheme or port, a look-alike host, user
 info, a path, a trailing dot, an origin not written the way browsers write it
 (upper case, an explicit default port).
+
+An event stream is a GET, which browsers send without ``Origin`` when the page
+is of the same origin: :func:`event_stream_allowed` applies the same rule to an
+``Origin`` when there is one, and otherwise reads the browser's
+``Sec-Fetch-Site`` (see there).
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ from urllib.parse import urlsplit
 
 from channels.security.websocket import WebsocketDenier
 from django.conf import settings
+from django.http import HttpRequest
 from django.http.request import is_same_domain, split_domain_port, validate_host
 
 DEFAULT_PORTS = {"http": 80, "https": 443}
@@ -76,16 +82,15 @@ def is_secure(scope: dict[str, Any]) -> bool:
     return scope.get("scheme") == "wss"
 
 
-def own_origin(scope: dict[str, Any]) -> str | None:
-    """The origin of the site the socket was opened on, if its Host is an allowed host."""
-    host = header(scope, b"host")
+def own_origin(host: str | None, secure: bool) -> str | None:
+    """The origin of the site the request was made to, if its Host is an allowed host."""
     if not host:
         return None
     domain, _ = split_domain_port(host)
     allowed = settings.ALLOWED_HOSTS or (DEBUG_HOSTS if settings.DEBUG else [])
     if not domain or not validate_host(domain, allowed):
         return None
-    return normalize_origin(f"{'https' if is_secure(scope) else 'http'}://{host}")
+    return normalize_origin(f"{'https' if secure else 'http'}://{host}")
 
 
 def trusted(origin: str, patterns: list[str]) -> bool:
@@ -101,16 +106,48 @@ def trusted(origin: str, patterns: list[str]) -> bool:
     return False
 
 
-def origin_allowed(scope: dict[str, Any]) -> bool:
-    """Whether the handshake's ``Origin`` is exactly an allowed origin, as a browser writes it.
+def allowed_origin(origin: str | None, host: str | None, secure: bool) -> bool:
+    """Whether ``origin`` is exactly an allowed origin, as a browser writes it: the site's own
+    (``host``, reached over TLS when ``secure``) or one of ``CSRF_TRUSTED_ORIGINS``.
 
     Browsers serialise an origin in lower case without the default port; anything
     else (``HTTP://``, ``:443`` on https, spaces) comes from a script, not a page.
     """
-    origin = header(scope, b"origin")
     if origin is None or normalize_origin(origin) != origin:
         return False
-    return origin == own_origin(scope) or trusted(origin, list(getattr(settings, "CSRF_TRUSTED_ORIGINS", [])))
+    return origin == own_origin(host, secure) or trusted(origin, list(getattr(settings, "CSRF_TRUSTED_ORIGINS", [])))
+
+
+def origin_allowed(scope: dict[str, Any]) -> bool:
+    """Whether the WebSocket handshake's ``Origin`` is exactly an allowed origin (:func:`allowed_origin`)."""
+    return allowed_origin(header(scope, b"origin"), header(scope, b"host"), is_secure(scope))
+
+
+#: ``Sec-Fetch-Site`` of a request made by a page of the same origin, or typed into the address bar.
+OWN_FETCH_SITES = frozenset({"same-origin", "none"})
+
+
+def event_stream_allowed(request: HttpRequest) -> bool:
+    """Whether a request for an event stream may use the cookies it carries.
+
+    With an ``Origin`` header, the socket's rule (:func:`allowed_origin`). Without
+    one — what Chromium sends for a same-origin ``EventSource`` or ``fetch`` — the
+    browser's ``Sec-Fetch-Site`` must say ``same-origin`` (or ``none``: the user
+    opened the URL). A page on another port of the same host is ``same-site``, and
+    an ``<img>`` or ``no-cors`` fetch sends no ``Origin`` but still the cookies:
+    both are refused.
+
+    Neither header: allowed. That is a client that is not a browser (it holds the
+    cookie itself, so it is the user), or a browser that sends no fetch metadata:
+    older than Chrome 76, Firefox 90 or Safari 16.4, or on plain HTTP to a host
+    other than localhost, where same-origin requests look exactly like that, so
+    refusing them would break the site's own pages. Serve the site over HTTPS.
+    """
+    origin = request.headers.get("Origin")
+    if origin is not None:
+        return allowed_origin(origin, request.headers.get("Host"), request.is_secure())
+    fetch_site = request.headers.get("Sec-Fetch-Site")
+    return fetch_site is None or fetch_site in OWN_FETCH_SITES
 
 
 class StrictOriginValidator:

@@ -39,6 +39,9 @@ CLOSE_TOO_MANY = 4429
 #: Over the user's handshake or resume budget (``HANDSHAKE_LIMIT``, ``RESUME_LIMIT``): the
 #: close reason is the number of seconds to wait before retrying (HTTP 429 ``Retry-After`` for streams).
 CLOSE_RETRY_LATER = 4430
+#: The connection kept sending after its frames were refused (``INBOUND_LIMIT``).
+#: Reconnect only after a long delay, and send less.
+CLOSE_TOO_FAST = 4420
 #: The server cannot register connections right now (database or Redis down). Retry with backoff.
 CLOSE_UNAVAILABLE = 4503
 

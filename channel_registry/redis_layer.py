@@ -32,7 +32,7 @@ Cancellation safety, as channels_redis promises it and a bit more:
   or cancels (it stops when no receive waits); a receive only waits on its
   channel's in-process buffer. Cancelling a consumer therefore never interrupts
   a read, and Python 3.11's lost cancellations in redis-py's ``wait_for``
-  (CPython gh-86296, TRAPS 7) cannot hit a consumer's receive.
+  (CPython gh-86296) cannot hit a consumer's receive.
 
 One extra fix: ``send`` to a process-local channel picks the shard of the
 non-local name, where ``receive`` reads, so it is correct on several hosts

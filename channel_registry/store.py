@@ -50,8 +50,8 @@ class Registration:
         return UserChannel(user_id=self.user_id, channel_name=channel_name, server=self.server, session=self.session)
 
 
-def lock_users(user_ids: Iterable) -> None:
-    """Lock the users' rows until the transaction ends, in primary key order (no deadlock).
+def lock_users(user_ids: Iterable) -> set:
+    """Lock the users' rows until the transaction ends, in primary key order (no deadlock); those that exist.
 
     The lock serialises every change of one user's rows, so each 0↔1 transition
     is seen by exactly one transaction. Rows are counted in later statements: a
@@ -59,7 +59,8 @@ def lock_users(user_ids: Iterable) -> None:
     was granted, missing a row another transaction committed meanwhile.
     """
     pks = sorted(set(user_ids))
-    list(get_user_model().objects.select_for_update().filter(pk__in=pks).order_by("pk").values_list("pk"))
+    locked = get_user_model().objects.select_for_update().filter(pk__in=pks).order_by("pk")
+    return set(locked.values_list("pk", flat=True))
 
 
 def users_with_rows(user_ids: Collection) -> set:
@@ -185,7 +186,9 @@ class OrmStore:
 
         ``still_open`` is asked again under the users' lock: a connection whose
         close began meanwhile has left the process's open set before its own
-        DELETE waits for that lock, so it is never brought back.
+        DELETE waits for that lock, so it is never brought back. Only users that
+        exist get rows: one deleted while its socket stayed open would fail the
+        whole INSERT, every beat, for every connection (the access check closes it).
         """
         present = set(
             UserChannel.objects.filter(channel_name__in=list(open_channels)).values_list("channel_name", flat=True)
@@ -195,9 +198,9 @@ class OrmStore:
             return 0
         user_ids = {reg.user_id for reg in missing.values()}
         with transaction.atomic():
-            lock_users(user_ids)
+            existing = lock_users(user_ids)
             had_rows = users_with_rows(user_ids)
-            rows = [reg.row(name) for name, reg in missing.items() if still_open(name)]
+            rows = [reg.row(name) for name, reg in missing.items() if reg.user_id in existing and still_open(name)]
             UserChannel.objects.bulk_create(rows, ignore_conflicts=True)
         send_all(user_online, sorted({row.user_id for row in rows} - had_rows, key=str))
         return len(rows)

@@ -24,7 +24,10 @@ from .conf import registry_settings
 from .cursor import HISTORY_EVENTS, Cursor
 from .exceptions import LAYER_TRANSPORT_ERRORS, ChannelLayerUnavailable, ConnectionLimitExceeded
 from .history import history_for
+from .liveness import unwatch, watch
 from .mapping import MappingStrategy
+from .origins import event_stream_allowed
+from .sessions import Access
 from .strategy import DeliveryStrategy, channel_layer
 
 logger = logging.getLogger(__name__)
@@ -56,6 +59,11 @@ def sse_message(name: str, data, event_id: str | None = None) -> str:
     return f"{id_line}event: {name}\ndata: {payload}\n\n"
 
 
+def disconnect_message(code: int) -> str:
+    """The stream's last event: the close code a socket would have got."""
+    return sse_message("disconnect", {"type": "disconnect", "code": code})
+
+
 async def on_shared_thread(coroutine):
     """Await ``coroutine`` outside this request's ``ThreadSensitiveContext``.
 
@@ -71,9 +79,9 @@ async def on_shared_thread(coroutine):
 def refusal(status: int, code: str, detail: str, retry_after: int | None = None) -> HttpResponse:
     """A stream refused before it opened: the status, and the same ``error`` frame a socket would get.
 
-    429 without ``Retry-After`` (over the connection limit) is final: opening again
-    only works once another connection closed. 429 with it (over the handshake or
-    resume budget) and 503 are retried after it.
+    403 (a page of another origin) is final, and so is 429 without ``Retry-After``
+    (over the connection limit): opening again only works once another connection
+    closed. 429 with it (over the handshake or resume budget) and 503 are retried after it.
     """
     response = HttpResponse(json.dumps(protocol.error_frame(code, detail)), status=status,
                             content_type="application/json")  # fmt: skip
@@ -84,19 +92,22 @@ def refusal(status: int, code: str, detail: str, retry_after: int | None = None)
     return response
 
 
-def signed_in_user_id(request):
-    """The user's primary key or ``None``; sync, as ``request.auser()`` needs Django 5.0."""
+def signed_in_access(request) -> Access | None:
+    """What the request is let in with, or ``None`` when anonymous; sync, as ``request.auser()`` needs Django 5.0."""
     user = request.user
-    return user.pk if user.is_authenticated else None
+    if not user.is_authenticated:
+        return None
+    return Access.of(user, getattr(getattr(request, "session", None), "session_key", None))
 
 
 class EventStreamView(View):
     """``text/event-stream`` of everything delivered to the signed-in user.
 
-    Anonymous requests get 401; over ``MAX_CONNECTIONS_PER_USER`` 429, and 503
-    with ``Retry-After`` while the registry cannot be written, both at once. Each Channels event becomes one SSE event:
-    ``registry.notify`` → ``notification``, ``registry.direct`` → ``direct`` (the
-    same JSON frames a socket receives), ``registry.disconnect`` → a last
+    A request from a page of another origin gets 403 (``origins.event_stream_allowed``:
+    the WebSocket origin rule), anonymous requests 401; over ``MAX_CONNECTIONS_PER_USER``
+    429, and 503 with ``Retry-After`` while the registry cannot be written, all at once.
+    Each Channels event becomes one SSE event: ``registry.notify`` → ``notification``,
+    ``registry.direct`` → ``direct`` (the same JSON frames a socket receives), ``registry.disconnect`` → a last
     ``disconnect`` event carrying the close code, then the stream ends; any other
     type is passed on under its own name with the event as data. ``groups``
     works like a consumer's: the stream joins them while it is open.
@@ -107,15 +118,17 @@ class EventStreamView(View):
     groups: list[str] = []
 
     async def get(self, request):
-        user_id = await sync_to_async(signed_in_user_id)(request)
-        if user_id is None:
+        # Before the session is read: another page's request learns nothing, holds nothing.
+        if not event_stream_allowed(request):
+            return refusal(403, protocol.FORBIDDEN, "event streams are only for this site's own pages")
+        access = await sync_to_async(signed_in_access)(request)
+        if access is None:
             return HttpResponse("Authentication required.", status=401, content_type="text/plain")
-        session_key = getattr(getattr(request, "session", None), "session_key", None)
         # The browser's own reconnects send Last-Event-ID; a client opening a new stream passes ?since=.
         since = request.headers.get("Last-Event-ID") or request.GET.get("since")
         try:
-            await self.pay_handshake(user_id, since is not None)
-            events = await self.opened(self.stream(user_id, session_key, since))
+            await self.pay_handshake(access.user_id, since is not None)
+            events = await self.opened(self.stream(access, since))
         except StreamRefused as refused:
             return refused.response
         response = StreamingHttpResponse(events, content_type="text/event-stream")
@@ -158,14 +171,16 @@ class EventStreamView(View):
 
         return resumed()
 
-    async def stream(self, user_id, session_key: str | None = None, since: str | None = None) -> AsyncIterator[str]:
+    async def stream(self, access: Access, since: str | None = None) -> AsyncIterator[str]:
         """Register, relay events until the client leaves, and unregister in every case.
 
         Registration happens here rather than in ``get`` so the generator that
         unregisters is the one that registered: a response never iterated leaves
         no row behind. The client's "open" is the ``retry:`` line, sent once the
-        stream is reachable.
+        stream is reachable. A session that ended between the middleware and the
+        registration gets that line and a ``disconnect`` event with the close code.
         """
+        user_id, session_key = access.user_id, access.session_key or None
         # Sessions and auth (in the middleware, or above) used this request's thread.
         await sync_to_async(connections.close_all)()
         layer = channel_layer()
@@ -176,6 +191,11 @@ class EventStreamView(View):
             logger.exception("channel_registry: could not register event stream %s", channel)
             return
         try:
+            ended = await on_shared_thread(watch(channel, access))
+            if ended is not None:
+                yield f"retry: {RETRY_MS}\n\n"
+                yield disconnect_message(ended)
+                return
             for group in self.groups:
                 await layer.group_add(group, channel)
             history = history_for(layer)
@@ -208,8 +228,7 @@ class EventStreamView(View):
                     continue
                 event, pending = pending.result(), None
                 if event["type"] == protocol.DISCONNECT_EVENT:
-                    code = event.get("code", protocol.CLOSE_FORBIDDEN)
-                    yield sse_message("disconnect", {"type": "disconnect", "code": code})
+                    yield disconnect_message(event.get("code", protocol.CLOSE_FORBIDDEN))
                     return
                 for admitted in await cursor.admit(event) if cursor else [event]:
                     yield self.sse(admitted)
@@ -237,6 +256,7 @@ class EventStreamView(View):
 
     async def leave(self, user_id, layer, channel: str, session_key: str | None) -> None:
         """Unregister first: presence and delivery read the row; a group membership only expires."""
+        unwatch(channel)
         try:
             await on_shared_thread(self.strategy.unregister(user_id, channel, session_key))
             for group in self.groups:

@@ -11,7 +11,9 @@
 #                                  http://localhost:$((PORT+1)): browsers share cookies
 #                                  between ports of one host, not between host names.
 #
-# Migrates, creates the demo users (idempotent) and prints their password first.
+# Migrates, creates the demo users (idempotent) and prints their password first, and deletes
+# stored messages older than DJANGO_INBOX_RETENTION_DAYS (30); a long-running demo should
+# also run `manage.py purge_notifications` daily (cron).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -22,10 +24,14 @@ export DJANGO_SETTINGS_MODULE=demo_site.settings
 
 fail() { echo "demo_site/run.sh: $*" >&2; exit 1; }
 
+# No WebSocket message above 64 KiB is read whole (the registry refuses frames above 16 KiB
+# anyway; the servers' own defaults are 1 MiB and 16 MiB): see the README's Security section.
 case $SERVER in
-  daphne) server=("$BIN/daphne" --bind 127.0.0.1 demo_site.asgi:application --port) ;;
+  daphne) server=("$BIN/daphne" --bind 127.0.0.1 --websocket-max-message-size 65536
+                  --websocket-max-frame-size 65536 demo_site.asgi:application --port) ;;
   # Channels' ProtocolTypeRouter has no lifespan handler; uvicorn would say so at every start.
-  uvicorn) server=("$BIN/uvicorn" --host 127.0.0.1 --lifespan off demo_site.asgi:application --port) ;;
+  uvicorn) server=("$BIN/uvicorn" --host 127.0.0.1 --lifespan off --ws-max-size 65536
+                   demo_site.asgi:application --port) ;;
   *) fail "unknown SERVER '$SERVER'; use daphne or uvicorn." ;;
 esac
 [ -x "${server[0]}" ] || fail "${server[0]} is missing; 'make demo' creates the virtualenv and installs it."
@@ -42,6 +48,7 @@ esac
 
 "$BIN/python" demo_site/manage.py migrate --no-input --verbosity 0
 "$BIN/python" demo_site/manage.py demo_users
+"$BIN/python" demo_site/manage.py purge_notifications
 
 announce() { echo "demo: $SERVER serving on http://127.0.0.1:$1/ (Ctrl-C stops)"; }
 

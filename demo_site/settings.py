@@ -43,7 +43,9 @@ def database_from_url(url: str) -> dict:
     raise ImproperlyConfigured(f"DATABASE_URL must start with postgres:// or sqlite:///, not {url!r}")
 
 
-SECRET_KEY = os.environ.get("DJANGO_SECRET_KEY", "demo-only-do-not-deploy-this-key")
+#: Public (it is in this file): fine on 127.0.0.1, refused once DJANGO_HTTPS=1 puts the demo on a network.
+DEMO_SECRET_KEY = "demo-only-do-not-deploy-this-key"
+SECRET_KEY = os.environ.get("DJANGO_SECRET_KEY", DEMO_SECRET_KEY)
 DEBUG = os.environ.get("DJANGO_DEBUG") == "1"
 ALLOWED_HOSTS = os.environ.get("DJANGO_ALLOWED_HOSTS", "127.0.0.1,localhost").split(",")
 
@@ -88,12 +90,24 @@ LOGIN_URL = "login"
 LOGIN_REDIRECT_URL = "inbox"
 LOGOUT_REDIRECT_URL = "login"
 
+#: Days a stored message is kept; ``manage.py purge_notifications`` deletes older ones (run.sh runs it at start).
+INBOX_RETENTION_DAYS = int(os.environ.get("DJANGO_INBOX_RETENTION_DAYS", "30"))
+
 STATIC_URL = "static/"
 USE_TZ = True
 TIME_ZONE = "UTC"
 
-# Behind a TLS-terminating proxy (see the README): secure cookies, and trust its X-Forwarded-Proto.
+# Behind a TLS-terminating proxy (see the README): secure cookies, trust its X-Forwarded-Proto, HSTS.
 if os.environ.get("DJANGO_HTTPS") == "1":
+    if SECRET_KEY == DEMO_SECRET_KEY:
+        raise ImproperlyConfigured(
+            "DJANGO_HTTPS=1 serves the demo beyond this machine, so it needs a secret key of its own: set "
+            "DJANGO_SECRET_KEY (e.g. to the output of `python -c 'import secrets; print(secrets.token_urlsafe(50))'`). "
+            "The fallback key is public; with it anyone can sign session cookies."
+        )
     SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https")
     SESSION_COOKIE_SECURE = CSRF_COOKIE_SECURE = True
     CSRF_TRUSTED_ORIGINS = [f"https://{host}" for host in ALLOWED_HOSTS]
+    # Sent on responses to HTTPS requests only (SecurityMiddleware); 0 turns it off. No
+    # includeSubDomains or preload: the demo does not speak for the rest of the domain.
+    SECURE_HSTS_SECONDS = int(os.environ.get("DJANGO_HSTS_SECONDS", str(365 * 24 * 3600)))

@@ -41,6 +41,7 @@ def fresh_process_channels():
     yield
     process.open.clear()
     process.closing.clear()
+    process.watched.clear()
 
 
 @pytest.fixture(autouse=True)
@@ -125,7 +126,7 @@ async def first_position(communicator):
 async def close_layer_connections() -> None:
     """Disconnect this test's Redis connections before its event loop closes.
 
-    A layer receive that lost its cancellation (CPython gh-86296, TRAPS 7) keeps
+    A layer receive that lost its cancellation (CPython gh-86296) keeps
     waiting on its socket, and closing the loop waits for it forever; with its
     connection closed it fails at once.
     """

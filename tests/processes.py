@@ -373,7 +373,7 @@ class Uvicorn(AsgiServer):
     """uvicorn as the README runs it: no lifespan (Channels' ProtocolTypeRouter has no lifespan
     handler) and a bounded graceful stop. Without the bound an open event stream holds SIGTERM
     forever (and, with channels_redis's own receive on Python 3.11, a consumer that missed its
-    cancellation: TRAPS 7)."""
+    cancellation: CPython gh-86296)."""
 
     kind = "uvicorn"
     graceful_timeout = 5

@@ -14,6 +14,7 @@ import math
 import os
 import statistics
 import sys
+import threading
 import time
 from collections import Counter
 
@@ -21,8 +22,11 @@ import pytest
 from asgiref.sync import sync_to_async
 from django.db import connection
 
+from channel_registry.conf import RegistrySettings
+from channel_registry.inbound import FRAME_COST
+
 from . import test_faults
-from .processes import ROOT, HandshakeRefused, csrf_token, http_request
+from .processes import ROOT, HandshakeRefused, await_until, close_all, csrf_token, http_request
 
 # The fault tests' fixtures: a throw-away database for the module, and a stack per test.
 demo_database = test_faults.demo_database
@@ -141,15 +145,15 @@ async def converse(pairs, rounds: int, label: str, gap: float = 0.05) -> tuple[l
 class Flood:
     """``tests/flood_client.py`` in a process of its own: ``sockets`` sockets sending back to back."""
 
-    def __init__(self, server, user, to, sockets: int) -> None:
-        self.args = [str(server.port), user.session, str(to.pk), str(sockets)]
+    def __init__(self, server, user, to, sockets: int, mode: str = "answered") -> None:
+        self.args = [str(server.port), user.session, str(to.pk), str(sockets), mode]
 
     async def __aenter__(self) -> Flood:
         self.process = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "tests.flood_client", *self.args, cwd=ROOT,
             stdout=asyncio.subprocess.PIPE, env={**os.environ, "PYTHONPATH": str(ROOT)},
         )  # fmt: skip
-        assert await asyncio.wait_for(self.process.stdout.readline(), 20) == b"ready\n"
+        assert await asyncio.wait_for(self.process.stdout.readline(), 30) == b"ready\n"
         return self
 
     async def __aexit__(self, *exc_info) -> None:
@@ -199,8 +203,8 @@ async def test_a_flood_into_many_tabs_is_bounded_and_bystanders_keep_their_laten
 
     With the defaults the flooder's budget is per user (20 messages / 10 s) and pays for
     every copy before it is sent (200 per 10 s): its messages are refused on its own
-    process, each refusal held back so the flood slows to a frame a second per socket, and
-    the bystanders' p99 stays within 2x of the quiet run with every message delivered.
+    process, answered at once until the socket has sent on a budget's worth (then 4420),
+    and the bystanders' p99 stays within max(250 ms, 3x the quiet run), all delivered.
     "none" turns the limits off and shows the harm: copies multiply, and bystanders'
     messages are slow or acknowledged as reaching no tab (the queue was full).
     """
@@ -248,10 +252,15 @@ async def test_a_flood_into_many_tabs_is_bounded_and_bystanders_keep_their_laten
         assert lost or p99(loud) > 2 * p99(quiet), "and the bystanders notice"
         return
     assert lost == 0 and [a["delivered"] for a in acks] == [1] * 96
-    # Within 2x of the quiet run; below 10 ms a scheduling hiccup on this shared machine is not a signal.
-    assert p99(loud) <= 2 * max(p99(quiet), 10.0), (sorted(quiet), sorted(loud))
-    # Slowed: each refusal is held back ~1 s, so each socket gets about one answer a second.
-    assert answers["rate_limited"] <= 10 * (flood_seconds + phases)
+    # Issue 17's bound. Refusals used to be held back 1 s, which kept the flooder near idle (within
+    # 2x of quiet) but stalled its socket while the server kept buffering; now each of its sockets
+    # gets its refusals at once until it has sent on a budget's worth, and is closed.
+    assert p99(loud) <= max(250, 3 * p99(quiet)), (sorted(quiet), sorted(loud))
+    # Answered at once, but no more frames than each socket's inbound budget pays for, plus the
+    # budget of debt it may run up once told (then it is closed), plus what refills meanwhile.
+    capacity, per = RegistrySettings().INBOUND_LIMIT
+    frame_cost = len(json.dumps(direct(bob, "x" * 200, "f9.999"))) + FRAME_COST
+    assert sum(answers.values()) <= 10 * (phases * 2 * capacity + capacity / per * flood_seconds) / frame_cost
     # Copies are paid before they are sent: 200 of burst, 20 a second after that.
     assert copies <= 200 + 20 * (time.monotonic() - first_flood)
 
@@ -353,3 +362,220 @@ async def test_presence_changes_are_coalesced_for_everyone_else(stack):
     # At most one broadcast per 0.5 s, plus the one that starts a burst and the trailing one.
     assert 1 <= len(frames) <= churn_seconds / 0.5 + 3, (len(frames), churn_seconds)
     assert [person["username"] for person in frames[-1]["online"]] == ["alice"]
+
+
+# --------------------------------------------------------------------------- issue 17: origins and oracles
+
+
+async def request_stream(port: int, headers: dict) -> tuple[int, asyncio.StreamWriter]:
+    """``GET /events/`` over a raw connection: (status, the connection, still open to hold a stream)."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    lines = ["GET /events/ HTTP/1.1", f"Host: 127.0.0.1:{port}", "Accept: text/event-stream"]
+    lines += [f"{name}: {value}" for name, value in headers.items()]
+    writer.write(("\r\n".join(lines) + "\r\n\r\n").encode())
+    status_line = await asyncio.wait_for(reader.readline(), 10)
+    return int(status_line.split()[1]), writer
+
+
+async def open_timed(stack, server, user, count: int) -> tuple[list, list[float]]:
+    """``count`` tabs of ``user`` opened 10 at a time: (the tabs, each one's handshake time in ms)."""
+    times = []
+
+    async def timed():
+        started = time.perf_counter()
+        tab = await stack.open_tab(server, user)
+        times.append((time.perf_counter() - started) * 1000)
+        return tab
+
+    return await test_faults.bounded([timed() for _ in range(count)], limit=10), times
+
+
+async def test_a_page_on_another_port_cannot_hold_the_victims_stream_slots(stack):
+    """Issue 17, item 7: ``GET /events/`` with the victim's cookie from a page on another port of
+    the same host got 200, and such streams could fill the victim's 50 connections until their own
+    tabs got 4429. Shipped defaults: every such request is refused with 403 before it is registered,
+    and the victim opens all 50 of their connections while the attack runs, as fast as when quiet."""
+    stack.start_redis()
+    [server] = stack.daphnes(1)
+    [victim] = await stack.users("victim")
+    cookie = f"sessionid={victim.session}"
+    other_page = f"http://127.0.0.1:{server.port + 1}"
+    attacks = [
+        {"Cookie": cookie, "Origin": other_page, "Sec-Fetch-Site": "same-site"},  # its EventSource
+        {"Cookie": cookie, "Sec-Fetch-Site": "same-site"},  # its <img src> or no-cors fetch: no Origin
+        {"Cookie": cookie, "Sec-Fetch-Site": "cross-site"},
+    ]
+    own_page = {"Cookie": cookie, "Sec-Fetch-Site": "same-origin"}  # the site's own EventSource
+
+    tabs, quiet = await open_timed(stack, server, victim, 49)
+    status, own_stream = await request_stream(server.port, own_page)
+    assert status == 200 and len(await stack.rows(user=victim)) == 50
+    own_stream.close()
+    await close_all(tabs)
+    await await_until(lambda: test_faults.row_count(expect=0), 5)
+
+    statuses, held = Counter(), []
+    attacking = True
+
+    async def attack(headers):
+        while attacking or statuses.total() < 60:  # more than the victim's 50 slots, however slow the machine
+            status, connection = await request_stream(server.port, headers)
+            statuses[status] += 1
+            (held if status == 200 else []).append(connection)
+            if status != 200:
+                connection.close()
+
+    attackers = [asyncio.ensure_future(attack(attacks[n % len(attacks)])) for n in range(6)]
+    await asyncio.sleep(0.5)
+    tabs, loud = await open_timed(stack, server, victim, 49)
+    status, own_stream = await request_stream(server.port, own_page)
+    attacking = False
+    await asyncio.gather(*attackers)
+    print(f"\nvictim's handshakes p50/p99 ms quiet {statistics.median(quiet):.1f}/{p99(quiet):.1f}, "
+          f"attacked {statistics.median(loud):.1f}/{p99(loud):.1f}; attacker answers {dict(statuses)}")
+
+    assert status == 200 and all(tab.is_open for tab in tabs)
+    assert len(await stack.rows(user=victim)) == 50
+    assert set(statuses) == {403} and held == []
+    assert p99(loud) <= max(250, 3 * p99(quiet)), (sorted(quiet), sorted(loud))
+    own_stream.close()
+
+
+async def test_with_private_acks_the_copies_budget_tells_a_sender_nothing_about_the_recipient(stack):
+    """Issue 17, item 8: with ``ACK_DELIVERED`` off, a refused copies budget still answered a
+    ``retry_after`` exact to the millisecond: the price of the recipient's connections. Shipped
+    budgets: mallory drains her copies (4 messages to an accomplice's 50 tabs), then probes users
+    on 0, 1 and 5 tabs. Every answer is the same ack; what was over the budget reached nobody's
+    tabs live, and the 5-tab user's tabs get it with the next message sent to them."""
+    stack.start_redis()
+    stack.configure(ack_delivered=0)
+    [server] = stack.daphnes(1)
+    mallory, accomplice, zero, one, five, friend = await stack.users(
+        "mallory", "accomplice", "zero", "one", "five", "friend"
+    )
+    await open_tabs(stack, server, accomplice, 50)
+    await stack.open_tab(server, one)
+    five_tabs = await open_tabs(stack, server, five, 5)
+    sender, friend_tab = await stack.open_tab(server, mallory), await stack.open_tab(server, friend)
+
+    for n in range(4):  # 200 copies: the whole FANOUT_LIMIT
+        assert (await sender.request(direct(accomplice, "drain", f"d{n}")))["type"] == "ack"
+    answers: dict = {"zero": [], "one": [], "five": []}
+    for n in range(5):
+        for name, user in (("five", five), ("one", one), ("zero", zero)):
+            answers[name].append(await sender.request(direct(user, n, "probe")))
+
+    same_ack = {"type": "ack", "id": "probe", "delivered": None}
+    assert answers["zero"] == answers["one"] == answers["five"] == [same_ack] * 5
+    live = [len(tab.frames_of("direct")) for tab in five_tabs]
+    assert max(live) < 5, live  # some probes were over the budget: kept, not sent
+    assert (await friend_tab.request(direct(five, "wake", "w")))["type"] == "ack"
+    for tab in five_tabs:
+        await tab.wait_for(lambda f: f.get("message") == "wake", 5)
+        assert [frame["message"] for frame in tab.frames_of("direct")] == [0, 1, 2, 3, 4, "wake"]
+
+
+# --------------------------------------------------------------------------- issue 17: frames and group sockets
+
+
+class Sampler:
+    """Samples ``measure()`` every ``interval`` seconds in a thread of its own, while in the ``with``."""
+
+    def __init__(self, measure, interval: float) -> None:
+        self.measure, self.interval = measure, interval
+        self.samples: list[float] = []
+        self._stop = threading.Event()
+
+    def __enter__(self) -> Sampler:
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            self.samples.append(self.measure())
+
+    def __exit__(self, *exc_info) -> None:
+        self._stop.set()
+        self._thread.join(5)
+
+
+class RedisPings:
+    """``tests/redis_pinger.py`` in a process of its own while in the ``async with``: ``samples`` in ms."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+
+    async def __aenter__(self) -> RedisPings:
+        self.process = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "tests.redis_pinger", self.url, "0.02", cwd=ROOT,
+            stdout=asyncio.subprocess.PIPE, env={**os.environ, "PYTHONPATH": str(ROOT)},
+        )  # fmt: skip
+        assert await asyncio.wait_for(self.process.stdout.readline(), 20) == b"ready\n"
+        return self
+
+    async def __aexit__(self, *exc_info) -> None:
+        self.process.terminate()
+        output, _ = await asyncio.wait_for(self.process.communicate(), 30)
+        self.samples: list[float] = json.loads(output)
+
+
+@pytest.mark.parametrize("kind", ["daphne", "uvicorn"])
+async def test_a_frame_flood_from_the_maximum_sockets_is_closed_and_costs_bystanders_nothing(stack, kind):
+    """Issue 17, item 1: 10 sockets pushing 15 KB frames took daphne from 87 MiB to 1,675 MiB.
+
+    Shipped defaults, the servers' own defaults. One account opens its 50 sockets and
+    pushes 15 KB direct frames as fast as TCP takes them; meanwhile bystander pairs
+    exchange messages. Each flooding socket is refused, then closed with 4420; the
+    server's RSS grows by tens of MiB, not GiB, and Redis does not notice.
+
+    The bystanders do, for a few seconds: after the close the server still parses
+    what the kernel had buffered for each socket (several MB on loopback) before
+    the close handshake ends, and no ASGI message can abort a connection. Their
+    p99 is bounded here at 5 s (measured 1.2 to 2.5 s), not at the issue's
+    max(250 ms, 3x quiet); every message is delivered.
+    """
+    stack.start_redis()
+    [server] = stack.daphnes(1, kind=kind)
+    bob, mallory, *bystanders = await stack.users("bob", "mallory", *(f"bystander{n}" for n in range(8)))
+    await stack.open_tab(server, bob)
+    people = [(await stack.open_tab(server, user), user) for user in bystanders]
+    pairs = list(zip(people[::2], people[1::2], strict=True))
+    # Every bystander sends 3 + 12 messages: within their own budget of 20.
+    quiet, acks = await converse(pairs, 6, "q.", gap=0.3)
+
+    rss_before = server.rss_kb()
+    async with RedisPings(stack.redis[0].url) as pings:
+        with Sampler(server.rss_kb, 0.05) as rss:
+            async with Flood(server, mallory, bob, sockets=50, mode="blast") as flood:
+                loud, replies = await converse(pairs, 24, "l.", gap=0.3)  # about 8 s
+    acks += replies
+    growth_mib = (max(rss.samples) - rss_before) / 1024
+    print(f"\n[{kind}] RSS {rss_before / 1024:.0f} MiB + {growth_mib:.1f} MiB; "
+          f"Redis PING p99 {p99(pings.samples):.1f} ms; "
+          f"bystander p50/p99 ms quiet {statistics.median(quiet):.1f}/{p99(quiet):.1f}, "
+          f"flood {statistics.median(loud):.1f}/{p99(loud):.1f}; flooder {dict(flood.answers)}")  # fmt: skip
+
+    assert flood.answers["closed 4420"] == 50, flood.answers
+    assert growth_mib <= 64
+    assert p99(pings.samples) <= 20
+    assert [a.get("delivered") for a in acks] == [1] * len(acks) == [1] * 120
+    assert p99(loud) <= 5000, (sorted(quiet), sorted(loud))
+
+
+async def test_group_sockets_count_against_the_connection_limit_and_their_slots_come_back(stack):
+    """Issue 17, item 6: 60 of 60 ``GroupConsumer`` sockets of one account stayed open."""
+    stack.start_redis()
+    first, second = stack.daphnes(2)
+    [mallory] = await stack.users("mallory")
+    tabs = await test_faults.bounded(
+        [stack.tab(server, mallory, path="/ws/groups/") for server in (first, second) for _ in range(30)], limit=10
+    )
+    await asyncio.sleep(0.5)
+    codes = Counter(tab.close_code if not tab.is_open else "open" for tab in tabs)
+    assert codes == {"open": 50, 4429: 10}
+
+    await test_faults.close_all([tab for tab in tabs if tab.is_open][:5])
+    again = await test_faults.bounded([stack.tab(second, mallory, path="/ws/groups/") for _ in range(6)], limit=6)
+    await asyncio.sleep(0.5)
+    assert Counter(tab.close_code if not tab.is_open else "open" for tab in again) == {"open": 5, 4429: 1}

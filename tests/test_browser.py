@@ -480,6 +480,78 @@ def test_native_event_source_gets_what_it_missed_while_the_server_restarted(sign
     page.close()
 
 
+class AnotherApplication:
+    """A page served on another port of the same host: browsers send it the site's cookies."""
+
+    def __init__(self) -> None:
+        import http.server
+        import threading
+
+        class Page(http.server.BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                self.send_response(200)
+                self.send_header("Content-Type", "text/html")
+                self.end_headers()
+                self.wfile.write(b"<!doctype html><title>another application</title>")
+
+            def log_message(self, *args) -> None:
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", free_port()), Page)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def registry_rows(env: dict, username: str) -> int:
+    code = ("from channel_registry.models import UserChannel; "
+            f"print(UserChannel.objects.filter(user__username={username!r}).count())")
+    result = subprocess.run([sys.executable, "demo_site/manage.py", "shell", "-c", code], cwd=ROOT, env=env,
+                            check=True, capture_output=True, text=True, timeout=60)
+    return int(result.stdout.strip().splitlines()[-1])
+
+
+def access_log(server: Daphne, since: int) -> list[str]:
+    """daphne's access log lines for ``/events/`` written after offset ``since`` of its log."""
+    with server.log_path.open() as log:
+        log.seek(since)
+        return re.findall(r'"GET (/events/\S*)" (\d+)', log.read())
+
+
+def test_a_page_on_another_port_cannot_open_the_users_event_stream(sign_in, demo_env):
+    """Chromium sends the site's own EventSource no Origin and ``Sec-Fetch-Site: same-origin``: it
+    streams. A page on another port of the same host gets the user's cookies sent along with its
+    EventSource (``Origin`` and ``same-site``) and its ``<img>`` (no Origin, ``same-site``): both are
+    refused with 403 and hold none of the user's connections. (Chromium reports neither refusal to
+    the page's script, a CORS and an ORB failure: daphne's access log shows the answers.)"""
+    carol = sign_in("carol")  # her inbox: one connection
+    since = carol.server.log_path.stat().st_size
+    own = carol.context.new_page()
+    own.goto(f"{carol.server.url}/login/")
+    own.evaluate(NATIVE_EVENT_SOURCE)
+    own.wait_for_function("() => window.position !== undefined", timeout=LIVE)
+    other = AnotherApplication()
+    try:
+        page = carol.context.new_page()
+        page.goto(other.url)
+        page.evaluate("""(url) => {
+            new EventSource(url, { withCredentials: true });
+            new Image().src = url + "?img";
+        }""", f"{carol.server.url}/events/")
+        deadline = time.monotonic() + 5
+        while len(access_log(carol.server, since)) < 2 and time.monotonic() < deadline:
+            page.wait_for_timeout(100)
+        # daphne logs a response once it ended: her own stream, still open, is not there yet.
+        assert sorted(set(access_log(carol.server, since))) == [("/events/", "403"), ("/events/?img", "403")]
+        assert registry_rows(demo_env, "carol") == 2  # the inbox and her own stream
+    finally:
+        other.close()
+        own.close()
+
+
 def test_page_reconnects_by_itself_after_daphne_restarts(sign_in, servers):
     alice, bob = sign_in("alice"), sign_in("bob")
     status = bob.page.locator("#status")

@@ -29,13 +29,14 @@ def test_default_test_settings_pass_every_check():
         ({"RATE_LIMIT": (0, 10)}, "channel_registry.E004"),
         ({"RATE_LIMIT": "20/10s"}, "channel_registry.E004"),
         ({"FANOUT_LIMIT": (200, 0)}, "channel_registry.E004"),
+        ({"INBOUND_LIMIT": (512 * 1024,)}, "channel_registry.E004"),
         ({"MAX_CONNECTIONS_PER_USER": 0}, "channel_registry.E007"),
         ({"MAX_CONNECTIONS_PER_USER": "50"}, "channel_registry.E007"),
         ({"ON_LIMIT": "close_random"}, "channel_registry.E005"),
         ({"CAN_MESSAGE": "nowhere.policy"}, "channel_registry.E006"),
         ({"HANDSHAKE_LIMIT": (120,)}, "channel_registry.E004"),
-        ({"RECOVERY_MAX_BYTES": 1024}, "channel_registry.E030"),
-        ({"HISTORY_SENDER_SHARE": 1.5}, "channel_registry.E031"),
+        ({"RECOVERY_MAX_BYTES": 1024}, "channel_registry.E040"),
+        ({"HISTORY_SENDER_SHARE": 1.5}, "channel_registry.E041"),
     ],
 )
 def test_misconfigured_options_are_reported(settings, options, expected):

@@ -23,7 +23,7 @@ MESSAGE = {"type": "registry.event", "text": "héllo", "n": 7, "tags": ["a", "b"
 
 
 def host(url: str = SHARED_REDIS, **options) -> dict:
-    # socket_timeout above channels_redis's 5 s BZPOPMIN (TRAPS.md #1).
+    # socket_timeout above channels_redis's 5 s BZPOPMIN (redis/redis-py#4091).
     return {"address": url, "socket_timeout": 10, **options}
 
 

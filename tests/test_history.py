@@ -15,12 +15,14 @@ from channel_registry.cursor import Cursor
 from channel_registry.delivery import send_batches
 from channel_registry.exceptions import ChannelLayerUnavailable
 from channel_registry.history import (
+    HEAD_TTL,
     RESET_EPOCH,
     RESET_EXPIRED,
     RESET_INVALID,
     RESET_TOO_MANY,
     MemoryHistory,
     Position,
+    Recovery,
     RedisHistory,
     history_for,
     position_for,
@@ -116,6 +118,35 @@ async def test_redis_history_is_bounded_in_length_and_time(make_layer):
     assert await connection.xlen(stream_key) == 5
     assert 0 < await connection.ttl(stream_key) <= 60
     assert await connection.ttl(head_key) > 3600  # the epoch outlives the events
+
+
+async def test_memory_history_forgets_as_redis_expires(monkeypatch):
+    """Issue 17, item 8: ``MemoryHistory`` kept every user it ever saw. Now the events go
+    ``HISTORY_TTL`` after the newest one (the bulk: 1,000 users x 20 events here), and the
+    user's epoch and seq ``HEAD_TTL`` after their history was last used, like Redis's keys."""
+    clock = [1_000_000.0]
+    monkeypatch.setattr("channel_registry.history.time.time", lambda: clock[0])
+    history = MemoryHistory()
+    with override_settings(CHANNEL_REGISTRY={"HISTORY_TTL": 600}):
+        for _ in range(20):
+            await history.append(range(1000), EVENT)
+        quiet = Position(history.users[0].epoch, 20)
+
+        clock[0] += 599  # user 1 keeps receiving
+        await history.append([1], EVENT)
+        assert sum(len(user.events) for user in history.users.values()) == 20 * 1000 + 1
+
+        # More than 600 s after the 20 events, by the next pass: only user 1's are kept.
+        clock[0] += MemoryHistory.PRUNE_EVERY + 1
+        await history.read(0, None)
+        assert [len(history.users[n].events) for n in range(3)] == [0, 21, 0]
+        assert sum(len(user.events) for user in history.users.values()) == 21
+        # A quiet tab still resumes in its epoch: nothing it missed, so no reset.
+        assert (await history.read(0, quiet)) == Recovery(Position(quiet.epoch, 20))
+
+        clock[0] += HEAD_TTL + 1
+        await history.read(0, None)
+        assert list(history.users) == [0]  # everyone else forgotten; user 0 was just read
 
 
 async def test_a_lost_redis_history_starts_a_new_epoch(make_layer):

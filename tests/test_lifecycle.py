@@ -104,7 +104,7 @@ def deactivate(user) -> None:
 
 @pytest.mark.parametrize(("change", "code"), [(change_password, 4409), (deactivate, 4410)])
 async def test_credentials_change_closes_every_tab(connect, alice, bob, change, code):
-    tabs = [await connect(alice, session_key=f"s{i}") for i in range(2)]
+    tabs = [await connect(alice, session_key=(await sync_to_async(signed_in)(alice))[1]) for _ in range(2)]
     other = await connect(bob)
     await sync_to_async(change)(alice)
     for tab in tabs:

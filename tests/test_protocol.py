@@ -22,6 +22,8 @@ from hypothesis import HealthCheck, given
 from hypothesis import settings as hypothesis_settings
 from hypothesis import strategies as st
 
+from channel_registry import anotify_user
+from channel_registry.conf import RegistrySettings
 from channel_registry.consumers import GroupConsumer, RegistryConsumer
 
 from .conftest import rows
@@ -544,6 +546,38 @@ async def test_ack_delivered_false_discloses_nothing_about_the_recipients_connec
     assert [(await answer(tab))["message"] for tab in tabs] == ["online", "online"]
 
 
+async def test_with_private_acks_a_sender_over_the_copies_budget_cannot_tell_0_1_or_5_tabs_apart(
+    consumer, open_as, make_user, settings
+):
+    """Issue 17, item 8: a refused copies budget answered a ``retry_after`` exact to the millisecond,
+    the price of the recipient's connections: online or not, and on how many tabs. With
+    ``ACK_DELIVERED`` off every message gets the same ack; one over the budget is kept in the
+    recipient's history, not sent, and reaches their tabs with the next event sent to them."""
+    settings.CHANNEL_REGISTRY = {"ACK_DELIVERED": False, "RATE_LIMIT": None, "FANOUT_LIMIT": (4, 60)}
+    make = sync_to_async(make_user)
+    sender = await open_as(await make("sender"))
+    zero, one, five = await make("zero"), await make("one"), await make("five")
+    tabs = {zero: [], one: [await open_as(one)], five: [await open_as(five) for _ in range(5)]}
+
+    answers: dict = {user: [] for user in tabs}
+    for n in range(3):  # 1 copy to "one" each time, 5 to "five": the budget of 4 runs out at once
+        for user in tabs:
+            await sender.send_json_to({"type": "direct", "to": user.pk, "message": n, "id": "m"})
+            answers[user].append(await answer(sender))
+
+    assert answers[zero] == answers[one] == answers[five] == [{"type": "ack", "id": "m", "delivered": None}] * 3
+    assert [(await answer(tabs[one][0]))["message"] for _ in range(3)] == [0, 1, 2]
+    expected: list = [0, 1, 2]  # groups cannot count copies: there every message went out
+    if consumer is RegistryConsumer:
+        for tab in tabs[five]:
+            assert await tab.receive_nothing()
+        await anotify_user(five, "next")
+        expected.append("next")
+    for tab in tabs[five]:
+        got = [await answer(tab) for _ in expected]
+        assert [frame.get("message", frame.get("data")) for frame in got] == expected
+
+
 # Rate limit: token buckets per user, over all of their connections.
 
 
@@ -551,10 +585,15 @@ def frames_to(user, count: int, start: int = 0) -> list[dict]:
     return [{"type": "direct", "to": user.pk, "message": n, "id": n} for n in range(start, start + count)]
 
 
-async def test_default_rate_limit_allows_20_messages_then_refuses(chat):
+async def test_default_rate_limit_allows_20_messages_then_refuses(chat, settings):
+    """The shipped count, over an hour instead of 10 s: with the default refill (a token every
+    0.5 s) the outcome of the 21st frame would depend on how fast a loaded machine sends 21."""
+    messages, _ = RegistrySettings().RATE_LIMIT or (0, 0)
+    assert messages == 20
+    settings.CHANNEL_REGISTRY = {"RATE_LIMIT": (messages, 3600)}
     for frame in frames_to(chat.bob, 20):
         assert await chat.send(frame) == ack(chat.consumer, frame["id"], 1)
-    assert await chat.send(frames_to(chat.bob, 1, start=20)[0]) == rate_limited(20, within=0.5)
+    assert await chat.send(frames_to(chat.bob, 1, start=20)[0]) == rate_limited(20, within=180)
     assert [(await answer(chat.recipient))["message"] for _ in range(20)] == list(range(20))
     assert await chat.recipient.receive_nothing()
 
@@ -817,8 +856,9 @@ async def test_1000_random_frames_never_crash_the_consumer_nor_reach_anyone_unad
     consumer, connect, alice, bob, carol, dave, settings
 ):
     """Alice's one socket gets 1,000 random frames; Carol may be addressed, Bob never is."""
+    # One socket sends 1,000 frames back to back: no per-user or per-connection budget.
     settings.CHANNEL_REGISTRY = {
-        "RATE_LIMIT": None, "HISTORY_SENDER_LIMIT": None, "HISTORY_SENDER_SHARE": None,
+        "RATE_LIMIT": None, "INBOUND_LIMIT": None, "HISTORY_SENDER_LIMIT": None, "HISTORY_SENDER_SHARE": None,
         "MAX_MESSAGE_BYTES": FUZZ_MAX_BYTES,
     }  # fmt: skip
     users = {"sender": alice.pk, "addressee": carol.pk, "inactive": dave.pk}

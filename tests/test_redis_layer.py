@@ -172,7 +172,7 @@ async def test_a_receive_cancelled_while_waiting_leaves_the_next_message_for_the
     waiting = asyncio.ensure_future(receiver.receive(channel))
     await asyncio.sleep(0.2)  # the reader is blocked in BZPOPMIN now
     waiting.cancel()
-    # The cancellation is never swallowed (Python 3.11's wait_for, TRAPS 7): a receive only awaits a queue.
+    # The cancellation is never swallowed (Python 3.11's wait_for, CPython gh-86296): a receive only awaits a queue.
     with pytest.raises(asyncio.CancelledError):
         await asyncio.wait_for(waiting, 1)
     await receiver.send(channel, {"type": "t", "n": 1})

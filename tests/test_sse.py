@@ -32,7 +32,7 @@ def session_cookie(user) -> str:
     return f"sessionid={client.cookies['sessionid'].value}"
 
 
-def http_scope(cookie: str) -> dict:
+def http_scope(cookie: str, *headers: tuple[bytes, bytes]) -> dict:
     return {
         "type": "http",
         "asgi": {"version": "3.0"},
@@ -43,7 +43,8 @@ def http_scope(cookie: str) -> dict:
         "raw_path": b"/events/",
         "query_string": b"",
         "root_path": "",
-        "headers": [(b"host", b"testserver"), (b"accept", b"text/event-stream"), (b"cookie", cookie.encode())],
+        "headers": [(b"host", b"testserver"), (b"accept", b"text/event-stream"), (b"cookie", cookie.encode()),
+                    *headers],
         "client": ("127.0.0.1", 50000),
         "server": ("testserver", 80),
     }
@@ -52,8 +53,8 @@ def http_scope(cookie: str) -> dict:
 class Stream:
     """One client of ``/events/``: the response head, then body chunks as text."""
 
-    def __init__(self, cookie: str) -> None:
-        self.app = ApplicationCommunicator(application, http_scope(cookie))
+    def __init__(self, cookie: str, *headers: tuple[bytes, bytes]) -> None:
+        self.app = ApplicationCommunicator(application, http_scope(cookie, *headers))
         self.head: dict = {}
 
     async def open(self) -> None:
@@ -120,6 +121,29 @@ async def test_a_stream_over_the_connection_limit_is_refused_at_once_with_429(op
     body = json.loads((await refused.app.receive_output(3))["body"])
     assert body == {"type": "error", "code": "too_many_connections", "detail": "too many open connections"}
     assert len(await rows(user=alice)) == 2
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        [(b"origin", b"http://testserver:8080"), (b"sec-fetch-site", b"same-site")],  # a page on another port
+        [(b"sec-fetch-site", b"cross-site")],
+        [(b"sec-fetch-site", b"same-site")],  # an <img> on another port: no Origin
+    ],
+)
+async def test_a_request_from_another_origins_page_is_refused_with_403_before_registering(alice, headers):
+    refused = Stream(await sync_to_async(session_cookie)(alice), *headers)
+    await refused.app.send_input({"type": "http.request", "body": b"", "more_body": False})
+    assert (await refused.app.receive_output(3))["status"] == 403
+    assert json.loads((await refused.app.receive_output(3))["body"])["code"] == "forbidden"
+    assert await rows(user=alice) == []
+
+
+async def test_the_sites_own_page_opens_a_stream(open_stream, alice):
+    stream = Stream(await sync_to_async(session_cookie)(alice), (b"sec-fetch-site", b"same-origin"))
+    await stream.open()
+    assert stream.head["status"] == 200
+    await stream.leave()
 
 
 async def test_a_stream_that_cannot_register_gets_503_with_retry_after(alice):

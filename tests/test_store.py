@@ -4,7 +4,7 @@ import asyncio
 from datetime import timedelta
 
 import pytest
-from asgiref.sync import sync_to_async
+from asgiref.sync import async_to_sync, sync_to_async
 from django.contrib.auth import get_user_model
 from django.contrib.auth.models import UserManager
 from django.db import IntegrityError, connection
@@ -199,6 +199,32 @@ def test_the_heartbeat_never_restores_a_connection_that_closed(alice, presence_e
     assert orm.restore(snapshot, still_open=process.open.__contains__) == 0
     assert list(UserChannel.objects.values_list("channel_name", flat=True)) == ["specific.a!2"]
     assert presence_events == [("online", alice.pk)]
+
+
+def test_a_deleted_users_open_socket_never_stops_the_heartbeat_restoring_the_others(store, alice, bob, presence_events):
+    """Deleting a user deletes their rows (CASCADE), but not their open socket: the restore
+    inserted a row for it, the foreign key refused it and the whole batch rolled back, every beat."""
+    async_to_sync(store.add)("specific.a!1", reg(alice))
+    async_to_sync(store.add)("specific.b!1", reg(bob))
+    open_channels = {"specific.a!1": reg(alice), "specific.b!1": reg(bob)}
+    UserChannel.objects.filter(channel_name="specific.b!1").delete()  # pruned while the process stalled
+    alice.delete()
+
+    assert store.restore(open_channels, still_open=open_channels.__contains__) == 1
+    assert list(UserChannel.objects.values_list("channel_name", flat=True)) == ["specific.b!1"]
+    assert presence_events[-1] == ("online", bob.pk)
+
+
+def test_the_heartbeat_restores_rows_next_to_a_deleted_users_socket(alice, bob):
+    """The same through ``beat()``, this process's own open set."""
+    for user, name in ((alice, "specific.a!1"), (bob, "specific.b!1")):
+        me = process.registration(user.pk, "")
+        orm.add_sync(name, me)
+        process.open[name] = me
+    UserChannel.objects.filter(channel_name="specific.b!1").delete()
+    alice.delete()
+    beat()
+    assert list(UserChannel.objects.values_list("channel_name", flat=True)) == ["specific.b!1"]
 
 
 class LosesItsCancellation(RegistryConsumer):

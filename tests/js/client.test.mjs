@@ -243,6 +243,24 @@ describe("RegistrySocket", () => {
     assert.equal(FakeWebSocket.all.length, 3);
   });
 
+  test("4420 (sent too fast) waits slowDownDelay plus the growing backoff before each reconnect", () => {
+    const client = socket({ slowDownDelay: 30000 });
+    const seen = record(client, ["state"]);
+    client.connect();
+    FakeWebSocket.last.serverOpens();
+    FakeWebSocket.last.serverCloses(4420);
+    assert.equal(client.state, State.RECONNECTING);
+    assert.deepEqual([seen.at(-1)[1].delay, seen.at(-1)[1].code], [31000, undefined]);
+    mock.timers.tick(30999);
+    assert.equal(FakeWebSocket.all.length, 1, "no reconnect before the delay");
+    mock.timers.tick(1);
+    assert.equal(FakeWebSocket.all.length, 2);
+    FakeWebSocket.last.serverOpens();
+    FakeWebSocket.last.serverCloses(4420);
+    assert.equal(seen.at(-1)[1].delay, 32000);
+    client.close();
+  });
+
   test("4503 (server unavailable) is retried with backoff", () => {
     const client = socket();
     client.connect();
@@ -250,12 +268,12 @@ describe("RegistrySocket", () => {
     assert.equal(client.state, State.RECONNECTING);
   });
 
-  test("4430 (over the handshake or resume budget) waits the seconds the close reason names", () => {
+  test("4430 (over the handshake or resume budget) waits the seconds the close reason names, then the backoff", () => {
     const client = socket();
     client.connect();
     FakeWebSocket.last.serverCloses(4430, "12");
     assert.equal(client.state, State.RECONNECTING);
-    mock.timers.tick(11999);
+    mock.timers.tick(12999); // 12 s, and the first backoff's ceiling (1 s)
     assert.equal(FakeWebSocket.all.length, 1);
     mock.timers.tick(1);
     assert.equal(FakeWebSocket.all.length, 2);
@@ -433,7 +451,7 @@ describe("RegistryEventStream", () => {
     stream.connect();
     await until(() => stream.state === State.RECONNECTING);
     assert.deepEqual(seen.filter(([type]) => type === "close"), [["close", { code: 4430, reason: "7" }]]);
-    assert.equal(seen.at(-1)[1].delay, 7000); // the backoff's first ceiling is 1 s: the server's 7 s win
+    assert.equal(seen.at(-1)[1].delay, 7500); // the server's 7 s, then half the backoff's first ceiling
     stream.close();
   });
 

@@ -28,9 +28,10 @@
  * after 4401/4410 (state "signed-out": the session is gone), 4403/4429 (state "refused": the
  * server closed it for another reason that a retry would not change) or close(). After 4409 (the
  * user's password changed) they reconnect once after `reauthenticateDelay` ms, so the session
- * is checked again: the one that changed the password comes back. After 4430 (HTTP 429 with
- * Retry-After for streams: over the user's handshake or resume budget) they wait the seconds the
- * server named, or the backoff if that is longer. They never hold two
+ * is checked again: the one that changed the password comes back. After 4420 (the page sent
+ * faster than the server allows) they wait `slowDownDelay` ms plus the backoff. After 4430 (HTTP
+ * 429 with Retry-After for streams: over the user's handshake or resume budget) they wait the
+ * seconds the server named plus the backoff. They never hold two
  * connections at once: the old one is detached and closed before a new one opens.
  */
 
@@ -47,6 +48,8 @@ export const CLOSE_SESSION_ENDED = 4410;
 export const CLOSE_REAUTHENTICATE = 4409;
 /** The server cannot register connections right now; retried with backoff like a network drop. */
 export const CLOSE_UNAVAILABLE = 4503;
+/** This connection kept sending after the server refused its frames; reconnect only after slowDownDelay. */
+export const CLOSE_TOO_FAST = 4420;
 /** Over the user's handshake or resume budget; the close reason is the seconds to wait. */
 export const CLOSE_RETRY_LATER = 4430;
 const SIGNED_OUT = new Set([CLOSE_UNAUTHENTICATED, CLOSE_SESSION_ENDED]);
@@ -77,6 +80,7 @@ export const State = Object.freeze({
  * @property {number} stableAfter ms connected after which the backoff starts over
  * @property {() => number} random a uniform number in [0, 1)
  * @property {number} reauthenticateDelay ms before reconnecting after 4409 (password changed)
+ * @property {number} slowDownDelay ms added to the backoff after 4420 (sent too fast)
  */
 /** @typedef {{ event: string, data: string, id: string }} ServerEvent One event of a text/event-stream. */
 
@@ -89,6 +93,8 @@ const BACKOFF = {
   stableAfter: 10000,
   random: Math.random,
   reauthenticateDelay: 1000,
+  /** After 4420 the page sent faster than the server allows: this long first, then the backoff. */
+  slowDownDelay: 30000,
 };
 
 /**
@@ -240,18 +246,18 @@ class Connection extends EventTarget {
     } else if (code === CLOSE_RETRY_LATER) {
       this.scheduleRetry(1000 * (Number.parseFloat(reason) || 0));
     } else {
-      this.scheduleRetry();
+      this.scheduleRetry(code === CLOSE_TOO_FAST ? this.options.slowDownDelay : 0);
     }
   }
 
-  /** @param {number} [atLeast] ms the server asked to wait */
-  scheduleRetry(atLeast = 0) {
+  /** @param {number} [minimum] ms waited before the backoff's own delay */
+  scheduleRetry(minimum = 0) {
     if (globalThis.navigator?.onLine === false) {
       this.setState(State.OFFLINE);
       globalThis.addEventListener("online", this.whenOnline, { once: true });
       return;
     }
-    const delay = Math.max(atLeast, backoffDelay(this.attempt++, this.options));
+    const delay = minimum + backoffDelay(this.attempt++, this.options);
     this.setState(State.RECONNECTING, { delay, retryAt: Date.now() + delay });
     this.retryTimer = setTimeout(() => this.reopen(), delay);
   }

@@ -1,0 +1,184 @@
+"""What one connection may send: a byte budget checked as each frame arrives, before it is parsed.
+
+daphne reads a socket as fast as TCP delivers and queues every frame for the
+consumer in an unbounded queue; only the consumer's pace bounds it. So the
+consumer must never stop reading: :class:`InboundGate` reads the server's queue
+in a task of its own, charges each frame to the connection's bucket and only
+passes on what the bucket pays for. A frame over budget is answered at once
+(``rate_limited`` with ``retry_after``) and dropped; its cost is still charged,
+so the bucket goes into debt. A connection that sends another full bucket after
+being told is closed with ``CLOSE_TOO_FAST``; its frames not handled yet, and
+what it sends until the server reports the close, are dropped unread.
+
+A refusal by another budget (the user's ``RATE_LIMIT`` or ``FANOUT_LIMIT``)
+charges the connection the wait it announced, up to a second's refill
+(:meth:`InboundGate.told_to_wait`), so sending on regardless ends the same way.
+
+The bucket lives in this process: a budget per connection needs no Redis round
+trip. It holds ``INBOUND_LIMIT[0]`` bytes and refills over ``INBOUND_LIMIT[1]``
+seconds; every frame costs its length plus ``FRAME_COST`` (a ping is not free).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import math
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from . import protocol
+
+#: What every frame costs on top of its length, in bytes: the server's own work per frame.
+FRAME_COST = 1024
+
+#: Most seconds of refill one refusal by another budget charges: enough that a client sending
+#: on regardless soon runs out, little enough that its next, different frame still passes.
+OWED_WAIT_MAX = 1.0
+
+#: Put in the consumer's queue when the reader failed; ``receive`` raises the reader's error.
+READER_FAILED: dict[str, Any] = {"type": "registry.inbound_failed"}
+
+Receive = Callable[[], Awaitable[dict[str, Any]]]
+Send = Callable[[dict[str, Any]], Awaitable[None]]
+
+
+class InboundBucket:
+    """``capacity`` bytes refilled over ``per`` seconds; may go ``capacity`` into debt."""
+
+    def __init__(self, capacity: float, per: float) -> None:
+        self.capacity = capacity
+        self.rate = capacity / per
+        self.tokens = capacity
+        self.stamp = time.monotonic()
+
+    def charge(self, cost: float) -> float | None:
+        """Charge ``cost``: ``None`` if the bucket paid it, else seconds until it would.
+
+        A refused frame is charged too: sending while refused deepens the debt.
+        """
+        now = time.monotonic()
+        self.tokens = min(self.capacity, self.tokens + (now - self.stamp) * self.rate)
+        self.stamp = now
+        paid = self.tokens >= cost
+        self.tokens -= cost
+        if paid:
+            return None
+        return math.ceil((cost - self.tokens) / self.rate * 1000) / 1000
+
+    def owe(self, seconds: float) -> None:
+        """Charge what ``seconds`` of waiting refills, at most ``OWED_WAIT_MAX`` seconds' worth."""
+        self.tokens -= min(seconds, OWED_WAIT_MAX) * self.rate
+
+    @property
+    def exhausted(self) -> bool:
+        """A full bucket's worth of debt: sent on after refusals, the sender is not listening."""
+        return self.tokens < -self.capacity
+
+
+def frame_cost(message: dict[str, Any]) -> int:
+    """A frame's length (characters of text, or bytes) plus ``FRAME_COST``."""
+    data = message.get("text")
+    if data is None:
+        data = message.get("bytes") or b""
+    return len(data) + FRAME_COST
+
+
+def client_id_of(message: dict[str, Any]) -> Any:
+    """The ``id`` of a refused frame, so the client can match the refusal; ``None`` if unreadable.
+
+    Parsing costs, but at most a bucket's worth of refused frames is read before the connection is closed.
+    """
+    try:
+        payload = json.loads(message.get("text") or "")
+    except (ValueError, RecursionError):
+        return None
+    return protocol.read_client_id(payload) if isinstance(payload, dict) else None
+
+
+class InboundGate:
+    """Reads the server's queue without pause; passes on the frames the bucket pays for.
+
+    ``receive`` is what the consumer reads instead of the server's own ``receive``.
+    """
+
+    def __init__(self, receive: Receive, send: Send, limit: tuple[float, float]) -> None:
+        self._server_receive = receive
+        self._send = send
+        self.bucket = InboundBucket(*limit)
+        #: A frame was refused: the client has been told to slow down.
+        self.told = False
+        #: The connection is being closed for sending on after that.
+        self.closed = False
+        self._passed: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+        self._reader = asyncio.ensure_future(self._read())
+        self._reader.add_done_callback(self._reader_done)
+
+    async def receive(self) -> dict[str, Any]:
+        message = await self._passed.get()
+        if message is READER_FAILED:
+            self._reader.result()  # the consumer gets the reader's error
+        return message
+
+    def stop(self) -> None:
+        self._reader.cancel()
+
+    def told_to_wait(self, seconds: float) -> None:
+        """Another budget refused a frame for ``seconds`` (``RATE_LIMIT``, ``FANOUT_LIMIT``).
+
+        The connection is charged that wait (at most ``OWED_WAIT_MAX``): a client that
+        waits as told loses nothing, one that sends on runs into this budget's debt,
+        then is closed.
+        """
+        self.told = True
+        self.bucket.owe(seconds)
+
+    def _reader_done(self, reader: asyncio.Future[None]) -> None:
+        if not reader.cancelled() and reader.exception() is not None:
+            self._passed.put_nowait(READER_FAILED)
+
+    async def _read(self) -> None:
+        while True:
+            message = await self._server_receive()
+            if message["type"] != "websocket.receive":
+                self._passed.put_nowait(message)
+                if message["type"] == "websocket.disconnect":
+                    return
+            elif not self.closed:
+                await self._meter(message)
+
+    async def _meter(self, message: dict[str, Any]) -> None:
+        retry_after = self.bucket.charge(frame_cost(message))
+        if retry_after is None:
+            self._passed.put_nowait(message)
+        elif self.told and self.bucket.exhausted:
+            self.closed = True
+            self._drop_passed_frames()
+            await self._answer({"type": "websocket.close", "code": protocol.CLOSE_TOO_FAST})
+        else:
+            self.told = True
+            refusal = protocol.error_frame(
+                protocol.RATE_LIMITED, "too many frames on this connection; slow down",
+                client_id_of(message), retry_after,
+            )  # fmt: skip
+            await self._answer({"type": "websocket.send", "text": json.dumps(refusal)})
+
+    def _drop_passed_frames(self) -> None:
+        """Frames paid for but not handled yet: not worth answering on a connection being closed."""
+        kept = [message for message in self._drain() if message["type"] != "websocket.receive"]
+        for message in kept:
+            self._passed.put_nowait(message)
+
+    def _drain(self) -> list[dict[str, Any]]:
+        drained = []
+        while not self._passed.empty():
+            drained.append(self._passed.get_nowait())
+        return drained
+
+    async def _answer(self, message: dict[str, Any]) -> None:
+        # A client gone meanwhile (uvicorn raises ClientDisconnected, an OSError): its
+        # disconnect is what the server's queue holds next.
+        with contextlib.suppress(OSError):
+            await self._send(message)

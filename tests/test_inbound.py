@@ -1,0 +1,111 @@
+"""The per-connection inbound budget (``INBOUND_LIMIT``, ``inbound.py``) through both consumers.
+
+In-process, with Channels' communicator; ``tests/test_abuse.py`` floods real daphne and uvicorn.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import pytest
+
+from channel_registry.inbound import FRAME_COST
+from channel_registry.protocol import CLOSE_TOO_FAST
+
+from . import test_protocol
+from .test_protocol import PONG, Between
+
+# The protocol tests' fixtures: both consumers, a socket as a user.
+consumer = test_protocol.consumer
+open_as = test_protocol.open_as
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+PING = '{"type":"ping","id":"p"}'
+PINGS = [PING.replace('"p"', f'"{n}"') for n in range(4)]  # as long as PING
+#: Three pings fit; the fourth is refused. Refills in a second.
+THREE_PINGS = (3 * (len(PING) + FRAME_COST), 1)
+
+
+async def outputs(socket, count: int, wait: float = 5) -> list[dict]:
+    """The next ``count`` things the consumer sent: frames as JSON, a close as ``{"close": code}``."""
+    found = []
+    for _ in range(count):
+        output = await socket.receive_output(wait)
+        found.append(json.loads(output["text"]) if output["type"] == "websocket.send" else {"close": output["code"]})
+    return found
+
+
+def expected_answers(capacity: int, cost: int) -> tuple[int, int]:
+    """(frames paid, frames refused) before a connection sending frames of ``cost`` back to back is closed:
+    paid while the bucket holds the cost, then refused (at least once) until a full bucket of debt."""
+    paid = capacity // cost
+    return paid, max(1, (capacity - paid * cost + capacity) // cost)
+
+
+async def everything(socket) -> list[dict]:
+    """What the consumer sends until it has been quiet for a while."""
+    found = []
+    while not await socket.receive_nothing(0.2):
+        found += await outputs(socket, 1)
+    return found
+
+
+def refused(client_id=None, within: float = 1.0) -> dict:
+    frame = {"type": "error", "code": "rate_limited", "detail": "too many frames on this connection; slow down"}
+    if client_id is not None:
+        frame["id"] = client_id
+    return {**frame, "retry_after": Between(0, within)}
+
+
+async def test_a_frame_over_the_connection_budget_is_refused_at_once_and_the_budget_refills(
+    consumer, open_as, alice, settings
+):
+    settings.CHANNEL_REGISTRY = {"INBOUND_LIMIT": THREE_PINGS}
+    socket = await open_as(alice)
+    for ping in PINGS:
+        await socket.send_to(text_data=ping)
+    answers = await outputs(socket, 4)
+    assert sorted(answers, key=str) == sorted([PONG] * 3 + [refused("3", within=1.0)], key=str)
+
+    await asyncio.sleep(next(a["retry_after"] for a in answers if a["type"] == "error"))
+    await socket.send_to(text_data=PING)
+    assert await outputs(socket, 1) == [PONG]  # a client that waits as told loses nothing else
+    assert await socket.receive_nothing()
+
+
+@pytest.mark.parametrize(
+    "frame",
+    [PING, "not json", b"\x00" * 10, "x" * 20_000],
+    ids=["ping", "invalid", "binary", "oversize"],
+)
+async def test_every_kind_of_frame_counts_and_sending_on_after_refusals_closes_with_4420(
+    consumer, open_as, alice, settings, frame
+):
+    settings.CHANNEL_REGISTRY = {"INBOUND_LIMIT": (10 * 1024, 10)}  # no refill worth counting
+    socket = await open_as(alice)
+    paid, refusals = expected_answers(10 * 1024, len(frame) + FRAME_COST)
+    for _ in range(paid + refusals + 5):
+        await (socket.send_to(bytes_data=frame) if isinstance(frame, bytes) else socket.send_to(text_data=frame))
+
+    answers = await everything(socket)
+    assert answers.count({"close": CLOSE_TOO_FAST}) == 1
+    kinds = [a.get("code") for a in answers if "close" not in a]
+    assert kinds.count("rate_limited") == refusals, kinds
+    # Paid frames not handled by the time of the close are dropped; nothing after it is read.
+    assert len(kinds) <= paid + refusals
+
+
+async def test_forty_directs_at_once_are_all_answered_under_the_default_budgets(consumer, open_as, alice, bob):
+    """The default inbound budget leaves a burst to the per-user budget (20 messages), answered at once."""
+    sender = await open_as(alice)
+    await open_as(bob)
+    for n in range(40):
+        await sender.send_json_to({"type": "direct", "to": bob.pk, "message": "x" * 1000, "id": n})
+    answers = await outputs(sender, 40)
+    assert sorted(a["id"] for a in answers) == list(range(40))
+    # 20 from the full bucket, plus one per 0.5 s it took to answer them all.
+    assert 20 <= [a["type"] for a in answers].count("ack") <= 25
+    assert all(a["code"] == "rate_limited" for a in answers if a["type"] == "error")
+    assert await sender.receive_nothing()
