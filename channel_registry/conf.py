@@ -164,7 +164,9 @@ def _renamed(options: dict[str, Any]) -> dict[str, Any]:
 def registry_settings() -> RegistrySettings:
     """The effective settings; unknown keys are reported by the system check."""
     options = {k: v for k, v in _renamed(user_options()).items() if k in OPTION_NAMES}
-    for name in ("RATE_LIMIT", "FANOUT_LIMIT", "INBOUND_LIMIT", "HISTORY_SENDER_LIMIT", "HANDSHAKE_LIMIT", "RESUME_LIMIT"):
+    for name in (
+        "RATE_LIMIT", "FANOUT_LIMIT", "INBOUND_LIMIT", "HISTORY_SENDER_LIMIT", "HANDSHAKE_LIMIT", "RESUME_LIMIT",
+    ):  # fmt: skip
         if isinstance(options.get(name), list):
             options[name] = tuple(options[name])
     return RegistrySettings(**options)
