@@ -471,7 +471,7 @@ async def test_sigterm_deletes_the_process_rows_before_it_exits(stack, server):
     left = await stack.rows_of(stopping)
     if server == "uvicorn":
         # With channels_redis's own receive, a consumer on Python 3.11 could miss the
-        # cancellation of its layer read (TRAPS 7), never return after websocket.disconnect
+        # cancellation of its layer read (CPython gh-86296), never return after websocket.disconnect
         # and be cancelled by uvicorn after --timeout-graceful-shutdown, its row left to the
         # prune (about one stop in three with 100 sockets). BatchedRedisChannelLayer's receive
         # awaits an in-process queue, so every consumer returns and deletes its own row.
