@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+from collections.abc import Awaitable
+from typing import TypeVar
 from urllib.parse import parse_qs
 
 from channels.consumer import get_handler_name
@@ -23,10 +25,40 @@ from .protocol import CLOSE_FORBIDDEN, CLOSE_TOO_MANY, CLOSE_UNAUTHENTICATED, CL
 from .strategy import DeliveryStrategy, channel_layer
 
 logger = logging.getLogger(__name__)
+T = TypeVar("T")
 
 RECEIVE_RETRY_MAX = 10.0
+#: Seconds between two cancellations of a task that lost the previous one (see ``cancellable``).
+RECANCEL_INTERVAL = 0.5
 #: Longest a refusal over budget is held back (see ``RegistryConsumer.hold_back``).
 HOLD_BACK_MAX = 1.0
+
+
+async def cancellable(awaitable: Awaitable[T]) -> T:
+    """``await awaitable``, except that cancelling the caller always ends the caller.
+
+    On Python 3.11 ``asyncio.wait_for`` returns the result instead of raising when a
+    cancellation and the result arrive together (CPython gh-86296), and redis-py
+    writes every command through it. A loop around Redis commands then carries on:
+    channels_redis's ``receive`` with its next ``BZPOPMIN`` (a loop only a message
+    ends), Channels' dispatch loop with the next event. A consumer that never ends
+    holds whatever waits for it — a server's shutdown, a test's event loop closing.
+    So ``awaitable`` runs in a task of its own, awaited through a shield: a cancelled
+    caller leaves at once, and the task is cancelled again until it has ended.
+    """
+    task = asyncio.ensure_future(awaitable)
+    try:
+        return await asyncio.shield(task)
+    except asyncio.CancelledError:
+        cancel_until_done(task)
+        raise
+
+
+def cancel_until_done(task: asyncio.Future) -> None:
+    """Cancel ``task``, and again every ``RECANCEL_INTERVAL`` seconds while it swallows that."""
+    if not task.done():
+        task.cancel()
+        asyncio.get_running_loop().call_later(RECANCEL_INTERVAL, cancel_until_done, task)
 
 
 def query_param(scope: dict, name: str) -> str | None:
@@ -133,7 +165,7 @@ class RegistryConsumerMixin:
         delay = 0.5
         while True:
             try:
-                return await self._layer_receive()
+                return await cancellable(self._layer_receive())
             except LAYER_TRANSPORT_ERRORS as error:
                 logger.warning("channel_registry: channel layer unreachable (%s); retrying in %.1f s", error, delay)
                 await asyncio.sleep(delay)
@@ -152,7 +184,7 @@ class RegistryConsumerMixin:
         # The other exits — an exception in a handler, or cancellation (daphne
         # cancels consumers on shutdown) — end here, so the row goes in all cases.
         try:
-            await super().__call__(scope, receive, send)
+            await cancellable(super().__call__(scope, receive, send))
         finally:
             await (self._unregistering or self._unregister())
 
