@@ -12,6 +12,7 @@ import pytest
 from channel_registry.layers import STOCK_LAYER
 
 from .settings import STACK
+from .test_quickstart import readme_blocks
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -158,7 +159,8 @@ real_only = pytest.mark.skipif(STACK != "real", reason="a channels_redis layer n
 def test_a_host_suite_whose_failing_test_leaves_a_socket_open_ends(tmp_path, backend):
     """The hang of issue 19: a consumer whose layer receive kept going after its cancellation held
     the event loop's close, and the whole run, forever. It must end with the failure reported."""
-    (tmp_path / "conftest.py").write_text('pytest_plugins = ["channel_registry.pytest_plugin"]\n')
+    for name, text in readme_blocks("Testing your code").items():  # conftest.py and an example
+        (tmp_path / name).write_text(text)
     (tmp_path / "test_suite.py").write_text(HOST_SUITE)
     settings = "tests.settings"
     if backend is not None:
@@ -167,6 +169,6 @@ def test_a_host_suite_whose_failing_test_leaves_a_socket_open_ends(tmp_path, bac
         settings = "host_settings"
     output, status, seconds = host_pytest(tmp_path, settings, timeout=HOST_SUITE_TIMEOUT)
     assert status == 1, output
-    assert "1 failed, 2 passed" in output, output
+    assert "1 failed, 3 passed" in output, output
     assert "AssertionError: expected a 'direct' frame, got {'type': 'notification', 'data': 0," in output, output
     print(f"the host suite ended in {seconds:.1f} s")
