@@ -93,7 +93,7 @@ class RegistryCommunicator(WebsocketCommunicator):
             if output["type"] == "websocket.close":
                 self.refused = output.get("code", 1000)
                 return False, self.refused
-            frame = decode(output)
+            frame = decode(output, "a history frame")
             while frame.get("type") not in START_FRAMES:
                 self.replayed.append(self._remember(frame))
                 frame = await self.receive_frame()
@@ -119,11 +119,7 @@ class RegistryCommunicator(WebsocketCommunicator):
 
     async def receive_frame(self) -> dict[str, Any]:
         """The next frame, whatever its type; fails if the socket closed or nothing came in ``timeout``."""
-        try:
-            output = await self.receive_output(self.timeout)
-        except TimeoutError:
-            raise AssertionError(f"no frame arrived within {self.timeout} s") from None
-        return self._remember(decode(output))
+        return await self._receive("a frame")
 
     async def receive_notification(self) -> dict[str, Any]:
         """The next frame, which must be a ``notification`` (its ``data`` is what was sent)."""
@@ -144,12 +140,17 @@ class RegistryCommunicator(WebsocketCommunicator):
         return frame
 
     async def _receive_type(self, expected: str) -> dict[str, Any]:
-        try:
-            frame = await self.receive_frame()
-        except AssertionError as error:
-            raise AssertionError(f"expected a {expected!r} frame: {error}") from None
-        check(frame.get("type") == expected, f"expected a {expected!r} frame, got {frame!r}")
+        what = f"a frame of type {expected!r}"
+        frame = await self._receive(what)
+        check(frame.get("type") == expected, f"expected {what}, got {frame!r}")
         return frame
+
+    async def _receive(self, what: str) -> dict[str, Any]:
+        try:
+            output = await self.receive_output(self.timeout)
+        except TimeoutError:
+            raise AssertionError(f"expected {what}, nothing arrived within {self.timeout} s") from None
+        return self._remember(decode(output, what))
 
     async def send_direct(self, to: Any, message: Any, id: str | int | None = None) -> None:
         """Send a direct message to ``to`` (a user or a primary key); read the answer with ``receive_ack``."""
@@ -171,11 +172,11 @@ class RegistryCommunicator(WebsocketCommunicator):
         return frame
 
 
-def decode(output: dict[str, Any]) -> dict[str, Any]:
-    """The JSON frame an ASGI ``websocket.send`` message carries; fails on anything else."""
-    check(output.get("type") == "websocket.send" and "text" in output, f"expected a frame, got {describe(output)}")
+def decode(output: dict[str, Any], what: str) -> dict[str, Any]:
+    """The JSON object a ``websocket.send`` message carries; on anything else, fails saying it expected ``what``."""
+    check(output.get("type") == "websocket.send" and "text" in output, f"expected {what}, got {describe(output)}")
     frame = json.loads(output["text"])
-    check(isinstance(frame, dict), f"expected a JSON object, got {frame!r}")
+    check(isinstance(frame, dict), f"expected {what}, got {frame!r}")
     return frame
 
 
