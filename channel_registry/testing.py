@@ -84,21 +84,30 @@ class RegistryCommunicator(WebsocketCommunicator):
         4401 (not signed in), 4429 (too many connections) or 4503 (unavailable)."""
         timeout = self.timeout if timeout is None else timeout
         accepted, subprotocol = await super().connect(timeout)
+        if accepted and (history_for(channel_layer()) is not None or self._closing()):
+            output = await self.receive_output(timeout)
+            if output["type"] != "websocket.close":
+                await self._read_start(decode(output, "a history frame"))
+                return True, subprotocol
+            accepted, subprotocol = False, output.get("code", 1000)
         if not accepted:
             self.refused = subprotocol  # Channels returns the close code there
-            return False, self.refused
-        if not self.output_queue.empty() or history_for(channel_layer()) is not None:
-            # The registry's refusal is sent together with the accept; a history frame follows it.
-            output = await self.receive_output(timeout)
-            if output["type"] == "websocket.close":
-                self.refused = output.get("code", 1000)
-                return False, self.refused
-            frame = decode(output, "a history frame")
-            while frame.get("type") not in START_FRAMES:
-                self.replayed.append(self._remember(frame))
-                frame = await self.receive_frame()
-            self.start = self._remember(frame)
-        return True, subprotocol
+        return accepted, subprotocol
+
+    def _closing(self) -> bool:
+        """Whether a close waits right behind the accept: the registry sends both at once to refuse."""
+        queued = []
+        while not self.output_queue.empty():
+            queued.append(self.output_queue.get_nowait())
+        for output in queued:
+            self.output_queue.put_nowait(output)
+        return bool(queued) and queued[0]["type"] == "websocket.close"
+
+    async def _read_start(self, frame: dict[str, Any]) -> None:
+        while frame.get("type") not in START_FRAMES:
+            self.replayed.append(self._remember(frame))
+            frame = await self._receive("a history frame")
+        self.start = self._remember(frame)
 
     async def __aenter__(self) -> RegistryCommunicator:
         accepted, detail = await self.connect()

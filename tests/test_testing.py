@@ -117,3 +117,13 @@ async def test_a_cancelled_consumer_ends_even_when_its_layer_receive_loses_the_c
     while any(task.get_coro().__name__ == "stubborn_receive" for task in asyncio.all_tasks()):
         assert asyncio.get_running_loop().time() - started < 2, "the abandoned receive was not cancelled again"
         await asyncio.sleep(0.05)
+
+
+async def test_without_a_history_connect_reads_nothing_yet_sees_a_refusal(settings, registry_communicator, alice):
+    settings.CHANNEL_REGISTRY = {"HISTORY": False}
+    tab = await registry_communicator(APP, user=alice)
+    assert tab.start is None and tab.position is None
+    await anotify_user(alice, "no position")
+    assert await tab.receive_notification() == {"type": "notification", "data": "no position"}
+    anonymous = await registry_communicator(APP, accepted=False)
+    assert anonymous.refused == 4401
