@@ -50,8 +50,16 @@ async def cancellable(awaitable: Awaitable[T]) -> T:
     try:
         return await asyncio.shield(task)
     except asyncio.CancelledError:
+        # Nobody awaits it now: what it ends with (often the ConnectionError of a pool
+        # closed under it) would be logged as "never retrieved" when it is collected.
+        task.add_done_callback(ignore_outcome)
         cancel_until_done(task)
         raise
+
+
+def ignore_outcome(task: asyncio.Future) -> None:
+    if not task.cancelled():
+        task.exception()
 
 
 def cancel_until_done(task: asyncio.Future) -> None:

@@ -172,4 +172,7 @@ def test_a_host_suite_whose_failing_test_leaves_a_socket_open_ends(tmp_path, bac
     assert "1 failed, 3 passed" in output, output
     failure = "AssertionError: expected a frame of type 'direct', got {'type': 'notification', 'data': 0,"
     assert failure in output, output
+    # An abandoned receive's end is not reported later, from a finalizer, in the middle of pytest's own
+    # ast.parse: CPython 3.11.7 then fails the run with "AST constructor recursion depth mismatch".
+    assert "never retrieved" not in output and "SystemError" not in output, output
     print(f"the host suite ended in {seconds:.1f} s")
