@@ -32,8 +32,8 @@ def in_memory_registry() -> Iterator[None]:
 
 @pytest_asyncio.fixture
 async def registry_communicator(request: pytest.FixtureRequest) -> AsyncIterator[Opener]:
-    """Opens connected ``RegistryCommunicator`` s; after the test, failed or not, closes
-    every one, then the channel layers' connections on the test's event loop.
+    """Opens connected communicators (``RegistryCommunicator``); after the test, failed or
+    not, closes every one, then the channel layers' connections on the test's event loop.
 
     ``accepted=False`` expects a refusal; its close code is ``communicator.refused``.
     """
