@@ -5,10 +5,13 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+from collections.abc import Awaitable
+from typing import Any, TypeVar
 from urllib.parse import parse_qs
 
 from channels.consumer import get_handler_name
 from channels.generic.websocket import AsyncJsonWebsocketConsumer
+from channels.layers import InMemoryChannelLayer
 from django.db import DatabaseError
 
 from . import budget, protocol
@@ -38,8 +41,56 @@ from .sessions import Access
 from .strategy import DeliveryStrategy, channel_layer
 
 logger = logging.getLogger(__name__)
+T = TypeVar("T")
 
 RECEIVE_RETRY_MAX = 10.0
+#: Seconds between two cancellations of a task that lost the previous one (see ``cancellable``).
+RECANCEL_INTERVAL = 0.5
+
+
+async def cancellable(awaitable: Awaitable[T]) -> T:
+    """``await awaitable``, except that cancelling the caller always ends the caller.
+
+    On Python 3.11 ``asyncio.wait_for`` returns the result instead of raising when a
+    cancellation and the result arrive together (CPython gh-86296), and redis-py
+    writes every command through it. A loop around Redis commands then carries on:
+    channels_redis's ``receive`` with its next ``BZPOPMIN`` (a loop only a message
+    ends), Channels' dispatch loop with the next event. A consumer that never ends
+    holds whatever waits for it — a server's shutdown, a test's event loop closing.
+    So ``awaitable`` runs in a task of its own, awaited through a shield: a cancelled
+    caller leaves at once, and the task is cancelled again until it has ended.
+    """
+    task = asyncio.ensure_future(awaitable)
+    try:
+        return await asyncio.shield(task)
+    except asyncio.CancelledError:
+        # Nobody awaits it now: what it ends with (often the ConnectionError of a pool
+        # closed under it) would be logged as "never retrieved" when it is collected.
+        task.add_done_callback(ignore_outcome)
+        cancel_until_done(task)
+        raise
+
+
+def receive_may_lose_cancellation(layer: Any) -> bool:
+    """Whether a cancelled ``layer.receive`` may carry on (see ``cancellable``).
+
+    Not the in-memory layer's, nor a layer that says its receive only awaits
+    in-process futures (``BatchedRedisChannelLayer.receive_keeps_cancellation``):
+    those need no task of their own per message.
+    """
+    return not (isinstance(layer, InMemoryChannelLayer) or getattr(layer, "receive_keeps_cancellation", False))
+
+
+def ignore_outcome(task: asyncio.Future) -> None:
+    if not task.cancelled():
+        task.exception()
+
+
+def cancel_until_done(task: asyncio.Future) -> None:
+    """Cancel ``task``, and again every ``RECANCEL_INTERVAL`` seconds while it swallows that."""
+    if not task.done():
+        task.cancel()
+        asyncio.get_running_loop().call_later(RECANCEL_INTERVAL, cancel_until_done, task)
 
 
 def query_param(scope: dict, name: str) -> str | None:
@@ -165,12 +216,14 @@ class RegistryConsumerMixin:
         # its dispatch loop; an error there would kill the consumer and close the
         # socket with 1011. Wrapping it lets open sockets ride out a Redis outage.
         self._layer_receive = layer_receive
+        self._guard_receive = receive_may_lose_cancellation(self.channel_layer)
 
     async def _receive_until_reachable(self) -> dict:
         delay = 0.5
         while True:
             try:
-                return await self._layer_receive()
+                received = self._layer_receive()
+                return await (cancellable(received) if self._guard_receive else received)
             except LAYER_TRANSPORT_ERRORS as error:
                 logger.warning("channel_registry: channel layer unreachable (%s); retrying in %.1f s", error, delay)
                 await asyncio.sleep(delay)
@@ -193,7 +246,7 @@ class RegistryConsumerMixin:
         # The other exits — an exception in a handler, or cancellation (daphne
         # cancels consumers on shutdown) — end here, so the row goes in all cases.
         try:
-            await super().__call__(scope, gate.receive if gate else receive, send)
+            await cancellable(super().__call__(scope, gate.receive if gate else receive, send))
         finally:
             if gate:
                 gate.stop()

@@ -94,6 +94,10 @@ _batch_ids = itertools.count(1)
 class BatchedRedisChannelLayer(RedisChannelLayer):
     """``RedisChannelLayer`` whose process-local receive fetches ``batch_size`` messages per EVAL."""
 
+    #: A consumer's receive awaits only an in-process queue (the reader task talks to Redis),
+    #: so its cancellation is never lost (``consumers.receive_may_lose_cancellation``).
+    receive_keeps_cancellation = True
+
     def __init__(
         self,
         *args: Any,

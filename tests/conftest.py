@@ -24,6 +24,9 @@ from channel_registry.signals import user_offline, user_online
 
 from .redis_servers import free_port
 
+# registry_communicator and in_memory_registry, as a host project gets them (tests/test_testing.py).
+pytest_plugins = ["channel_registry.pytest_plugin"]
+
 _names = itertools.count()
 
 

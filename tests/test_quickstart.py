@@ -41,9 +41,9 @@ CLIENT = textwrap.dedent("""
 """)
 
 
-def quick_start_blocks() -> dict[str, str]:
-    """The python blocks of the README's quick start, keyed by the file their first comment names."""
-    section = ROOT.joinpath("README.md").read_text().split("## Quick start", 1)[1].split("\n## ", 1)[0]
+def readme_blocks(heading: str) -> dict[str, str]:
+    """The python blocks of a README section, keyed by the file their first comment names."""
+    section = ROOT.joinpath("README.md").read_text().split(f"## {heading}\n", 1)[1].split("\n## ", 1)[0]
     blocks = re.findall(r"```python\n(.*?)```", section, flags=re.S)
     return {re.match(r"# (\S+)", block).group(1): block for block in blocks}
 
@@ -56,7 +56,7 @@ def run(*args, cwd):
 
 
 def test_quick_start_works_in_a_new_project(tmp_path):
-    blocks = quick_start_blocks()
+    blocks = readme_blocks("Quick start")
     assert set(blocks) == {"settings.py", "mysite/asgi.py", "mysite/urls.py"}
     run(str(BIN / "django-admin"), "startproject", "mysite", str(tmp_path), cwd=tmp_path)
     settings = tmp_path / "mysite" / "settings.py"
