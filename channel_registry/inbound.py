@@ -8,7 +8,9 @@ passes on what the bucket pays for. A frame over budget is answered at once
 (``rate_limited`` with ``retry_after``) and dropped; its cost is still charged,
 so the bucket goes into debt. A connection that sends another full bucket after
 being told is closed with ``CLOSE_TOO_FAST``; its frames not handled yet, and
-what it sends until the server reports the close, are dropped unread.
+what it sends until the server reports the close, are dropped unread. On daphne
+and uvicorn the server stops reading the socket at once (``hangup.py``), so
+what the client sent after the close is not even parsed.
 
 A refusal by another budget (the user's ``RATE_LIMIT`` or ``FANOUT_LIMIT``)
 charges the connection the wait it announced, up to a second's refill
@@ -30,6 +32,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from . import protocol
+from .hangup import hang_up
 
 #: What every frame costs on top of its length, in bytes: the server's own work per frame.
 FRAME_COST = 1024
@@ -157,6 +160,7 @@ class InboundGate:
             self.closed = True
             self._drop_passed_frames()
             await self._answer({"type": "websocket.close", "code": protocol.CLOSE_TOO_FAST})
+            hang_up(self._send)
         else:
             self.told = True
             refusal = protocol.error_frame(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 from typing import Any
 
@@ -31,6 +32,7 @@ class CloseOnDatabaseError:
             return await self.app(scope, receive, send)
         answered = False
 
+        @functools.wraps(send)  # hangup.py finds the server's own send through it
         async def tracking_send(message: dict[str, Any]) -> None:
             nonlocal answered
             answered = answered or message["type"] in ("websocket.accept", "websocket.close")

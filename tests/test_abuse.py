@@ -145,12 +145,14 @@ async def converse(pairs, rounds: int, label: str, gap: float = 0.05) -> tuple[l
 class Flood:
     """``tests/flood_client.py`` in a process of its own: ``sockets`` sockets sending back to back."""
 
-    def __init__(self, server, user, to, sockets: int, mode: str = "answered") -> None:
+    def __init__(self, server, user, to, sockets: int, mode: str = "answered", niceness: int = 0) -> None:
         self.args = [str(server.port), user.session, str(to.pk), str(sockets), mode]
+        #: ``nice`` of the client's process: 19 leaves the machine's CPUs to the server first.
+        self.niceness = niceness
 
     async def __aenter__(self) -> Flood:
         self.process = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "tests.flood_client", *self.args, cwd=ROOT,
+            "nice", "-n", str(self.niceness), sys.executable, "-m", "tests.flood_client", *self.args, cwd=ROOT,
             stdout=asyncio.subprocess.PIPE, env={**os.environ, "PYTHONPATH": str(ROOT)},
         )  # fmt: skip
         assert await asyncio.wait_for(self.process.stdout.readline(), 30) == b"ready\n"
@@ -526,14 +528,19 @@ async def test_a_frame_flood_from_the_maximum_sockets_is_closed_and_costs_bystan
 
     Shipped defaults, the servers' own defaults. One account opens its 50 sockets and
     pushes 15 KB direct frames as fast as TCP takes them; meanwhile bystander pairs
-    exchange messages. Each flooding socket is refused, then closed with 4420; the
-    server's RSS grows by tens of MiB, not GiB, and Redis does not notice.
+    exchange messages. Each flooding socket is refused, then closed with 4420, and the
+    server stops reading it at once (``hangup.py``); its slot comes back. The server's
+    RSS grows by MiB, not GiB, and Redis does not notice.
 
-    The bystanders do, for a few seconds: after the close the server still parses
-    what the kernel had buffered for each socket (several MB on loopback) before
-    the close handshake ends, and no ASGI message can abort a connection. Their
-    p99 is bounded here at 5 s (measured 1.2 to 2.5 s), not at the issue's
-    max(250 ms, 3x quiet); every message is delivered.
+    The bystanders feel the half second before the closes: 50 sockets' budgets, refusals
+    and paid frames parsed and answered. On uvicorn their p99 stays within the issue's
+    max(250 ms, 3x quiet) (measured 26-203 ms); on daphne it does not always (38-780 ms
+    over 5 runs, 3 above 250 ms), so it is bounded at 1 s there (README, Security).
+
+    The flooding client runs at ``nice`` 19: a remote attacker's CPU is not the server's,
+    and this machine has 2 CPUs. Measured with the hang-up on daphne, at nice 0 the
+    client's own work (about 0.3 s of CPU in the half second the flood lasts, plus the
+    loopback TCP it drives) took the server's CPU: bystanders' p99 490-740 ms.
     """
     stack.start_redis()
     [server] = stack.daphnes(1, kind=kind)
@@ -547,7 +554,7 @@ async def test_a_frame_flood_from_the_maximum_sockets_is_closed_and_costs_bystan
     rss_before = server.rss_kb()
     async with RedisPings(stack.redis[0].url) as pings:
         with Sampler(server.rss_kb, 0.05) as rss:
-            async with Flood(server, mallory, bob, sockets=50, mode="blast") as flood:
+            async with Flood(server, mallory, bob, sockets=50, mode="blast", niceness=19) as flood:
                 loud, replies = await converse(pairs, 24, "l.", gap=0.3)  # about 8 s
     acks += replies
     growth_mib = (max(rss.samples) - rss_before) / 1024
@@ -560,7 +567,13 @@ async def test_a_frame_flood_from_the_maximum_sockets_is_closed_and_costs_bystan
     assert growth_mib <= 64
     assert p99(pings.samples) <= 20
     assert [a.get("delivered") for a in acks] == [1] * len(acks) == [1] * 120
-    assert p99(loud) <= 5000, (sorted(quiet), sorted(loud))
+    bound = max(250, 3 * p99(quiet)) if kind == "uvicorn" else 1000
+    assert p99(loud) <= bound, (sorted(quiet), sorted(loud))
+
+    async def flooder_gone() -> bool:
+        return not await stack.rows(user=mallory)
+
+    await await_until(flooder_gone, 5, message="the closed sockets' slots did not come back")
 
 
 async def test_group_sockets_count_against_the_connection_limit_and_their_slots_come_back(stack):
