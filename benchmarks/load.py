@@ -4,18 +4,31 @@
     .venv/bin/python -m benchmarks.load --setup library --setup stock
     .venv/bin/python -m benchmarks.load --setup library --rate 500 --trial-seconds 20   # one fixed rate
     .venv/bin/python -m benchmarks.load --idle-sockets 0         # skip the idle-socket phase
+    .venv/bin/python -m benchmarks.load --setup raw --connections 100 --rate 100 --idle-sockets 0  # a smoke test
 
 Setups (the same workload each; one changes one thing against ``library``):
 
-=========  ======================================  ================  ========
-setup      channel layer                           consumer          server
-=========  ======================================  ================  ========
-library    BatchedRedisChannelLayer (the default)  mapping           daphne
-stock      channels_redis RedisChannelLayer        mapping           daphne
-pubsub     channels_redis RedisPubSubChannelLayer  mapping           daphne
-groups     BatchedRedisChannelLayer                GroupConsumer     daphne
-uvicorn    BatchedRedisChannelLayer                mapping           uvicorn
-=========  ======================================  ================  ========
+============  ======================================  ==================  ==========
+setup         channel layer                           consumer            server
+============  ======================================  ==================  ==========
+library       BatchedRedisChannelLayer (the default)  mapping             daphne
+stock         channels_redis RedisChannelLayer        mapping             daphne
+pubsub        channels_redis RedisPubSubChannelLayer  mapping             daphne
+groups        BatchedRedisChannelLayer                GroupConsumer       daphne
+uvicorn       BatchedRedisChannelLayer                mapping             uvicorn
+raw           none: a dict of sockets                 none                websockets
+plain-lean    Channels' InMemoryChannelLayer          plain, no DB hop    daphne
+plain-memory  Channels' InMemoryChannelLayer          plain               daphne
+plain-groups  channels_redis RedisChannelLayer        plain, user groups  daphne
+============  ======================================  ==================  ==========
+
+The last four are yardsticks without the library (``benchmarks/rivals.py``,
+``benchmarks/raw_server.py``): the Python ceiling (a bare ``websockets`` server),
+plain Channels consumers routing in-process with and without Channels'
+``close_old_connections`` hop before each event, and the rival the library exists
+to beat, a Channels group per user on the stock Redis layer. They only forward
+direct messages (no budgets, history or stored copy); every run prints the
+library's best rate against theirs.
 
 What it does, on loopback only:
 
@@ -68,12 +81,16 @@ RESULTS = Path(__file__).resolve().parent / "results"
 SHARED_REDIS = "redis://127.0.0.1:6379"
 
 
+RIVALS = "benchmarks.rivals:application"
+
+
 @dataclass(frozen=True)
 class Setup:
     layer: str  # tests/fault_settings.py CRF_LAYER_BACKEND
-    path: str  # the demo's WebSocket route
-    server: str  # tests/processes.py SERVERS
+    path: str  # the WebSocket route
+    server: str  # tests/processes.py SERVERS, or "raw"
     label: str
+    application: str = "demo_site.asgi:application"
 
 
 SETUPS = {
@@ -82,6 +99,10 @@ SETUPS = {
     "pubsub": Setup("pubsub", "/ws/registry/", "daphne", "RedisPubSubChannelLayer, mapping, daphne"),
     "groups": Setup("library", "/ws/groups/", "daphne", "library layer, GroupConsumer, daphne"),
     "uvicorn": Setup("library", "/ws/registry/", "uvicorn", "library layer, mapping, uvicorn"),
+    "raw": Setup("memory", "/", "raw", "raw websockets server, in-process routing"),
+    "plain-lean": Setup("memory", "/ws/lean/", "daphne", "plain Channels, in-memory layer, no DB hop", RIVALS),
+    "plain-memory": Setup("memory", "/ws/plain/", "daphne", "plain Channels, in-memory layer", RIVALS),
+    "plain-groups": Setup("stock", "/ws/groups/", "daphne", "plain Channels, RedisChannelLayer groups", RIVALS),
 }
 
 
@@ -95,7 +116,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     add("--connect-concurrency", type=int, default=50, help="handshakes in flight (default 50)")
     add("--trial-seconds", type=float, default=4, help="seconds of sending per trial (default 4)")
     add("--start-rate", type=float, default=200, help="first rate of the search, messages/s (default 200)")
-    add("--max-rate", type=float, default=6400, help="highest rate tried (default 6400)")
+    add("--max-rate", type=float, default=20_000, help="highest rate tried (default 20000)")
     add("--rate", type=float, default=None, help="one trial at this rate per setup instead of the search")
     add("--p99-ms", type=float, default=100, help="a trial passes with p99 latency at most this (default 100)")
     add("--drain", type=float, default=5, help="seconds to wait for late copies after a trial (default 5)")
@@ -316,6 +337,16 @@ def bar(done: float, total: float, width: int = 24) -> str:
     return "[" + "#" * filled + "." * (width - filled) + "]"
 
 
+def server_process(setup: Setup, env: dict):
+    """The (not yet started) server process of ``setup``."""
+    from tests import processes
+
+    from .raw_server import RawServer
+
+    kinds = {**processes.SERVERS, "raw": RawServer}
+    return kinds[setup.server](env, name=f"load-{setup.server}", application=setup.application)
+
+
 class Run:
     """One server process with its client processes and sockets."""
 
@@ -328,7 +359,7 @@ class Run:
             heartbeat=30, stale_after=90, rate_limit=args.rate_limit, presence=0,
             store_messages=0 if args.no_store else None, layer_capacity=args.capacity, layer_backend=setup.layer,
         )  # fmt: skip
-        self.server = processes.SERVERS[setup.server](env, name=f"load-{setup.server}")
+        self.server = server_process(setup, env)
         users = connections // args.tabs
         self.plan = {
             "port": self.server.port, "path": setup.path, "sockets": connections, "tabs": args.tabs,
@@ -609,6 +640,10 @@ def verdicts(setups: dict) -> list[dict]:
                 "detail": f"{rates[a]:,.0f} vs {rates[b]:,.0f} messages/s: {ratio:.2f}x"}  # fmt: skip
 
     return [
+        check("library >= 3x plain Channels + RedisChannelLayer groups", "library", "plain-groups", 3),
+        check("library >= 40% of plain Channels in memory without the DB hop", "library", "plain-lean", 0.4),
+        check("library vs plain Channels in memory (reported, no target)", "library", "plain-memory", 0),
+        check("library vs the raw websockets ceiling (reported, no target)", "library", "raw", 0),
         check("library layer >= 3x stock RedisChannelLayer (best steady rate)", "library", "stock", 3),
         check("library layer >= RedisPubSubChannelLayer", "library", "pubsub", 1),
         check("mapping >= GroupConsumer", "library", "groups", 1),

@@ -238,15 +238,18 @@ def migrate(database_url: str) -> None:
 
 
 class AsgiServer:
-    """One ASGI server process serving ``demo_site.asgi:application`` with ``tests.fault_settings``.
+    """One ASGI server process serving ``demo_site.asgi:application`` (or ``application``) with
+    ``tests.fault_settings``.
 
     Its output goes to ``tests/artifacts/faults/<name>.log``. Subclasses give the command line.
     """
 
     kind = "asgi"
 
-    def __init__(self, env: dict, name: str = "daphne", port: int | None = None) -> None:
+    def __init__(self, env: dict, name: str = "daphne", port: int | None = None,
+                 application: str = "demo_site.asgi:application") -> None:  # fmt: skip
         self.env = env
+        self.application = application
         self.port = port or free_port()
         self.name = name
         self.url = f"http://127.0.0.1:{self.port}"
@@ -366,7 +369,7 @@ class Daphne(AsgiServer):
     kind = "daphne"
 
     def command(self) -> list[str]:
-        return [sys.executable, "-m", "daphne", "-b", "127.0.0.1", "-p", str(self.port), "demo_site.asgi:application"]
+        return [sys.executable, "-m", "daphne", "-b", "127.0.0.1", "-p", str(self.port), self.application]
 
 
 class Uvicorn(AsgiServer):
@@ -381,7 +384,7 @@ class Uvicorn(AsgiServer):
     def command(self) -> list[str]:
         return [sys.executable, "-m", "uvicorn", "--host", "127.0.0.1", "--port", str(self.port),
                 "--lifespan", "off", "--timeout-graceful-shutdown", str(self.graceful_timeout),
-                "demo_site.asgi:application"]  # fmt: skip
+                self.application]  # fmt: skip
 
 
 SERVERS: dict[str, type[AsgiServer]] = {"daphne": Daphne, "uvicorn": Uvicorn}
