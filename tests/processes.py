@@ -111,10 +111,12 @@ class PostgresServer:
     before an outage is there after it. Trust authentication, user ``postgres``.
     """
 
-    def __init__(self, port: int | None = None, timezone: str = "UTC") -> None:
+    def __init__(self, port: int | None = None, timezone: str = "UTC", settings: dict | None = None) -> None:
         self.port = port or free_port()
         #: The server's ``timezone`` setting; initdb would take the machine's.
         self.timezone = timezone
+        #: More server settings, e.g. ``{"log_statement": "all"}`` (its log is :attr:`log`).
+        self.settings = settings or {}
         self.owner = _postgres_user()
         self.dir = Path(tempfile.mkdtemp(prefix="crfaults-pg-"))
         self.data = self.dir / "data"
@@ -143,7 +145,7 @@ class PostgresServer:
         options = (
             f"-p {self.port} -k {self.dir} -c listen_addresses=127.0.0.1 "
             f"-c fsync=off -c full_page_writes=off -c synchronous_commit=off -c timezone={self.timezone}"
-        )
+        ) + "".join(f" -c {name}='{value}'" for name, value in self.settings.items())
         result = self._run(str(PG_BIN / "pg_ctl"), "-D", str(self.data), "-l", str(self.log), "-w", "-t", "30",
                            "-o", options, "start", check=False)  # fmt: skip
         if result.returncode != 0:
