@@ -5,6 +5,7 @@
     .venv/bin/python -m benchmarks.load --setup library --rate 500 --trial-seconds 20   # one fixed rate
     .venv/bin/python -m benchmarks.load --idle-sockets 0         # skip the idle-socket phase
     .venv/bin/python -m benchmarks.load --setup raw --connections 100 --rate 100 --idle-sockets 0  # a smoke test
+    .venv/bin/python -m benchmarks.load --setup library --profile  # then py-spy at its best rate
 
 Setups (the same workload each; one changes one thing against ``library``):
 
@@ -125,6 +126,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     add("--rate-limit", default="none", help="RATE_LIMIT: 'none' (default) or 'N,SECONDS'")
     add("--no-store", action="store_true", help="the demo stores no copy of each direct message "
         "(its INSERT runs in asgiref's single sync thread and caps every setup alike)")  # fmt: skip
+    add("--profile", action="store_true", help="then py-spy on the library's server at its best rate: "
+        "the top functions to load-profile.txt next to --out")  # fmt: skip
     add("--redis", default=os.environ.get("REDIS_URL") or SHARED_REDIS, help="Redis URL")
     add("--postgres", default=None, help="PostgreSQL server URL without a database "
         "(default: PGHOST/PGPORT/PGUSER or postgres@127.0.0.1:5432)")  # fmt: skip
@@ -556,7 +559,51 @@ def run_setups(args, world: dict, prefix: str, failed: dict) -> dict:
             passed = [t for t in trials if t["passed"]]
             results[name]["trials"] = trials
             results[name]["best"] = max(passed, key=lambda t: t["rate_target"]) if passed else None
+        if args.profile and results.get("library", {}).get("best"):
+            results["library"]["profile"] = profile(runs["library"], results["library"]["best"]["rate_target"], args)
     return results
+
+
+def profile(run: Run, rate: float, args) -> dict:
+    """py-spy on the server process through one more trial at ``rate`` (its best: one step below its limit).
+
+    Writes py-spy's collapsed stacks (``load-profile.folded``, for a flame graph)
+    and the functions with the most samples, on the stack and on top of it
+    (``load-profile.txt``), next to ``--out``.
+    """
+    folded = args.out.with_name(f"{args.out.stem}-profile.folded")
+    folded.parent.mkdir(parents=True, exist_ok=True)
+    spy = subprocess.Popen(
+        [str(Path(sys.executable).with_name("py-spy")), "record", "--pid", str(run.server.pid), "--format", "raw",
+         "--duration", str(max(1, round(args.trial_seconds))), "--output", str(folded)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    trial = run.trial(rate, "library under py-spy")
+    _, error = spy.communicate(timeout=60)
+    if spy.returncode != 0:
+        raise RuntimeError(f"py-spy failed ({spy.returncode}): {error.strip()}")
+    top = args.out.with_name(f"{args.out.stem}-profile.txt")
+    top.write_text(top_functions(folded.read_text(), f"{run.setup.label} at {rate:g} msg/s") + "\n")
+    print(f"\r\033[Kload: profile of library at {rate:g}/s in {top}", file=sys.stderr)
+    return {"rate": rate, "passed": trial["passed"], "top": str(top), "folded": str(folded)}
+
+
+def top_functions(folded: str, title: str, count: int = 30) -> str:
+    """The busiest functions of py-spy's collapsed stacks: share of samples on the stack (total) and on top (self)."""
+    total: Counter = Counter()
+    own: Counter = Counter()
+    samples = 0
+    for line in folded.splitlines():
+        stack, _, weight = line.rpartition(" ")
+        # "function (file.py:123)": one entry per function, whichever line of it was running.
+        frames = [frame.rsplit(":", 1)[0] + ")" if frame.endswith(")") else frame for frame in stack.split(";")]
+        samples += int(weight)
+        own[frames[-1]] += int(weight)
+        total.update(dict.fromkeys(frames, int(weight)))
+    lines = [f"py-spy: {title}, {samples} samples (threads not idle)", "", "   total    self  function"]
+    lines += [f"{total[f] / samples:7.1%} {own[f] / samples:7.1%}  {f}" for f, _ in own.most_common(count)]
+    lines += ["", "by total (on the stack):"] + [f"{n / samples:7.1%}  {f}" for f, n in total.most_common(count)]
+    return "\n".join(lines)
 
 
 def idle_sockets(args, world: dict, prefix: str) -> dict:
