@@ -25,6 +25,7 @@ copies) before the next: a steady low rate, where no batching can hide a call.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import os
 import re
 from collections import Counter
@@ -55,6 +56,22 @@ MAX_STATEMENTS = 4  # recipient + count, routes, Django's health check after Cha
 #: A statement line of the server log with ``log_line_prefix = '%p %v '`` (pid, virtual transaction id).
 STATEMENT = re.compile(r"^(\d+) (\S+) LOG:  (?:statement|execute [^:]*): (.*)$")
 TRANSACTION_CONTROL = {"BEGIN", "COMMIT", "ROLLBACK", "SAVEPOINT", "RELEASE"}
+
+
+def library_scripts() -> dict[str, str]:
+    """SHA1 -> ``module.NAME`` of the library's Lua scripts: which step an ``EVALSHA`` is."""
+    from channel_registry import budget, delivery, history, redis_layer, slots
+
+    names: dict[str, str] = {}
+    for module in (budget, delivery, history, redis_layer, slots):  # a defining module before an importing one
+        for name, value in vars(module).items():
+            if name.endswith("_SCRIPT") and isinstance(value, str):
+                sha = hashlib.sha1(value.encode()).hexdigest()
+                names.setdefault(sha, f"{module.__name__.rpartition('.')[2]}.{name}")
+    return names
+
+
+SCRIPTS = library_scripts()
 
 
 @pytest.fixture(scope="module")
@@ -111,8 +128,11 @@ class RedisMonitor:
                     return counted
                 inside = True
                 continue
-            if inside:
-                (counted.in_scripts if command["client_type"] == "lua" else counted.calls)[name] += 1
+            if inside and command["client_type"] == "lua":
+                counted.in_scripts[name] += 1
+            elif inside:
+                sha = command["command"].split(" ", 2)[1].strip('"') if name == "EVALSHA" else ""
+                counted.calls[f"{name} {SCRIPTS.get(sha, sha)}".strip()] += 1
 
     async def __aexit__(self, *exc_info) -> None:
         self.reader.cancel()
