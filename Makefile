@@ -79,10 +79,13 @@ demo-uvicorn: $(VENV)/.installed-demo
 bench: $(VENV)/.installed-test $(VENV)/.installed-bench services
 	$(BIN)/python -m benchmarks.run
 
-# Five setups (library / stock / pub-sub layer, mapping / groups, daphne / uvicorn) on one server
-# process each, then 10,000 idle sockets: ~6-8 minutes. Not part of `make test`.
+# Five setups of the library (library / stock / pub-sub layer, mapping / groups, daphne / uvicorn)
+# and four yardsticks without it (raw websockets, plain Channels in memory with and without the DB
+# hop, plain Channels + Redis groups) on one server process each, then 10,000 idle sockets.
+# Not part of `make test`. LOAD_ARGS="--setup library --profile" passes options.
+LOAD_ARGS ?=
 load: $(VENV)/.installed-test $(VENV)/.installed-bench services
-	$(BIN)/python -m benchmarks.load
+	$(BIN)/python -m benchmarks.load $(LOAD_ARGS)
 
 clean:
 	rm -rf $(VENV) .nox build *.egg-info .pytest_cache .ruff_cache .mypy_cache

@@ -4,18 +4,32 @@
     .venv/bin/python -m benchmarks.load --setup library --setup stock
     .venv/bin/python -m benchmarks.load --setup library --rate 500 --trial-seconds 20   # one fixed rate
     .venv/bin/python -m benchmarks.load --idle-sockets 0         # skip the idle-socket phase
+    .venv/bin/python -m benchmarks.load --setup raw --connections 100 --rate 100 --idle-sockets 0  # a smoke test
+    .venv/bin/python -m benchmarks.load --setup library --profile  # then py-spy at its best rate
 
 Setups (the same workload each; one changes one thing against ``library``):
 
-=========  ======================================  ================  ========
-setup      channel layer                           consumer          server
-=========  ======================================  ================  ========
-library    BatchedRedisChannelLayer (the default)  mapping           daphne
-stock      channels_redis RedisChannelLayer        mapping           daphne
-pubsub     channels_redis RedisPubSubChannelLayer  mapping           daphne
-groups     BatchedRedisChannelLayer                GroupConsumer     daphne
-uvicorn    BatchedRedisChannelLayer                mapping           uvicorn
-=========  ======================================  ================  ========
+============  ======================================  ==================  ==========
+setup         channel layer                           consumer            server
+============  ======================================  ==================  ==========
+library       BatchedRedisChannelLayer (the default)  mapping             daphne
+stock         channels_redis RedisChannelLayer        mapping             daphne
+pubsub        channels_redis RedisPubSubChannelLayer  mapping             daphne
+groups        BatchedRedisChannelLayer                GroupConsumer       daphne
+uvicorn       BatchedRedisChannelLayer                mapping             uvicorn
+raw           none: a dict of sockets                 none                websockets
+plain-lean    Channels' InMemoryChannelLayer          plain, no DB hop    daphne
+plain-memory  Channels' InMemoryChannelLayer          plain               daphne
+plain-groups  channels_redis RedisChannelLayer        plain, user groups  daphne
+============  ======================================  ==================  ==========
+
+The last four are yardsticks without the library (``benchmarks/rivals.py``,
+``benchmarks/raw_server.py``): the Python ceiling (a bare ``websockets`` server),
+plain Channels consumers routing in-process with and without Channels'
+``close_old_connections`` hop before each event, and the rival the library exists
+to beat, a Channels group per user on the stock Redis layer. They only forward
+direct messages (no budgets, history or stored copy); every run prints the
+library's best rate against theirs.
 
 What it does, on loopback only:
 
@@ -68,12 +82,16 @@ RESULTS = Path(__file__).resolve().parent / "results"
 SHARED_REDIS = "redis://127.0.0.1:6379"
 
 
+RIVALS = "benchmarks.rivals:application"
+
+
 @dataclass(frozen=True)
 class Setup:
     layer: str  # tests/fault_settings.py CRF_LAYER_BACKEND
-    path: str  # the demo's WebSocket route
-    server: str  # tests/processes.py SERVERS
+    path: str  # the WebSocket route
+    server: str  # tests/processes.py SERVERS, or "raw"
     label: str
+    application: str = "demo_site.asgi:application"
 
 
 SETUPS = {
@@ -82,6 +100,10 @@ SETUPS = {
     "pubsub": Setup("pubsub", "/ws/registry/", "daphne", "RedisPubSubChannelLayer, mapping, daphne"),
     "groups": Setup("library", "/ws/groups/", "daphne", "library layer, GroupConsumer, daphne"),
     "uvicorn": Setup("library", "/ws/registry/", "uvicorn", "library layer, mapping, uvicorn"),
+    "raw": Setup("memory", "/", "raw", "raw websockets server, in-process routing"),
+    "plain-lean": Setup("memory", "/ws/lean/", "daphne", "plain Channels, in-memory layer, no DB hop", RIVALS),
+    "plain-memory": Setup("memory", "/ws/plain/", "daphne", "plain Channels, in-memory layer", RIVALS),
+    "plain-groups": Setup("stock", "/ws/groups/", "daphne", "plain Channels, RedisChannelLayer groups", RIVALS),
 }
 
 
@@ -95,7 +117,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     add("--connect-concurrency", type=int, default=50, help="handshakes in flight (default 50)")
     add("--trial-seconds", type=float, default=4, help="seconds of sending per trial (default 4)")
     add("--start-rate", type=float, default=200, help="first rate of the search, messages/s (default 200)")
-    add("--max-rate", type=float, default=6400, help="highest rate tried (default 6400)")
+    add("--max-rate", type=float, default=20_000, help="highest rate tried (default 20000)")
     add("--rate", type=float, default=None, help="one trial at this rate per setup instead of the search")
     add("--p99-ms", type=float, default=100, help="a trial passes with p99 latency at most this (default 100)")
     add("--drain", type=float, default=5, help="seconds to wait for late copies after a trial (default 5)")
@@ -104,6 +126,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     add("--rate-limit", default="none", help="RATE_LIMIT: 'none' (default) or 'N,SECONDS'")
     add("--no-store", action="store_true", help="the demo stores no copy of each direct message "
         "(its INSERT runs in asgiref's single sync thread and caps every setup alike)")  # fmt: skip
+    add("--profile", action="store_true", help="then py-spy on the library's server at its best rate: "
+        "the top functions to load-profile.txt next to --out")  # fmt: skip
     add("--redis", default=os.environ.get("REDIS_URL") or SHARED_REDIS, help="Redis URL")
     add("--postgres", default=None, help="PostgreSQL server URL without a database "
         "(default: PGHOST/PGPORT/PGUSER or postgres@127.0.0.1:5432)")  # fmt: skip
@@ -316,6 +340,16 @@ def bar(done: float, total: float, width: int = 24) -> str:
     return "[" + "#" * filled + "." * (width - filled) + "]"
 
 
+def server_process(setup: Setup, env: dict):
+    """The (not yet started) server process of ``setup``."""
+    from tests import processes
+
+    from .raw_server import RawServer
+
+    kinds = {**processes.SERVERS, "raw": RawServer}
+    return kinds[setup.server](env, name=f"load-{setup.server}", application=setup.application)
+
+
 class Run:
     """One server process with its client processes and sockets."""
 
@@ -328,7 +362,7 @@ class Run:
             heartbeat=30, stale_after=90, rate_limit=args.rate_limit, presence=0,
             store_messages=0 if args.no_store else None, layer_capacity=args.capacity, layer_backend=setup.layer,
         )  # fmt: skip
-        self.server = processes.SERVERS[setup.server](env, name=f"load-{setup.server}")
+        self.server = server_process(setup, env)
         users = connections // args.tabs
         self.plan = {
             "port": self.server.port, "path": setup.path, "sockets": connections, "tabs": args.tabs,
@@ -525,7 +559,51 @@ def run_setups(args, world: dict, prefix: str, failed: dict) -> dict:
             passed = [t for t in trials if t["passed"]]
             results[name]["trials"] = trials
             results[name]["best"] = max(passed, key=lambda t: t["rate_target"]) if passed else None
+        if args.profile and results.get("library", {}).get("best"):
+            results["library"]["profile"] = profile(runs["library"], results["library"]["best"]["rate_target"], args)
     return results
+
+
+def profile(run: Run, rate: float, args) -> dict:
+    """py-spy on the server process through one more trial at ``rate`` (its best: one step below its limit).
+
+    Writes py-spy's collapsed stacks (``load-profile.folded``, for a flame graph)
+    and the functions with the most samples, on the stack and on top of it
+    (``load-profile.txt``), next to ``--out``.
+    """
+    folded = args.out.with_name(f"{args.out.stem}-profile.folded")
+    folded.parent.mkdir(parents=True, exist_ok=True)
+    spy = subprocess.Popen(
+        [str(Path(sys.executable).with_name("py-spy")), "record", "--pid", str(run.server.pid), "--format", "raw",
+         "--duration", str(max(1, round(args.trial_seconds))), "--output", str(folded)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    trial = run.trial(rate, "library under py-spy")
+    _, error = spy.communicate(timeout=60)
+    if spy.returncode != 0:
+        raise RuntimeError(f"py-spy failed ({spy.returncode}): {error.strip()}")
+    top = args.out.with_name(f"{args.out.stem}-profile.txt")
+    top.write_text(top_functions(folded.read_text(), f"{run.setup.label} at {rate:g} msg/s") + "\n")
+    print(f"\r\033[Kload: profile of library at {rate:g}/s in {top}", file=sys.stderr)
+    return {"rate": rate, "passed": trial["passed"], "top": str(top), "folded": str(folded)}
+
+
+def top_functions(folded: str, title: str, count: int = 30) -> str:
+    """The busiest functions of py-spy's collapsed stacks: share of samples on the stack (total) and on top (self)."""
+    total: Counter = Counter()
+    own: Counter = Counter()
+    samples = 0
+    for line in folded.splitlines():
+        stack, _, weight = line.rpartition(" ")
+        # "function (file.py:123)": one entry per function, whichever line of it was running.
+        frames = [frame.rsplit(":", 1)[0] + ")" if frame.endswith(")") else frame for frame in stack.split(";")]
+        samples += int(weight)
+        own[frames[-1]] += int(weight)
+        total.update(dict.fromkeys(frames, int(weight)))
+    lines = [f"py-spy: {title}, {samples} samples (threads not idle)", "", "   total    self  function"]
+    lines += [f"{total[f] / samples:7.1%} {own[f] / samples:7.1%}  {f}" for f, _ in own.most_common(count)]
+    lines += ["", "by total (on the stack):"] + [f"{n / samples:7.1%}  {f}" for f, n in total.most_common(count)]
+    return "\n".join(lines)
 
 
 def idle_sockets(args, world: dict, prefix: str) -> dict:
@@ -609,6 +687,10 @@ def verdicts(setups: dict) -> list[dict]:
                 "detail": f"{rates[a]:,.0f} vs {rates[b]:,.0f} messages/s: {ratio:.2f}x"}  # fmt: skip
 
     return [
+        check("library >= 3x plain Channels + RedisChannelLayer groups", "library", "plain-groups", 3),
+        check("library >= 40% of plain Channels in memory without the DB hop", "library", "plain-lean", 0.4),
+        check("library vs plain Channels in memory (reported, no target)", "library", "plain-memory", 0),
+        check("library vs the raw websockets ceiling (reported, no target)", "library", "raw", 0),
         check("library layer >= 3x stock RedisChannelLayer (best steady rate)", "library", "stock", 3),
         check("library layer >= RedisPubSubChannelLayer", "library", "pubsub", 1),
         check("mapping >= GroupConsumer", "library", "groups", 1),

@@ -13,7 +13,8 @@ from the environment (``tests/processes.py`` writes it):
 ``CRF_LAYER_EXPIRY``  channel layer ``expiry`` in seconds (default: channels_redis's 60).
 ``CRF_LAYER_CAPACITY`` channel layer ``capacity`` (default: the layer's own).
 ``CRF_LAYER_BACKEND`` ``library`` (default: ``redis_layer()``'s batched layer), ``stock``
-                      (channels_redis's ``RedisChannelLayer``) or ``pubsub`` (``RedisPubSubChannelLayer``).
+                      (channels_redis's ``RedisChannelLayer``), ``pubsub`` (``RedisPubSubChannelLayer``)
+                      or ``memory`` (Channels' ``InMemoryChannelLayer``: the load script's rivals).
 ``CRF_HEARTBEAT`` / ``CRF_STALE_AFTER``  ``HEARTBEAT_INTERVAL`` / ``STALE_AFTER`` (0.5 / 2).
 ``CRF_MAX_CONNECTIONS`` / ``CRF_ON_LIMIT``  ``MAX_CONNECTIONS_PER_USER`` / ``ON_LIMIT``.
 ``CRF_RATE_LIMIT``    ``"messages,seconds"`` or ``"none"`` (default: the library's 20 per 10 s).
@@ -52,6 +53,11 @@ if _backend == "pubsub":  # no capacity or expiry: messages are published, never
     CHANNEL_LAYERS = {"default": {
         "BACKEND": "channels_redis.pubsub.RedisPubSubChannelLayer",
         "CONFIG": {"hosts": [redis_host(url) for url in _redis_urls], "prefix": _layer_options["prefix"]},
+    }}  # fmt: skip
+elif _backend == "memory":
+    CHANNEL_LAYERS = {"default": {
+        "BACKEND": "channels.layers.InMemoryChannelLayer",
+        "CONFIG": {key: value for key, value in _layer_options.items() if key != "prefix"},
     }}  # fmt: skip
 else:
     _backend_options = {"backend": STOCK_LAYER} if _backend == "stock" else {}

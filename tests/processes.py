@@ -111,10 +111,12 @@ class PostgresServer:
     before an outage is there after it. Trust authentication, user ``postgres``.
     """
 
-    def __init__(self, port: int | None = None, timezone: str = "UTC") -> None:
+    def __init__(self, port: int | None = None, timezone: str = "UTC", settings: dict | None = None) -> None:
         self.port = port or free_port()
         #: The server's ``timezone`` setting; initdb would take the machine's.
         self.timezone = timezone
+        #: More server settings, e.g. ``{"log_statement": "all"}`` (its log is :attr:`log`).
+        self.settings = settings or {}
         self.owner = _postgres_user()
         self.dir = Path(tempfile.mkdtemp(prefix="crfaults-pg-"))
         self.data = self.dir / "data"
@@ -143,7 +145,7 @@ class PostgresServer:
         options = (
             f"-p {self.port} -k {self.dir} -c listen_addresses=127.0.0.1 "
             f"-c fsync=off -c full_page_writes=off -c synchronous_commit=off -c timezone={self.timezone}"
-        )
+        ) + "".join(f" -c {name}='{value}'" for name, value in self.settings.items())
         result = self._run(str(PG_BIN / "pg_ctl"), "-D", str(self.data), "-l", str(self.log), "-w", "-t", "30",
                            "-o", options, "start", check=False)  # fmt: skip
         if result.returncode != 0:
@@ -238,15 +240,18 @@ def migrate(database_url: str) -> None:
 
 
 class AsgiServer:
-    """One ASGI server process serving ``demo_site.asgi:application`` with ``tests.fault_settings``.
+    """One ASGI server process serving ``demo_site.asgi:application`` (or ``application``) with
+    ``tests.fault_settings``.
 
     Its output goes to ``tests/artifacts/faults/<name>.log``. Subclasses give the command line.
     """
 
     kind = "asgi"
 
-    def __init__(self, env: dict, name: str = "daphne", port: int | None = None) -> None:
+    def __init__(self, env: dict, name: str = "daphne", port: int | None = None,
+                 application: str = "demo_site.asgi:application") -> None:  # fmt: skip
         self.env = env
+        self.application = application
         self.port = port or free_port()
         self.name = name
         self.url = f"http://127.0.0.1:{self.port}"
@@ -366,7 +371,7 @@ class Daphne(AsgiServer):
     kind = "daphne"
 
     def command(self) -> list[str]:
-        return [sys.executable, "-m", "daphne", "-b", "127.0.0.1", "-p", str(self.port), "demo_site.asgi:application"]
+        return [sys.executable, "-m", "daphne", "-b", "127.0.0.1", "-p", str(self.port), self.application]
 
 
 class Uvicorn(AsgiServer):
@@ -381,7 +386,7 @@ class Uvicorn(AsgiServer):
     def command(self) -> list[str]:
         return [sys.executable, "-m", "uvicorn", "--host", "127.0.0.1", "--port", str(self.port),
                 "--lifespan", "off", "--timeout-graceful-shutdown", str(self.graceful_timeout),
-                "demo_site.asgi:application"]  # fmt: skip
+                self.application]  # fmt: skip
 
 
 SERVERS: dict[str, type[AsgiServer]] = {"daphne": Daphne, "uvicorn": Uvicorn}

@@ -1,0 +1,208 @@
+"""What one direct message costs in round trips, through a real daphne process: Redis calls, PostgreSQL transactions.
+
+The guard of issue 18 (one send pipeline): its targets are at most 3 Redis calls
+and 1 PostgreSQL transaction per direct message, sender and receiver side
+together. Until the pipeline lands this test holds today's counts as upper
+bounds, so no change adds a round trip unnoticed; the pipeline work lowers them.
+
+The demo site as the fault tests serve it (``tests/test_faults.py``): one daphne,
+a private Redis and a private PostgreSQL cluster that logs every statement, real
+sessions and ``websockets`` clients; alice sends to bob's two tabs (the workload
+of ``make load``), one message at a time, each waited for (its ack and both
+copies) before the next: a steady low rate, where no batching can hide a call.
+
+* Redis: ``MONITOR`` between two ``ECHO`` markers this process sends, so the
+  window is exact (Redis runs commands one at a time and reports them in that
+  order). A call is a command from a client (one round trip: ``EVALSHA``,
+  ``BZPOPMIN``...); the commands a script runs inside Redis are counted apart.
+* PostgreSQL: the statements daphne's connections ran in the window (the
+  server logs each one before it runs, with its virtual transaction id), and the
+  transactions they belong to. This process runs none in the window.
+
+    .venv/bin/pytest tests/test_send_cost.py -q -s     # -s prints the breakdown
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import re
+from collections import Counter
+from dataclasses import dataclass, field
+
+import pytest
+import redis.asyncio as aioredis
+
+from . import test_faults
+from .processes import PostgresServer, create_database, migrate
+
+pytestmark = [
+    pytest.mark.faults,
+    pytest.mark.skipif(
+        os.environ.get("CR_TEST_STACK", "real") != "real",
+        reason="these tests run daphne on PostgreSQL and Redis (CR_TEST_STACK=real)",
+    ),
+]
+
+MESSAGES = 20
+# Today's counts per direct message, as upper bounds (the breakdown: the README's load section).
+# Issue 18's send pipeline is to bring them to at most 3 Redis calls and 1 transaction.
+MAX_REDIS_CALLS = 6  # 4 EVALSHA from the sender's side, EVAL + BZPOPMIN on the receiving side
+MAX_SCRIPT_COMMANDS = 29  # what those scripts run inside Redis
+MAX_TRANSACTIONS = 4  # one per statement (autocommit)
+MAX_STATEMENTS = 4  # recipient + count, routes, Django's health check after Channels' hop, the demo's copy
+
+#: A statement line of the server log with ``log_line_prefix = '%p %v '`` (pid, virtual transaction id).
+STATEMENT = re.compile(r"^(\d+) (\S+) LOG:  (?:statement|execute [^:]*): (.*)$")
+TRANSACTION_CONTROL = {"BEGIN", "COMMIT", "ROLLBACK", "SAVEPOINT", "RELEASE"}
+
+
+def library_scripts() -> dict[str, str]:
+    """SHA1 -> ``module.NAME`` of the library's Lua scripts: which step an ``EVALSHA`` is."""
+    from channel_registry import budget, delivery, history, redis_layer, slots
+
+    names: dict[str, str] = {}
+    for module in (budget, delivery, history, redis_layer, slots):  # a defining module before an importing one
+        for name, value in vars(module).items():
+            if name.endswith("_SCRIPT") and isinstance(value, str):
+                sha = hashlib.sha1(value.encode()).hexdigest()
+                names.setdefault(sha, f"{module.__name__.rpartition('.')[2]}.{name}")
+    return names
+
+
+SCRIPTS = library_scripts()
+
+
+@pytest.fixture(scope="module")
+def logged_postgres():
+    """A private cluster logging every statement with its backend and transaction; (server, demo database URL)."""
+    with PostgresServer(settings={"log_statement": "all", "log_line_prefix": "%p %v "}) as server:
+        url = create_database(server.url, "demo")
+        migrate(url)
+        yield server, url
+
+
+@pytest.fixture
+async def stack(request, logged_postgres, settings, django_db_blocker):
+    async with test_faults.stack_on(logged_postgres[1], request, settings, django_db_blocker) as stack:
+        yield stack
+
+
+@dataclass
+class RedisWindow:
+    """The commands Redis ran between this process's two markers, from ``MONITOR``."""
+
+    calls: Counter = field(default_factory=Counter)  # sent by a client: one round trip each
+    in_scripts: Counter = field(default_factory=Counter)  # run by a script inside Redis
+
+
+class RedisMonitor:
+    """``MONITOR`` on a Redis server, read in the background; :meth:`window` delimits what to count."""
+
+    def __init__(self, url: str) -> None:
+        self.client = aioredis.Redis.from_url(url)
+        self.seen: asyncio.Queue = asyncio.Queue()
+
+    async def __aenter__(self) -> RedisMonitor:
+        self.monitor = self.client.monitor()
+        await self.monitor.__aenter__()  # MONITOR answered OK: every command from now on is reported
+        self.reader = asyncio.ensure_future(self._read())
+        return self
+
+    async def _read(self) -> None:
+        async for command in self.monitor.listen():
+            await self.seen.put(command)
+
+    async def mark(self, name: str) -> None:
+        await self.client.echo(f"cr-window-{name}")
+
+    async def window(self) -> RedisWindow:
+        """Everything between the ``start`` and ``end`` markers (call after both were sent)."""
+        counted, inside = RedisWindow(), False
+        while True:
+            command = await asyncio.wait_for(self.seen.get(), 10)
+            name = command["command"].split(" ", 1)[0].upper()
+            if name == "ECHO" and "cr-window-" in command["command"]:
+                if "cr-window-end" in command["command"]:
+                    return counted
+                inside = True
+                continue
+            if inside and command["client_type"] == "lua":
+                counted.in_scripts[name] += 1
+            elif inside:
+                sha = command["command"].split(" ", 2)[1].strip('"') if name == "EVALSHA" else ""
+                counted.calls[f"{name} {SCRIPTS.get(sha, sha)}".strip()] += 1
+
+    async def __aexit__(self, *exc_info) -> None:
+        self.reader.cancel()
+        await asyncio.gather(self.reader, return_exceptions=True)
+        await self.monitor.__aexit__(*exc_info)
+        await self.client.aclose()
+
+
+def statements_since(server: PostgresServer, offset: int) -> list[tuple[str, str, str]]:
+    """(pid, virtual transaction id, statement) of every statement logged after byte ``offset``."""
+    with server.log.open("rb") as log:
+        log.seek(offset)
+        lines = log.read().decode(errors="replace").splitlines()
+    return [match.groups() for line in lines if (match := STATEMENT.match(line))]
+
+
+def per_message(counts: Counter) -> str:
+    return ", ".join(f"{name} {count / MESSAGES:.2f}" for name, count in counts.most_common())
+
+
+def statement_kind(sql: str) -> str:
+    """``SELECT channel_registry_userchannel``, ``INSERT inbox_notification``...: the verb and first table."""
+    table = re.search(r'(?:FROM|INTO|UPDATE)\s+"?(\w+)"?', sql, re.IGNORECASE)
+    return f"{sql.split(None, 1)[0].upper()} {table.group(1)}" if table else sql[:60]
+
+
+async def test_round_trips_per_direct_message(stack, logged_postgres):
+    """A direct message's Redis calls and PostgreSQL transactions stay within today's counts."""
+    postgres, _ = logged_postgres
+    stack.start_redis(1)
+    # Neither a heartbeat nor the demo's presence broadcast (debounced after the logins) in the
+    # window: their statements and scripts would be counted as the messages'. As in ``make load``.
+    stack.configure(heartbeat=60, stale_after=180, rate_limit="none", presence=0)
+    (server,) = stack.daphnes(1)
+    alice, bob = await stack.users("alice", "bob")
+    sender = await stack.open_tab(server, alice)
+    tabs = [await stack.open_tab(server, bob), await stack.open_tab(server, bob)]
+
+    async def one_message(n: int) -> None:
+        ack = await sender.request(test_faults.direct(bob, {"n": n}, f"m{n}"))
+        assert ack["type"] == "ack", ack
+        for tab in tabs:
+            assert (await tab.next_direct(10))["id"] == f"m{n}"
+
+    await one_message(0)  # the first statements, scripts loaded, connections opened: not counted
+    async with RedisMonitor(stack.redis_urls[0]) as monitor:
+        log_offset = postgres.log.stat().st_size
+        await monitor.mark("start")
+        for n in range(1, MESSAGES + 1):
+            await one_message(n)
+        await monitor.mark("end")
+        redis_window = await monitor.window()
+    statements = statements_since(postgres, log_offset)
+
+    calls, script_commands = sum(redis_window.calls.values()), sum(redis_window.in_scripts.values())
+    work = [(pid, xid, sql) for pid, xid, sql in statements if sql.split(None, 1)[0].upper() not in TRANSACTION_CONTROL]
+    transactions = len({(pid, xid) for pid, xid, _ in statements})
+    kinds = Counter(statement_kind(sql) for _, _, sql in work)
+    breakdown = (
+        f"per direct message ({MESSAGES} messages, alice -> bob's 2 tabs, one daphne):\n"
+        f"  Redis calls {calls / MESSAGES:.2f}: {per_message(redis_window.calls)}\n"
+        f"  commands run inside scripts {script_commands / MESSAGES:.2f}: {per_message(redis_window.in_scripts)}\n"
+        f"  PostgreSQL transactions {transactions / MESSAGES:.2f}, statements {len(work) / MESSAGES:.2f}: "
+        f"{per_message(kinds)}"
+    )
+    print(f"\n{breakdown}")
+    # Both windows saw the messages: each is in the Redis history, and the demo stores each one.
+    assert calls >= MESSAGES and kinds["INSERT inbox_notification"] == MESSAGES, breakdown
+    assert calls <= MAX_REDIS_CALLS * MESSAGES, breakdown
+    assert script_commands <= MAX_SCRIPT_COMMANDS * MESSAGES, breakdown
+    assert transactions <= MAX_TRANSACTIONS * MESSAGES, breakdown
+    assert len(work) <= MAX_STATEMENTS * MESSAGES, breakdown
+    assert all(tab.is_open for tab in [sender, *tabs])
