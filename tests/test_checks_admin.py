@@ -121,7 +121,9 @@ def test_a_sentinel_host_from_redis_layer_passes_and_keeps_the_user_s_options(se
     assert ids() == set()
     entry = host["CONFIG"]["hosts"][0]
     assert entry["socket_timeout"] == 15 and entry["protocol"] == 2 and entry["master_name"] == "main"
-    assert entry["sentinel_kwargs"] == {"socket_timeout": 3, "socket_connect_timeout": 3, "protocol": 2, "password": "x"}
+    assert entry["sentinel_kwargs"] == {
+        "socket_timeout": 3, "socket_connect_timeout": 3, "protocol": 2, "password": "x"
+    }  # fmt: skip
 
 
 @pytest.mark.parametrize(
@@ -131,7 +133,7 @@ def test_a_sentinel_host_from_redis_layer_passes_and_keeps_the_user_s_options(se
         ({"master_name": "main", "sentinels": [], "socket_timeout": 15}, "channel_registry.E060"),
         ({"sentinels": SENTINELS, "master_name": "main", "socket_timeout": 15}, "channel_registry.E061"),
         (
-            {"sentinels": SENTINELS, "master_name": "main", "socket_timeout": 15, "sentinel_kwargs": {"socket_timeout": 3}},
+            {"sentinels": SENTINELS, "master_name": "main", "socket_timeout": 15, "sentinel_kwargs": {"protocol": 2}},
             "channel_registry.E061",
         ),
     ],
