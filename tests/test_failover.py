@@ -178,6 +178,9 @@ async def test_kill_9_the_master_under_traffic_loses_no_acknowledged_message_sil
     for tab in receivers:
         await tab.wait_for(lambda f: f.get("id") == last_id, 10)
     assert all(tab.is_open for tab in [sender, *receivers])
+    # A new tab's handshake spends from its budget and reads the history, both on the new master.
+    late = await stack.open_tab(second, bob)
+    await late.wait_for(lambda f: f["type"] == "position", 10)
 
     outcomes = []
     for tab in receivers:
