@@ -176,7 +176,30 @@ def _check_redis_host(host: Any) -> list[checks.CheckMessage]:
             hint="Use channel_registry.layers.redis_layer(url), or add 'protocol': 2 to the host.",
             id="channel_registry.W016",
         ))
+    if isinstance(host, dict) and ("sentinels" in host or "master_name" in host):
+        messages += _check_sentinel_host(host)
     return messages
+
+
+def _check_sentinel_host(host: dict[str, Any]) -> list[checks.CheckMessage]:
+    if not host.get("sentinels") or not host.get("master_name"):
+        return [checks.Error(
+            f"Sentinel host {host!r} needs both 'sentinels' (a list of (host, port)) and 'master_name': "
+            "channels_redis connects to neither without them.",
+            hint="Use channel_registry.layers.redis_layer({'sentinels': [...], 'master_name': ...}).",
+            id="channel_registry.E060",
+        )]
+    sentinel_options = host.get("sentinel_kwargs") or {}
+    if any(sentinel_options.get(name) is None for name in ("socket_timeout", "socket_connect_timeout")):
+        return [checks.Error(
+            f"Sentinel host {host!r} gives its sentinels no socket_timeout or socket_connect_timeout "
+            "(channels_redis passes them nothing else): a sentinel that stops answering hangs every "
+            "look-up of the master, and so every send after a failover.",
+            hint="Use channel_registry.layers.redis_layer(host), or add "
+            "'sentinel_kwargs': {'socket_timeout': 3, 'socket_connect_timeout': 3}.",
+            id="channel_registry.E061",
+        )]
+    return []
 
 
 def _check_history_support(backend: str) -> list[checks.CheckMessage]:

@@ -12,6 +12,13 @@ every connection pooled before it fails its next command with "Connection
 closed by server" (redis/redis-py#4252). These helpers set the timeouts, a
 larger pool and RESP2 explicitly.
 
+Both take channels_redis's Sentinel host format too,
+``{"sentinels": [(host, port), ...], "master_name": name}``: the same options
+go to the master's connections, and ``sentinel_kwargs`` gets timeouts as well,
+since channels_redis hands the sentinels none (a sentinel that stops answering
+would otherwise hang every look-up of the master). What a failover costs and
+what the history promises across one: README, "Redis Sentinel".
+
 ``redis_layer()`` selects :class:`~channel_registry.redis_layer.BatchedRedisChannelLayer`
 (channels_redis with a batched receive path, see ``redis_layer.py``) with its
 ``capacity`` of 5,000 messages per server process; ``backend=STOCK_LAYER`` keeps
@@ -38,28 +45,41 @@ BATCHED_LAYER = "channel_registry.redis_layer.BatchedRedisChannelLayer"
 STOCK_LAYER = "channels_redis.core.RedisChannelLayer"
 
 
-def redis_host(url: str, **options: Any) -> dict[str, Any]:
-    """One channels_redis host entry with timeouts that survive idle sockets and a Redis restart."""
-    return {
-        "address": url,
+#: What a connection to a sentinel gets: it only answers look-ups, so a short read is enough.
+SENTINEL_OPTIONS = {"socket_timeout": CONNECT_TIMEOUT, "socket_connect_timeout": CONNECT_TIMEOUT, "protocol": PROTOCOL}
+
+
+def redis_host(host: str | dict[str, Any], **options: Any) -> dict[str, Any]:
+    """One channels_redis host entry with timeouts that survive idle sockets and a Redis restart.
+
+    ``host`` is a Redis URL or a Sentinel host (``sentinels`` and ``master_name``);
+    its own keys and ``options`` win over the library's.
+    """
+    protections = {
         "socket_timeout": SOCKET_TIMEOUT,
         "socket_connect_timeout": CONNECT_TIMEOUT,
         "max_connections": MAX_CONNECTIONS,
         "protocol": PROTOCOL,
-        **options,
     }
+    if isinstance(host, str):
+        return {"address": host, **protections, **options}
+    if not host.get("sentinels") or not host.get("master_name"):
+        raise ValueError("a Sentinel host needs 'sentinels' (a list of (host, port)) and 'master_name'")
+    sentinel_options = {**SENTINEL_OPTIONS, **host.get("sentinel_kwargs", {})}
+    return {**protections, **host, "sentinel_kwargs": sentinel_options, **options}
 
 
-def redis_layer(*urls: str, backend: str = BATCHED_LAYER, **config: Any) -> dict[str, Any]:
-    """A ``CHANNEL_LAYERS`` entry for ``backend`` over one or more Redis URLs; ``config`` is its CONFIG.
+def redis_layer(*hosts: str | dict[str, Any], backend: str = BATCHED_LAYER, **config: Any) -> dict[str, Any]:
+    """A ``CHANNEL_LAYERS`` entry for ``backend`` over one or more Redis hosts; ``config`` is its CONFIG.
 
-    Several URLs shard the layer; channel_registry's delivery (and the batched
-    layer's own ``send``) picks the shard the receiving process reads, so direct
-    sends are not lost (channels_redis#221).
+    Each host is a Redis URL or a Sentinel host (see ``redis_host``). Several
+    shard the layer; channel_registry's delivery (and the batched layer's own
+    ``send``) picks the shard the receiving process reads, so direct sends are
+    not lost (channels_redis#221).
     """
-    if not urls:
-        raise ValueError("redis_layer() needs at least one Redis URL")
+    if not hosts:
+        raise ValueError("redis_layer() needs at least one Redis URL or Sentinel host")
     return {
         "BACKEND": backend,
-        "CONFIG": {"hosts": [redis_host(url) for url in urls], **config},
+        "CONFIG": {"hosts": [redis_host(host) for host in hosts], **config},
     }

@@ -9,6 +9,8 @@ from the environment (``tests/processes.py`` writes it):
 
 ``CRF_DATABASE_URL``  PostgreSQL URL (required: processes must share a database).
 ``CRF_REDIS_URLS``    one or more Redis URLs, comma-separated (several = a sharded layer).
+``CRF_REDIS_SENTINELS`` / ``CRF_REDIS_MASTER``  instead: ``host:port`` of each sentinel, comma-separated,
+                      and the master's name (one Sentinel host, see ``redis_layer()``).
 ``CRF_REDIS_PREFIX``  channel layer key prefix (default ``crfaults``).
 ``CRF_LAYER_EXPIRY``  channel layer ``expiry`` in seconds (default: channels_redis's 60).
 ``CRF_LAYER_CAPACITY`` channel layer ``capacity`` (default: the layer's own).
@@ -48,6 +50,13 @@ if os.environ.get("CRF_LAYER_EXPIRY"):
 if os.environ.get("CRF_LAYER_CAPACITY"):
     _layer_options["capacity"] = int(os.environ["CRF_LAYER_CAPACITY"])
 _redis_urls = os.environ["CRF_REDIS_URLS"].split(",")
+_redis_hosts: list = _redis_urls
+if os.environ.get("CRF_REDIS_SENTINELS"):
+    _sentinels = [address.split(":") for address in os.environ["CRF_REDIS_SENTINELS"].split(",")]
+    _redis_hosts = [{
+        "sentinels": [(host, int(port)) for host, port in _sentinels],
+        "master_name": os.environ["CRF_REDIS_MASTER"],
+    }]  # fmt: skip
 _backend = os.environ.get("CRF_LAYER_BACKEND") or "library"
 if _backend == "pubsub":  # no capacity or expiry: messages are published, never stored
     CHANNEL_LAYERS = {"default": {
@@ -61,7 +70,7 @@ elif _backend == "memory":
     }}  # fmt: skip
 else:
     _backend_options = {"backend": STOCK_LAYER} if _backend == "stock" else {}
-    CHANNEL_LAYERS = {"default": redis_layer(*_redis_urls, **_backend_options, **_layer_options)}
+    CHANNEL_LAYERS = {"default": redis_layer(*_redis_hosts, **_backend_options, **_layer_options)}
 
 CHANNEL_REGISTRY = {
     "HEARTBEAT_INTERVAL": _number("CRF_HEARTBEAT", 0.5),

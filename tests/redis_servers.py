@@ -56,22 +56,21 @@ class RedisServer:
     def running(self) -> bool:
         return self.process is not None and self.process.poll() is None
 
+    def command(self) -> list[str]:
+        return [
+            REDIS_SERVER,
+            "--port", str(self.port),
+            "--bind", "127.0.0.1",
+            "--save", "",
+            "--appendonly", "no",
+            "--dir", self._workdir.name,
+        ]  # fmt: skip
+
     def start(self, timeout: float = 5.0) -> None:
         """Start the server (again) on ``self.port`` and wait until it answers PING."""
         if self.running:
             return
-        self.process = subprocess.Popen(
-            [
-                REDIS_SERVER,
-                "--port", str(self.port),
-                "--bind", "127.0.0.1",
-                "--save", "",
-                "--appendonly", "no",
-                "--dir", self._workdir.name,
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )  # fmt: skip
+        self.process = subprocess.Popen(self.command(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + timeout
         while not answers_ping(self.port):
             if self.process.poll() is not None:
@@ -108,6 +107,25 @@ class RedisServer:
     def __exit__(self, *exc_info: object) -> None:
         self.stop()
         self._workdir.cleanup()
+
+
+class SentinelServer(RedisServer):
+    """One ``redis-server --sentinel`` watching ``master_name`` at ``master_port``: quorum 2, and it
+    calls the master down after ``down_after`` ms (Sentinel rewrites its config file, so it gets its own)."""
+
+    def __init__(self, master_port: int, master_name: str = "main", down_after: int = 1000) -> None:
+        super().__init__()
+        self.config = f"{self._workdir.name}/sentinel.conf"
+        with open(self.config, "w") as config:
+            config.write(
+                f"port {self.port}\nbind 127.0.0.1\ndir {self._workdir.name}\n"
+                f"sentinel monitor {master_name} 127.0.0.1 {master_port} 2\n"
+                f"sentinel down-after-milliseconds {master_name} {down_after}\n"
+                f"sentinel failover-timeout {master_name} 10000\n"
+            )
+
+    def command(self) -> list[str]:
+        return [REDIS_SERVER, self.config, "--sentinel"]
 
 
 @contextlib.contextmanager

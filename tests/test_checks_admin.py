@@ -112,6 +112,42 @@ def test_redis_host_with_a_long_timeout_and_resp2_passes(settings, host):
     assert ids() == set()
 
 
+SENTINELS = [("127.0.0.1", 26379), ("127.0.0.1", 26380)]
+
+
+def test_a_sentinel_host_from_redis_layer_passes_and_keeps_the_user_s_options(settings):
+    host = redis_layer({"sentinels": SENTINELS, "master_name": "main", "sentinel_kwargs": {"password": "x"}})
+    settings.CHANNEL_LAYERS = {"default": host}
+    assert ids() == set()
+    entry = host["CONFIG"]["hosts"][0]
+    assert entry["socket_timeout"] == 15 and entry["protocol"] == 2 and entry["master_name"] == "main"
+    assert entry["sentinel_kwargs"] == {
+        "socket_timeout": 3, "socket_connect_timeout": 3, "protocol": 2, "password": "x"
+    }  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "host, expected",
+    [
+        ({"sentinels": SENTINELS, "socket_timeout": 15}, "channel_registry.E060"),
+        ({"master_name": "main", "sentinels": [], "socket_timeout": 15}, "channel_registry.E060"),
+        ({"sentinels": SENTINELS, "master_name": "main", "socket_timeout": 15}, "channel_registry.E061"),
+        (
+            {"sentinels": SENTINELS, "master_name": "main", "socket_timeout": 15, "sentinel_kwargs": {"protocol": 2}},
+            "channel_registry.E061",
+        ),
+    ],
+)
+def test_a_sentinel_host_without_what_the_library_needs_is_an_error(settings, host, expected):
+    settings.CHANNEL_LAYERS = {"default": {"BACKEND": REDIS, "CONFIG": {"hosts": [host]}}}
+    assert ids() == {expected}
+
+
+def test_redis_layer_refuses_a_sentinel_host_without_a_master_name():
+    with pytest.raises(ValueError, match="master_name"):
+        redis_layer({"sentinels": SENTINELS})
+
+
 def test_sharded_stock_layer_gets_an_info_note(settings):
     urls = ("redis://127.0.0.1:6379", "redis://127.0.0.1:6380")
     settings.CHANNEL_LAYERS = {"default": redis_layer(*urls, backend=REDIS)}

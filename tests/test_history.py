@@ -26,6 +26,7 @@ from channel_registry.history import (
     RedisHistory,
     history_for,
     position_for,
+    stamped,
 )
 from channel_registry.protocol import POSITION_KEY
 
@@ -400,3 +401,56 @@ async def test_redis_out_of_memory_is_unavailable_never_a_crash(make_layer):
                 await write
         await connection.config_set("maxmemory", 0)
         assert (await history.append([1], EVENT))[1].seq == 2
+
+
+async def test_a_redis_restarted_from_a_snapshot_behind_the_last_appends_starts_a_new_epoch(make_layer):
+    """The snapshot holds seq 5, the open connection passed seq 10: the next event must not be a second 6."""
+    from .redis_servers import RedisServer
+
+    with RedisServer() as server:
+        layer = make_layer(hosts=[host(server.url, protocol=2)])
+        history = RedisHistory(layer)
+        cursor = Cursor(history, 1)
+        await cursor.start(None)
+        for n in range(10):
+            if n == 5:
+                await layer.connection(0).save()
+            event = {**EVENT, "n": n}
+            assert await cursor.admit(stamped(event, await history.append([1], event))) != []
+        before = cursor.position
+        server.restart()  # loads the snapshot: the head went back to seq 5, in the same epoch
+        await layer.close_pools()
+        assert await layer.connection(0).hget(history.keys(1)[1], "seq") == b"5"
+        event = {**EVENT, "n": "after"}
+        after = (await history.append([1], event))[1]
+        assert after.epoch != before.epoch and after.seq == 1
+        frames = await cursor.admit(stamped(event, {1: after}))
+        assert [f.get("reason") for f in frames] == [RESET_EPOCH, None] and frames[1]["n"] == "after"
+
+
+@pytest.mark.parametrize("replica_missed_writes", [True, False])
+async def test_a_promoted_replica_never_continues_the_old_master_s_epoch(make_layer, replica_missed_writes):
+    """A promoted replica's heads were written by another term; what it missed cannot be known, so every history
+    starts again: a reconnecting client gets ``reset``, and no number of the old epoch is handed out twice."""
+    from .redis_servers import RedisServer
+
+    with RedisServer() as master, RedisServer() as replica:
+        on_master = RedisHistory(make_layer(hosts=[host(master.url, protocol=2)]))
+        on_replica = RedisHistory(make_layer(hosts=[host(replica.url, protocol=2)]))
+        replica_connection, master_connection = on_replica.layer.connection(0), on_master.layer.connection(0)
+        await replica_connection.replicaof("127.0.0.1", master.port)
+        await send(on_master, 1, 5)
+        while await master_connection.execute_command("WAIT", 1, 1000) < 1:
+            pass  # the replica is attached and has the first five
+        if replica_missed_writes:
+            await replica_connection.replicaof("NO", "ONE")  # promoted before the master's last five
+            last = (await send(on_master, 1, 5))[-1]
+        else:
+            last = (await send(on_master, 1, 5))[-1]
+            assert await master_connection.execute_command("WAIT", 1, 5000) == 1
+            await replica_connection.replicaof("NO", "ONE")
+        kept_seq = int(await replica_connection.hget(on_replica.keys(1)[1], "seq"))
+        assert kept_seq == (5 if replica_missed_writes else 10)
+        recovery = await on_replica.read(1, last)
+        assert recovery.reset == RESET_EPOCH and recovery.head.epoch != last.epoch
+        assert (await on_replica.append([1], EVENT))[1] == Position(recovery.head.epoch, 1)
