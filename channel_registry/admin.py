@@ -107,17 +107,22 @@ def server_processes() -> list[dict[str, Any]]:
 
 
 def log(request: HttpRequest, flag: int, entries: Iterable[tuple[Any, str]]) -> None:
-    """One ``LogEntry`` per ``(object, message)``, in one INSERT; an object may be a model (no instance)."""
-    LogEntry.objects.bulk_create(
-        LogEntry(
-            user_id=request.user.pk,
-            content_type=ContentType.objects.get_for_model(obj),
-            object_id=None if isinstance(obj, type) else str(obj.pk),
-            object_repr=(obj._meta.verbose_name_plural if isinstance(obj, type) else str(obj))[:200],
-            action_flag=flag,
-            change_message=message,
-        )
-        for obj, message in entries
+    """One ``LogEntry`` per ``(object, message)``, in one INSERT.
+
+    An object is a model instance, or a model itself for an action on rows nobody selected (a prune).
+    """
+    LogEntry.objects.bulk_create(log_entry(request, flag, obj, message) for obj, message in entries)
+
+
+def log_entry(request: HttpRequest, flag: int, obj: Any, message: str) -> LogEntry:
+    whole_model = isinstance(obj, type)
+    return LogEntry(
+        user_id=request.user.pk,
+        content_type=ContentType.objects.get_for_model(obj),
+        object_id=None if whole_model else str(obj.pk),
+        object_repr=str(obj._meta.verbose_name_plural if whole_model else obj)[:200],
+        action_flag=flag,
+        change_message=message,
     )
 
 
@@ -139,10 +144,11 @@ class UserChannelAdmin(admin.ModelAdmin):
 
     def get_urls(self) -> list[URLPattern]:
         view = self.admin_site.admin_view
+        prefix = f"{self.opts.app_label}_{self.opts.model_name}"
         return [
-            path("online/", view(self.online_view), name="channel_registry_userchannel_online"),
-            path("online/disconnect/", view(require_POST(self.disconnect_view)), name="channel_registry_userchannel_disconnect"),
-            path("online/prune/", view(require_POST(self.prune_view)), name="channel_registry_userchannel_prune"),
+            path("online/", view(self.online_view), name=f"{prefix}_online"),
+            path("online/disconnect/", view(require_POST(self.disconnect_view)), name=f"{prefix}_disconnect"),
+            path("online/prune/", view(require_POST(self.prune_view)), name=f"{prefix}_prune"),
             *super().get_urls(),
         ]
 
@@ -193,7 +199,8 @@ class UserChannelAdmin(admin.ModelAdmin):
             return self.back_to_online()
         code = form.cleaned_data["code"]
         reached = [(user, disconnect_user(user, code)) for user in form.cleaned_data["users"]]
-        log(request, CHANGE, [(user, f"Disconnected with {code} from the admin: {n} connection(s).") for user, n in reached])
+        message = "Disconnected with {} from the admin: {} connection(s)."
+        log(request, CHANGE, [(user, message.format(code, n)) for user, n in reached])
         total = sum(n or 0 for _, n in reached)
         self.message_user(request, f"Sent {code} to {total} connection(s) of {len(reached)} user(s).", messages.SUCCESS)
         return self.back_to_online()
@@ -210,4 +217,5 @@ class UserChannelAdmin(admin.ModelAdmin):
         self.message_user(request, f"Deleted {deleted} stale channel(s).", messages.SUCCESS)
 
     def back_to_online(self) -> HttpResponseRedirect:
-        return HttpResponseRedirect(reverse(f"{self.admin_site.name}:channel_registry_userchannel_online"))
+        name = f"{self.admin_site.name}:{self.opts.app_label}_{self.opts.model_name}_online"
+        return HttpResponseRedirect(reverse(name))

@@ -66,12 +66,12 @@ class UserChannelQuerySet(models.QuerySet):
         return self.values_list("channel_name", flat=True)
 
 
-class Transport(models.TextChoices):
+class Transport:
     """What a row's connection is; "" for rows of processes from before 0.3, which did not say."""
 
-    SOCKET = "socket", "WebSocket"
-    STREAM = "stream", "event stream"
-    UNKNOWN = "", "unknown"
+    SOCKET = "socket"
+    STREAM = "stream"
+    choices = [(SOCKET, "WebSocket"), (STREAM, "event stream"), ("", "unknown")]
 
 
 class UserChannel(models.Model):

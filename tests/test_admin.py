@@ -32,11 +32,12 @@ def client_for(user) -> Client:
 
 @pytest.fixture
 def person(make_user):
-    """``person(staff, *codenames)``: a user with those permissions on ``UserChannel``, and a client signed in as them."""
+    """``person(staff, *codenames)``: a client signed in as a user with those permissions on ``UserChannel``."""
 
     def make(staff: bool, *codenames: str):
         user = make_user(is_staff=staff)
-        user.user_permissions.set(Permission.objects.filter(content_type__app_label="channel_registry", codename__in=codenames))
+        permissions = Permission.objects.filter(content_type__app_label="channel_registry", codename__in=codenames)
+        user.user_permissions.set(permissions)
         return client_for(user)
 
     return make
@@ -60,13 +61,15 @@ def test_online_now_shows_each_user_with_live_connections_and_each_process_with_
     page = person(True, "view_userchannel").get(ONLINE)
 
     assert page.status_code == 200
-    processes = {p["server"]: p for p in page.context["processes"]}
-    assert {s: (p["connections"], p["sockets"], p["streams"], p["users"], p["stopped"]) for s, p in processes.items()} == {
+    processes = {p["server"]: (p["connections"], p["sockets"], p["streams"], p["users"], p["stopped"])
+                 for p in page.context["processes"]}
+    assert processes == {
         "host:1": (2, 2, 0, 2, False),
         "host:2": (1, 0, 1, 1, False),
         "host:dead": (1, 1, 0, 1, True),
     }
-    users = {str(u["user"]): (u["connections"], u["processes"], u["sockets"], u["streams"]) for u in page.context["page"]}
+    users = {str(u["user"]): (u["connections"], u["processes"], u["sockets"], u["streams"])
+             for u in page.context["page"]}
     assert users == {"bob": (2, 2, 1, 1), "carol": (1, 1, 1, 0)}  # dave's only row is stale: not online
     assert page.content.count(b"stopped beating</strong>") == 1
     assert page.context["stale_rows"] == 1
@@ -107,7 +110,9 @@ def test_only_staff_with_the_change_permission_may_act(make_user, person):
     assert not LogEntry.objects.exists()
 
 
-async def test_disconnecting_users_from_the_admin_closes_every_tab_with_the_code_and_logs_it(connect, make_user, person):
+async def test_disconnecting_users_from_the_admin_closes_every_tab_with_the_code_and_logs_it(
+    connect, make_user, person
+):
     bob, carol = await sync_to_async(make_user)("bob"), await sync_to_async(make_user)("carol")
     tabs = [await connect(bob), await connect(bob)]
     carols = await connect(carol)
