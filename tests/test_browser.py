@@ -553,14 +553,13 @@ def test_a_page_on_another_port_cannot_open_the_users_event_stream(sign_in, demo
 
 
 ONLINE_NOW = "/admin/channel_registry/userchannel/online/"
-OPERATOR = f"""
-PASSWORD = "{PASSWORD}"
-from django.contrib.auth.models import Permission, User
-operator, _ = User.objects.get_or_create(username="operator", defaults={"is_staff": True})
-operator.set_password(PASSWORD)
-operator.save()
-operator.user_permissions.set(Permission.objects.filter(codename__in=["view_userchannel", "change_userchannel"]))
-"""
+OPERATOR = "\n".join([
+    "from django.contrib.auth.models import Permission, User",
+    "operator, _ = User.objects.get_or_create(username='operator', defaults={'is_staff': True})",
+    f"operator.set_password({PASSWORD!r})",
+    "operator.save()",
+    "operator.user_permissions.set(Permission.objects.filter(codename__in=['view_userchannel', 'change_userchannel']))",
+])
 
 
 def test_staff_disconnects_both_of_bobs_tabs_from_the_admin_and_carol_gets_nothing(sign_in, demo_env):
