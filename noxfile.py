@@ -146,6 +146,8 @@ WHEEL_MUST_HOLD = [
     "channel_registry/py.typed",
     "channel_registry/static/channel_registry/client.js",
     "channel_registry/migrations/0001_initial.py",
+    "channel_registry/migrations/0003_userchannel_transport.py",
+    "channel_registry/templates/admin/channel_registry/userchannel/online.html",
     "channel_registry/management/commands/prune_channels.py",
 ]
 

@@ -22,7 +22,7 @@ from .delivery import layer_slots, run_bounded, send_many
 from .dispatch import Dispatcher
 from .exceptions import ChannelLayerUnavailable, layer_unavailable
 from .history import Position, stamped
-from .models import session_digest
+from .models import Transport, session_digest
 from .protocol import CLOSE_TOO_MANY, DISCONNECT_EVENT
 from .slots import slots
 from .strategy import Delivery, DeliveryStrategy, channel_layer
@@ -55,7 +55,9 @@ class GroupStrategy(DeliveryStrategy):
     ``MAX_CONNECTIONS_PER_USER`` counts a slot per connection (see ``slots.py``).
     """
 
-    async def register(self, user_id: Any, channel_name: str, session_key: str | None = None) -> None:
+    async def register(
+        self, user_id: Any, channel_name: str, session_key: str | None = None, transport: str = Transport.SOCKET
+    ) -> None:
         evicted = await slots.claim(channel_layer(), user_id, channel_name)
         try:
             for group in connection_groups(user_id, session_key):

@@ -25,7 +25,7 @@ from django.db import DatabaseError, connections
 from .conf import registry_settings
 from .delivery import send_batches
 from .exceptions import ChannelLayerUnavailable
-from .models import UserChannel
+from .models import Transport, UserChannel
 from .protocol import DISCONNECT_EVENT
 from .sessions import Access, ended
 from .store import Registration, orm
@@ -90,10 +90,10 @@ class ProcessChannels:
         """Nothing to refresh, delete or check: no connection is open, no row of this process should exist."""
         return not self.open and not self.closing and not self.watched
 
-    def registration(self, user_id, session: str) -> Registration:
+    def registration(self, user_id, session: str, transport: str = Transport.SOCKET) -> Registration:
         server = self.server  # first: a fork resets what follows
         self.database = connections.settings[UserChannel.objects.db]["NAME"]
-        return Registration(user_id=user_id, server=server, session=session)
+        return Registration(user_id=user_id, server=server, session=session, transport=transport)
 
 
 process = ProcessChannels()

@@ -14,7 +14,7 @@ from .delivery import send_batches
 from .exceptions import ConnectionLimitExceeded
 from .history import Position, stamped
 from .liveness import heartbeat, process
-from .models import UserChannel, session_digest
+from .models import Transport, UserChannel, session_digest
 from .protocol import CLOSE_TOO_MANY, DISCONNECT_EVENT
 from .store import OrmStore, live_names, orm
 from .strategy import Delivery, DeliveryStrategy, channel_layer
@@ -32,8 +32,10 @@ def session_rows(digest: str) -> list[tuple]:
 class MappingStrategy(DeliveryStrategy):
     """Explicit mapping: one row per connection, ``send`` to each live channel."""
 
-    async def register(self, user_id, channel_name: str, session_key: str | None = None) -> None:
-        registration = process.registration(user_id, session_digest(session_key))
+    async def register(
+        self, user_id, channel_name: str, session_key: str | None = None, transport: str = Transport.SOCKET
+    ) -> None:
+        registration = process.registration(user_id, session_digest(session_key), transport)
         try:
             evicted = await row_store().add(channel_name, registration)
         except ConnectionLimitExceeded:

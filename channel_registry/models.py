@@ -66,6 +66,14 @@ class UserChannelQuerySet(models.QuerySet):
         return self.values_list("channel_name", flat=True)
 
 
+class Transport:
+    """What a row's connection is; "" for rows of processes from before 0.3, which did not say."""
+
+    SOCKET = "socket"
+    STREAM = "stream"
+    choices = [(SOCKET, "WebSocket"), (STREAM, "event stream"), ("", "unknown")]
+
+
 class UserChannel(models.Model):
     """A live consumer's channel name, and the user it belongs to.
 
@@ -88,6 +96,8 @@ class UserChannel(models.Model):
     # default too: processes of the previous release insert rows without it
     # during a rolling deploy.
     session = models.CharField(max_length=64, blank=True, default="", db_default="", db_index=True)
+    # A database default for the same reason as ``session``.
+    transport = models.CharField(max_length=10, choices=Transport.choices, blank=True, default="", db_default="")
     connected_at = models.DateTimeField(default=timezone.now)
     last_seen = models.DateTimeField(default=timezone.now, db_index=True)
 

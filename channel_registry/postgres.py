@@ -86,11 +86,11 @@ class Statements:
             f"SELECT c.channel_name, c.last_seen FROM {users} u LEFT JOIN {table} c ON c.{user_id} = u.{pk} "
             f"WHERE u.{pk} = %s{active}"
         )
-        columns = f"{user_id}, channel_name, server, session, connected_at, last_seen"
+        columns = f"{user_id}, channel_name, server, session, transport, connected_at, last_seen"
         # A CTE's SELECT sees the table as it was before the CTE's own INSERT/DELETE:
         # "does the user have any other row" — asked after the lock, so it is exact.
         self.insert = (
-            f"WITH added AS (INSERT INTO {table} ({columns}) VALUES (%s, %s, %s, %s, %s, %s) RETURNING 1) "
+            f"WITH added AS (INSERT INTO {table} ({columns}) VALUES (%s, %s, %s, %s, %s, %s, %s) RETURNING 1) "
             f"SELECT EXISTS (SELECT 1 FROM {table} WHERE {user_id} = %s)"
         )
         # With a connection limit: insert only if the policy keeps the newcomer
@@ -98,7 +98,7 @@ class Statements:
         # user's rows so the oldest live ones can be evicted.
         self.insert_limited = (
             f"WITH mine AS (SELECT channel_name, connected_at, last_seen FROM {table} WHERE {user_id} = %s), "
-            f"added AS (INSERT INTO {table} ({columns}) SELECT %s, %s, %s, %s, %s, %s "
+            f"added AS (INSERT INTO {table} ({columns}) SELECT %s, %s, %s, %s, %s, %s, %s "
             f"WHERE %s OR (SELECT count(*) FROM mine WHERE last_seen >= %s) < %s RETURNING 1) "
             f"SELECT EXISTS (SELECT 1 FROM mine), EXISTS (SELECT 1 FROM added), "
             f"ARRAY(SELECT channel_name FROM mine ORDER BY connected_at), "
@@ -241,7 +241,7 @@ class PostgresStore(OrmStore):
         options = registry_settings()
         user_id = registration.user_id
         now = timezone.now()
-        row = [user_id, channel_name, registration.server, registration.session, now, now]
+        row = [user_id, channel_name, registration.server, registration.session, registration.transport, now, now]
         if options.MAX_CONNECTIONS_PER_USER is None:
             (had_rows,) = await pool.locked_row(user_id, pool.statements.insert, [*row, user_id])
             evicted = []

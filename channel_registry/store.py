@@ -31,7 +31,7 @@ from django.utils import timezone
 
 from .conf import registry_settings
 from .exceptions import ConnectionLimitExceeded
-from .models import UserChannel, active_users, stale_cutoff
+from .models import Transport, UserChannel, active_users, stale_cutoff
 from .signals import send_presence, user_offline, user_online
 
 logger = logging.getLogger(__name__)
@@ -45,9 +45,16 @@ class Registration:
     server: str
     #: ``session_digest()`` of the session that opened it, or "".
     session: str = ""
+    transport: str = Transport.SOCKET
 
     def row(self, channel_name: str) -> UserChannel:
-        return UserChannel(user_id=self.user_id, channel_name=channel_name, server=self.server, session=self.session)
+        return UserChannel(
+            user_id=self.user_id,
+            channel_name=channel_name,
+            server=self.server,
+            session=self.session,
+            transport=self.transport,
+        )
 
 
 def lock_users(user_ids: Iterable) -> set:

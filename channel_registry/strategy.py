@@ -19,7 +19,7 @@ from django.core.exceptions import ImproperlyConfigured
 from .conf import registry_settings
 from .exceptions import HistoryShareExceeded
 from .history import Position, history_for
-from .models import active_users
+from .models import Transport, active_users
 
 
 @dataclass(frozen=True)
@@ -51,8 +51,13 @@ def channel_layer() -> Any:
 class DeliveryStrategy:
     """How connections are recorded and how events reach their users."""
 
-    async def register(self, user_id: Any, channel_name: str, session_key: str | None = None) -> None:
-        """Make ``channel_name`` reachable as one of ``user_id``'s connections, opened by that session."""
+    async def register(
+        self, user_id: Any, channel_name: str, session_key: str | None = None, transport: str = Transport.SOCKET
+    ) -> None:
+        """Make ``channel_name`` reachable as one of ``user_id``'s connections, opened by that session.
+
+        ``transport`` (a ``Transport``) is what the admin shows; a strategy without rows ignores it.
+        """
         raise NotImplementedError
 
     async def unregister(self, user_id: Any, channel_name: str, session_key: str | None = None) -> None:

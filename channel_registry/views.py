@@ -26,6 +26,7 @@ from .exceptions import LAYER_TRANSPORT_ERRORS, ChannelLayerUnavailable, Connect
 from .history import history_for
 from .liveness import unwatch, watch
 from .mapping import MappingStrategy
+from .models import Transport
 from .origins import event_stream_allowed
 from .sessions import Access
 from .strategy import DeliveryStrategy, channel_layer
@@ -186,7 +187,7 @@ class EventStreamView(View):
         layer = channel_layer()
         channel = await layer.new_channel()
         try:
-            await on_shared_thread(self.strategy.register(user_id, channel, session_key))
+            await on_shared_thread(self.strategy.register(user_id, channel, session_key, Transport.STREAM))
         except (DatabaseError, ChannelLayerUnavailable):
             logger.exception("channel_registry: could not register event stream %s", channel)
             return

@@ -1,9 +1,11 @@
+from django.contrib import admin
 from django.contrib.auth import views as auth_views
 from django.urls import path, reverse_lazy
 
 from demo_site.inbox import views
 
 urlpatterns = [
+    path("admin/", admin.site.urls),
     path("login/", auth_views.LoginView.as_view(template_name="inbox/login.html"), name="login"),
     path("logout/", auth_views.LogoutView.as_view(), name="logout"),
     # Changing the password closes the user's connections (CLOSE_ON_PASSWORD_CHANGE): this

@@ -552,6 +552,45 @@ def test_a_page_on_another_port_cannot_open_the_users_event_stream(sign_in, demo
         own.close()
 
 
+ONLINE_NOW = "/admin/channel_registry/userchannel/online/"
+OPERATOR = "\n".join([
+    "from django.contrib.auth.models import Permission, User",
+    "operator, _ = User.objects.get_or_create(username='operator', defaults={'is_staff': True})",
+    f"operator.set_password({PASSWORD!r})",
+    "operator.save()",
+    "operator.user_permissions.set(Permission.objects.filter(codename__in=['view_userchannel', 'change_userchannel']))",
+])
+
+
+def test_staff_disconnects_both_of_bobs_tabs_from_the_admin_and_carol_gets_nothing(sign_in, demo_env):
+    manage(demo_env, "shell", "-c", OPERATOR)  # staff with the model's view and change permissions only
+    bob = sign_in("bob")
+    stream_tab = bob.new_tab()
+    stream_tab.click(".segmented label:has-text('SSE')")
+    wait_connected(stream_tab)
+    operator = sign_in("operator")
+
+    operator.page.goto(f"{operator.server.url}{ONLINE_NOW}")
+    cells = operator.page.locator("#online-users tbody tr", has_text="bob").locator("td")
+    # user, connections, processes, WebSocket, event streams
+    for column, text in enumerate(["bob", "2", "1", "1", "1"], start=1):
+        expect(cells.nth(column)).to_have_text(text)
+    expect(operator.page.locator("#processes")).to_contain_text("beating")
+    screenshot(operator.page, "admin-online-now")
+    cells.nth(0).locator("input[name=users]").check()
+    operator.page.click("input[name=disconnect]")
+
+    expect(operator.page.locator(".messagelist")).to_contain_text("Sent 4403 to 2 connection(s) of 1 user(s).")
+    for page in (bob.page, stream_tab):
+        expect(state_of(page)).to_have_attribute("data-state", "refused", timeout=LIVE)
+
+    carol = sign_in("carol")
+    carol.page.goto(f"{carol.server.url}{ONLINE_NOW}")
+    expect(carol.page).to_have_url(re.compile(r"/admin/login/"))
+    expect(carol.page.locator("body")).to_contain_text("not authorized")
+    expect(carol.page.locator("body")).not_to_contain_text("operator")
+
+
 def test_page_reconnects_by_itself_after_daphne_restarts(sign_in, servers):
     alice, bob = sign_in("alice"), sign_in("bob")
     status = bob.page.locator("#status")

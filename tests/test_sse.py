@@ -168,6 +168,7 @@ async def test_response_headers_and_registration(open_stream, alice):
     assert "access-control-allow-origin" not in stream.headers
     [row] = await rows(user=alice)
     assert process.open[row.channel_name].user_id == alice.pk
+    assert row.transport == "stream"
 
 
 async def test_notification_reaches_the_stream(open_stream, alice):
