@@ -93,7 +93,8 @@ async def connect(transactional_db):
         if session_key:
             communicator.scope["session"] = SimpleNamespace(session_key=session_key)
         before = set(process.open)
-        connected, _ = await communicator.connect()
+        # 5 s, not Channels' 1 s: make test runs this suite next to others on two CPUs.
+        connected, _ = await communicator.connect(timeout=5)
         assert connected is expect_accept
         # The mapping strategy's new channel, for tests that need to name it.
         communicator.channel_name = next(iter(set(process.open) - before), None)
@@ -117,7 +118,7 @@ def at(socket, seq: int) -> dict:
 async def first_position(communicator):
     """The ``position`` frame every new client gets first (``None`` when the socket was refused, or
     without a history); a close is left in the queue for the test."""
-    output = await communicator.receive_output(2)
+    output = await communicator.receive_output(5)
     if output["type"] != "websocket.send":
         communicator.output_queue.put_nowait(output)
         return None
