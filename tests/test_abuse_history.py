@@ -173,13 +173,15 @@ async def test_one_account_spraying_recipients_keeps_a_bounded_share_of_each_his
 
     redis = aioredis.from_url(redis_server.url)
     memory_before = (await redis.info("memory"))["used_memory"]
-    spray = await stack.open_tab(server, mallory)
+    # Five sockets: each has its own INBOUND_LIMIT, so the user's budgets are what paces the spray.
+    sprays = [await stack.open_tab(server, mallory) for _ in range(5)]
     floats = [0.0] * 3_000  # 15 KB in the frame, 12 KB as compact JSON, 27 KB in msgpack
     stored = len(json.dumps(floats, separators=(",", ":")))
     answers: Counter = Counter()
     for n in range(40):  # the victim first, then the others in turn, as fast as the budgets allow
         to = victim if n < 30 else others[n % len(others)]
         frame = direct(to, floats, f"m{n}")
+        spray = sprays[n % len(sprays)]
         answer = await spray.request(frame, within=30)
         while answer["type"] == "error" and "retry_after" in answer:
             await asyncio.sleep(answer["retry_after"])
