@@ -20,16 +20,15 @@ services:
 	bash tests/tools/ensure_services.sh
 
 # `make test` in two phases. First, side by side (output kept per target): lint, the real-services
-# suite without its timing-sensitive tests on $(WORKERS) pytest workers, the in-memory suite, the
-# JS client's tests, the extra Python x Django leg (noxfile.py) and the built wheel. Then, alone on
-# a quiet machine, the tests that measure latency, memory or timing against real processes
-# (markers abuse and browser): bystanders' p99 and a server's RSS mean nothing next to other suites.
+# suite without the abuse tests on $(WORKERS) pytest workers, the in-memory suite, the JS client's
+# tests, the extra Python x Django leg (noxfile.py) and the built wheel. Then, alone, the abuse tests
+# (marker abuse): they measure bystanders' p99 and a server's RSS, which mean nothing next to other suites.
 test: $(VENV)/.installed-test services
 	$(MAKE) --no-print-directory -j 6 --output-sync=target lint test-real-parallel test-memory test-js matrix test-wheel
 	$(MAKE) --no-print-directory test-timing
 
 WORKERS ?= 2
-TIMING := abuse or browser
+TIMING := abuse
 
 # The whole real-services suite in one process (what test-real-parallel + test-timing split).
 test-real: $(VENV)/.installed-test
