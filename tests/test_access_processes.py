@@ -28,6 +28,7 @@ from channel_registry.models import UserChannel
 
 from . import test_faults
 from .processes import SERVERS, HandshakeRefused, Tab, await_until
+from .test_abuse import converse, p99
 
 # The fault tests' fixtures: a throw-away database for the module, and a stack per test.
 demo_database = test_faults.demo_database
@@ -205,14 +206,19 @@ async def test_every_way_access_ends_closes_the_users_connections_within_two_hea
             close.cancel()
 
 
+@pytest.mark.abuse  # it measures bystanders' latency: run with the abuse tests, alone
 @pytest.mark.parametrize("change", [save_password, update_password])
 async def test_no_socket_survives_a_password_change_raced_by_eight_looping_handshakes(stack, change):
     """A cookie thief reconnects as fast as it can on two processes, to both strategies, while the
-    victim changes their password: after the change and two heartbeats, none of its sockets is open."""
+    victim changes their password: after the change and two heartbeats, none of its sockets is open.
+    Bystanders chatting across the two processes meanwhile get every message, as fast as when quiet."""
     stack.start_redis()
     stack.configure(heartbeat=HEARTBEAT, stale_after=4 * HEARTBEAT)
     servers = stack.daphnes(2)
-    [victim] = await stack.users("victim")
+    victim, *bystanders = await stack.users("victim", *(f"bystander{n}" for n in range(4)))
+    people = [(await stack.open_tab(servers[n % 2], user), user) for n, user in enumerate(bystanders)]
+    pairs = list(zip(people[::2], people[1::2], strict=True))
+    quiet, acks = await converse(pairs, 12, "q.", gap=0.2)
     changed = asyncio.Event()
     stop = asyncio.Event()
     handshakes: list[tuple[float, int | None]] = []  # (when it was answered, its close code: None while open)
@@ -238,23 +244,30 @@ async def test_no_socket_survives_a_password_change_raced_by_eight_looping_hands
             else:
                 await tab.close()
 
-    loops = [asyncio.ensure_future(loop(i)) for i in range(8)]
-    try:
+    async def race() -> float:
         await asyncio.sleep(1.5)  # every loop is reconnecting
         await sync_to_async(change)(victim)
         changed_at = time.monotonic()
         changed.set()
         await asyncio.sleep(2 * HEARTBEAT)
+        return changed_at
+
+    loops = [asyncio.ensure_future(loop(i)) for i in range(8)]
+    try:
+        (loud, more_acks), changed_at = await asyncio.gather(converse(pairs, 12, "l.", gap=0.2), race())
 
         survivors = [tab.label for tab in kept if tab.is_open]
         racing = [code for at, code in handshakes if changed_at - 0.5 <= at <= changed_at + 0.5]
         if os.environ.get("CR_REPORT"):
             print(f"\n{change.__name__}: {len(handshakes)} handshakes, {len(racing)} within 0.5 s of the change, "
-                  f"{len(kept)} open at or after it, {len(survivors)} open 2 heartbeats later")
+                  f"{len(kept)} open at or after it, {len(survivors)} open 2 heartbeats later; "
+                  f"bystanders' p99 quiet {p99(quiet):.0f} ms, racing {p99(loud):.0f} ms")
         assert survivors == [], survivors
+        assert [ack.get("delivered") for ack in acks + more_acks] == [1] * 48
+        assert p99(loud) <= max(250, 3 * p99(quiet)), (sorted(quiet), sorted(loud))
         assert len(racing) >= 8, f"only {len(racing)} handshakes within 0.5 s of the change"
         assert handshakes[-1][1] == 4401  # the session is no longer accepted
-        await await_until(lambda: test_faults.row_count(expect=0), 2 * HEARTBEAT)
+        await await_until(lambda: test_faults.row_count(expect=0, user=victim), 2 * HEARTBEAT)
     finally:
         stop.set()
         for tab in kept:
