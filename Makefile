@@ -20,11 +20,13 @@ services:
 	bash tests/tools/ensure_services.sh
 
 # `make test` in two phases. First, side by side (output kept per target): lint, the real-services
-# suite without the abuse tests on $(WORKERS) pytest workers, the in-memory suite, the JS client's
-# tests, the extra Python x Django leg (noxfile.py) and the built wheel. Then, alone, the abuse tests
-# (marker abuse): they measure bystanders' p99 and a server's RSS, which mean nothing next to other suites.
+# suite without the abuse tests on $(WORKERS) pytest workers (this venv: Python 3.11 + Django 5.2),
+# the in-memory suite on Python 3.13 + Django 6.1 (`make matrix`, noxfile.py), the JS client's tests
+# and the built wheel. Then, alone, the abuse tests (marker abuse): they measure bystanders' p99 and a
+# server's RSS, which mean nothing next to other suites. `make test-memory` runs the in-memory suite in
+# this venv; `make matrix-all` on every supported Python x Django.
 test: $(VENV)/.installed-test services
-	$(MAKE) --no-print-directory -j 6 --output-sync=target lint test-real-parallel test-memory test-js matrix test-wheel
+	$(MAKE) --no-print-directory -j 5 --output-sync=target lint test-real-parallel test-js matrix test-wheel
 	$(MAKE) --no-print-directory test-timing
 
 WORKERS ?= 2
