@@ -609,3 +609,28 @@ class Tab:
 
 async def close_all(tabs: Iterable[Tab]) -> None:
     await asyncio.gather(*(tab.close() for tab in tabs), return_exceptions=True)
+
+
+class ClientProcess:
+    """``python -m tests.<module> <args>`` in a process of its own while in the ``async with``.
+
+    The client prints ``ready`` once it is set up, works until it is terminated, then prints
+    its results as JSON on its last line: ``result``. A load generator on the same 2 CPUs as
+    the server under test takes the server's CPU; ``niceness`` 19 leaves it to the server first.
+    """
+
+    def __init__(self, module: str, *args: object, niceness: int = 0) -> None:
+        self.command = ["nice", "-n", str(niceness), sys.executable, "-m", f"tests.{module}", *map(str, args)]
+
+    async def __aenter__(self):
+        self.process = await asyncio.create_subprocess_exec(
+            *self.command, cwd=ROOT, stdout=asyncio.subprocess.PIPE, env={**os.environ, "PYTHONPATH": str(ROOT)}
+        )
+        assert await asyncio.wait_for(self.process.stdout.readline(), 30) == b"ready\n"
+        return self
+
+    async def __aexit__(self, *exc_info) -> None:
+        self.process.terminate()
+        output, _ = await asyncio.wait_for(self.process.communicate(), 30)
+        self.result = json.loads(output.decode().strip().splitlines()[-1])
+

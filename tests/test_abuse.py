@@ -13,7 +13,6 @@ import json
 import math
 import os
 import statistics
-import sys
 import threading
 import time
 from collections import Counter
@@ -26,7 +25,7 @@ from channel_registry.conf import RegistrySettings
 from channel_registry.inbound import FRAME_COST
 
 from . import test_faults
-from .processes import ROOT, HandshakeRefused, await_until, close_all, csrf_token, http_request
+from .processes import ClientProcess, HandshakeRefused, await_until, close_all, csrf_token, http_request
 
 # The fault tests' fixtures: a throw-away database for the module, and a stack per test.
 demo_database = test_faults.demo_database
@@ -143,27 +142,15 @@ async def converse(pairs, rounds: int, label: str, gap: float = 0.05) -> tuple[l
     return latencies, acks
 
 
-class Flood:
-    """``tests/flood_client.py`` in a process of its own: ``sockets`` sockets sending back to back."""
+class Flood(ClientProcess):
+    """``tests/flood_client.py``: ``sockets`` sockets sending back to back; ``answers`` by kind ("ack", …)."""
 
     def __init__(self, server, user, to, sockets: int, mode: str = "answered", niceness: int = 0) -> None:
-        self.args = [str(server.port), user.session, str(to.pk), str(sockets), mode]
-        #: ``nice`` of the client's process: 19 leaves the machine's CPUs to the server first.
-        self.niceness = niceness
+        super().__init__("flood_client", server.port, user.session, to.pk, sockets, mode, niceness=niceness)
 
-    async def __aenter__(self) -> Flood:
-        self.process = await asyncio.create_subprocess_exec(
-            "nice", "-n", str(self.niceness), sys.executable, "-m", "tests.flood_client", *self.args, cwd=ROOT,
-            stdout=asyncio.subprocess.PIPE, env={**os.environ, "PYTHONPATH": str(ROOT)},
-        )  # fmt: skip
-        assert await asyncio.wait_for(self.process.stdout.readline(), 30) == b"ready\n"
-        return self
-
-    async def __aexit__(self, *exc_info) -> None:
-        self.process.terminate()
-        output, _ = await asyncio.wait_for(self.process.communicate(), 30)
-        #: The flooder's answers by kind: "ack", "rate_limited", …
-        self.answers = Counter(json.loads(output.decode().strip().splitlines()[-1]))
+    @property
+    def answers(self) -> Counter:
+        return Counter(self.result)
 
 
 # --------------------------------------------------------------------------- findings 1 to 4
@@ -503,24 +490,15 @@ class Sampler:
         self._thread.join(5)
 
 
-class RedisPings:
-    """``tests/redis_pinger.py`` in a process of its own while in the ``async with``: ``samples`` in ms."""
+class RedisPings(ClientProcess):
+    """``tests/redis_pinger.py``: Redis ``PING`` every 20 ms; ``samples`` in ms."""
 
     def __init__(self, url: str) -> None:
-        self.url = url
+        super().__init__("redis_pinger", url, 0.02)
 
-    async def __aenter__(self) -> RedisPings:
-        self.process = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "tests.redis_pinger", self.url, "0.02", cwd=ROOT,
-            stdout=asyncio.subprocess.PIPE, env={**os.environ, "PYTHONPATH": str(ROOT)},
-        )  # fmt: skip
-        assert await asyncio.wait_for(self.process.stdout.readline(), 20) == b"ready\n"
-        return self
-
-    async def __aexit__(self, *exc_info) -> None:
-        self.process.terminate()
-        output, _ = await asyncio.wait_for(self.process.communicate(), 30)
-        self.samples: list[float] = json.loads(output)
+    @property
+    def samples(self) -> list[float]:
+        return self.result
 
 
 @pytest.mark.parametrize("kind", ["daphne", "uvicorn"])

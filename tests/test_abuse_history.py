@@ -9,9 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import statistics
-import sys
 import threading
 import time
 from collections import Counter
@@ -23,7 +21,7 @@ from channel_registry import asend_to_user
 from channel_registry.conf import registry_settings
 
 from . import test_faults
-from .processes import ROOT, Tab
+from .processes import ClientProcess, Tab
 from .test_abuse import converse, direct, p99, pytestmark  # noqa: F401 (pytestmark: the abuse marks)
 
 demo_database = test_faults.demo_database
@@ -63,25 +61,16 @@ class PingProbe:
         self.client.close()
 
 
-class ResumeStorm:
-    """``tests/resume_client.py`` in a process of its own: one socket looping resumes per position."""
+class ResumeStorm(ClientProcess):
+    """``tests/resume_client.py``: one socket looping resumes per position; ``outcomes`` by kind
+    ("recovered", "expired", "4430", ...) and "replayed": each replay's count."""
 
     def __init__(self, server, user, positions: list[str]) -> None:
-        self.args = [str(server.port), user.session, *positions]
+        super().__init__("resume_client", server.port, user.session, *positions)
 
-    async def __aenter__(self) -> ResumeStorm:
-        self.process = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "tests.resume_client", *self.args, cwd=ROOT,
-            stdout=asyncio.subprocess.PIPE, env={**os.environ, "PYTHONPATH": str(ROOT)},
-        )  # fmt: skip
-        assert await asyncio.wait_for(self.process.stdout.readline(), 20) == b"ready\n"
-        return self
-
-    async def __aexit__(self, *exc_info) -> None:
-        self.process.terminate()
-        output, _ = await asyncio.wait_for(self.process.communicate(), 30)
-        #: Outcomes by kind ("recovered", "expired", "4430", ...) and "replayed": each replay's count.
-        self.outcomes = json.loads(output.decode().strip().splitlines()[-1])
+    @property
+    def outcomes(self) -> dict:
+        return self.result
 
 
 async def test_a_resume_storm_is_bounded_and_bystanders_keep_their_latency(stack):
