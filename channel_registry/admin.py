@@ -71,15 +71,18 @@ def online_users() -> QuerySet[UserChannel, dict[str, Any]]:
     return (
         UserChannel.objects.live()
         .values("user_id")
-        .annotate(
-            connections=Count("pk"),
-            processes=Count("server", distinct=True),
-            sockets=Count("pk", filter=Q(transport=Transport.SOCKET)),
-            streams=Count("pk", filter=Q(transport=Transport.STREAM)),
-            since=Min("connected_at"),
-        )
+        .annotate(**connection_counts(), processes=Count("server", distinct=True), since=Min("connected_at"))
         .order_by("since", "user_id")
     )
+
+
+def connection_counts() -> dict[str, Count]:
+    """Connections, and how many of them are sockets and event streams, per group of rows."""
+    return {
+        "connections": Count("pk"),
+        "sockets": Count("pk", filter=Q(transport=Transport.SOCKET)),
+        "streams": Count("pk", filter=Q(transport=Transport.STREAM)),
+    }
 
 
 def server_processes() -> list[dict[str, Any]]:
@@ -91,13 +94,7 @@ def server_processes() -> list[dict[str, Any]]:
     """
     rows = list(
         UserChannel.objects.values("server")
-        .annotate(
-            connections=Count("pk"),
-            users=Count("user", distinct=True),
-            sockets=Count("pk", filter=Q(transport=Transport.SOCKET)),
-            streams=Count("pk", filter=Q(transport=Transport.STREAM)),
-            last_heartbeat=Max("last_seen"),
-        )
+        .annotate(**connection_counts(), users=Count("user", distinct=True), last_heartbeat=Max("last_seen"))
         .order_by("server")
     )
     cutoff = stale_cutoff()
