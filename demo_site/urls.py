@@ -1,5 +1,6 @@
 from django.contrib import admin
 from django.contrib.auth import views as auth_views
+from django.contrib.auth.decorators import login_not_required
 from django.urls import path, reverse_lazy
 
 from channel_registry.metrics import metrics_view
@@ -19,6 +20,6 @@ urlpatterns = [
     path("messages/", views.send_message, name="send-message"),
     path("notifications/", views.unread_notifications, name="notifications"),
     path("notifications/read/", views.mark_all_read, name="mark-all-read"),
-    # Open to anyone here; in production route it where only the scraper reaches it.
-    path("metrics", metrics_view, name="metrics"),
+    # Open to anyone here, for Prometheus to scrape; in production route it where only the scraper reaches it.
+    path("metrics", login_not_required(metrics_view), name="metrics"),
 ]
