@@ -38,7 +38,7 @@ def value(samples: dict, name: str, **labels: str) -> float:
 
 @real_stack
 @pytest.mark.faults
-async def test_a_scrape_counts_exactly_the_messages_resumes_and_refusals_sent(stack):
+async def test_a_scrape_counts_exactly_the_messages_resumes_and_refusals_sent(stack):  # noqa: F811 (the fixture)
     stack.start_redis()
     [server] = stack.daphnes(1)
     alice, bob = await stack.users("alice", "bob")
