@@ -24,6 +24,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from . import metrics
 from .conf import registry_settings
 from .delivery import is_redis_layer, layer_slots
 from .exceptions import layer_unavailable
@@ -108,8 +109,12 @@ async def spend(layer: Any, user_id: Any, spends: Sequence[Spend]) -> Verdict:
     if not spends:
         return Verdict(True)
     if is_redis_layer(layer):
-        return await _spend_redis(layer, user_id, spends)
-    return _local_buckets(layer).spend(user_id, spends, time.monotonic())
+        verdict = await _spend_redis(layer, user_id, spends)
+    else:
+        verdict = _local_buckets(layer).spend(user_id, spends, time.monotonic())
+    if not verdict.allowed:
+        metrics.budget_refused([item.name for item in spends])
+    return verdict
 
 
 async def _spend_redis(layer: Any, user_id: Any, spends: Sequence[Spend]) -> Verdict:

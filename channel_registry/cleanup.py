@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from channels.db import database_sync_to_async
 
+from . import metrics
 from .conf import registry_settings
 from .models import UserChannel, stale_cutoff
 from .store import orm
@@ -23,7 +24,7 @@ def prune_stale(older_than: float | None = None) -> int:
     Returns the number of rows deleted and sends ``user_offline`` for every user
     left without any row.
     """
-    return orm.delete(UserChannel.objects.stale(older_than))
+    return metrics.rows_pruned(orm.delete(UserChannel.objects.stale(older_than)))
 
 
 def prune_dead_servers(full_channels: list[str]) -> int:
@@ -41,7 +42,7 @@ def prune_dead_servers(full_channels: list[str]) -> int:
     )
     if not servers:
         return 0
-    return orm.delete(UserChannel.objects.filter(server__in=servers, last_seen__lt=late))
+    return metrics.rows_pruned(orm.delete(UserChannel.objects.filter(server__in=servers, last_seen__lt=late)))
 
 
 aprune_stale = database_sync_to_async(prune_stale)

@@ -14,7 +14,7 @@ from channels.generic.websocket import AsyncJsonWebsocketConsumer
 from channels.layers import InMemoryChannelLayer
 from django.db import DatabaseError
 
-from . import budget, protocol
+from . import budget, metrics, protocol
 from .conf import registry_settings
 from .cursor import HISTORY_EVENTS, Cursor
 from .exceptions import (
@@ -29,6 +29,7 @@ from .inbound import InboundGate
 from .liveness import unwatch, watch
 from .mapping import MappingStrategy
 from .messaging import DirectMessages
+from .models import Transport
 from .protocol import (
     CLOSE_FORBIDDEN,
     CLOSE_RETRY_LATER,
@@ -164,6 +165,7 @@ class RegistryConsumerMixin:
             return
         # Accepted only once registered: a client that sees "open" is reachable.
         await self.accept()
+        metrics.connection_opened(Transport.SOCKET, self)
         await self.start_history()
 
     async def start_history(self) -> None:
@@ -203,6 +205,7 @@ class RegistryConsumerMixin:
     registry_recovered = registry_reset = registry_position
 
     async def refuse(self, code: int, reason: str | None = None) -> None:
+        metrics.connection_refused(Transport.SOCKET, code)
         await self.accept()
         await self.close(code=code, reason=reason)
 
@@ -235,6 +238,8 @@ class RegistryConsumerMixin:
         # its cancellation (CPython gh-86296), and Channels' dispatch loop then
         # waits for it in a ``finally`` until the server kills the consumer.
         # A task of its own, so the dispatch loop cancels that receive as early as before.
+        if self.user_id is not None:
+            metrics.connection_closed(Transport.SOCKET, self, message.get("code"))
         self._unregistering = asyncio.ensure_future(self._unregister())
         await super().websocket_disconnect(message)
 

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from . import metrics
 from .exceptions import ChannelLayerUnavailable
 from .history import RESET_EPOCH, RESET_INVALID, RESET_UNAVAILABLE, History, Position, position_for, resolved
 
@@ -66,6 +67,7 @@ class Cursor:
         if since is None:
             return [control(POSITION_EVENT, recovery.head)]
         reason = RESET_INVALID if asked is None else recovery.reset
+        metrics.resumed(reason, len(recovery.events))
         if reason:
             return [control(RESET_EVENT, recovery.head, reason=reason)]
         return [*recovery.events, control(RECOVERED_EVENT, recovery.head, count=len(recovery.events))]

@@ -18,10 +18,12 @@ import logging
 import os
 import secrets
 import socket
+import time
 
 from channels.db import database_sync_to_async
 from django.db import DatabaseError, connections
 
+from . import metrics
 from .conf import registry_settings
 from .delivery import send_batches
 from .exceptions import ChannelLayerUnavailable
@@ -209,10 +211,13 @@ class Heartbeat:
     async def _run(self) -> None:
         while True:
             await asyncio.sleep(registry_settings().HEARTBEAT_INTERVAL)
+            started, failed = time.perf_counter(), False
             try:
                 await database_sync_to_async(beat)()
             except DatabaseError:
+                failed = True
                 logger.warning("channel_registry heartbeat failed; retrying next interval", exc_info=True)
+            metrics.heartbeat(time.perf_counter() - started, failed)
             await revalidate()
             self.stop_if_idle()
 

@@ -30,7 +30,7 @@ from typing import Any
 from channels.db import database_sync_to_async
 from django.utils.module_loading import import_string
 
-from . import budget, protocol
+from . import budget, metrics, protocol
 from .conf import registry_settings
 from .exceptions import HistoryShareExceeded
 from .history import as_json, history_for
@@ -51,20 +51,22 @@ class DirectMessages:
 
     async def send(self, direct: Direct) -> dict[str, Any]:
         """Deliver ``direct`` and return the sender's ``ack`` frame; raise ``ProtocolError`` when refused."""
-        event = {"type": protocol.DIRECT_EVENT, "frame": self.build_direct_message(direct)}
-        await self.spend(self.sending_costs(event), direct)
-        recipient_id, copies = await self.recipient(direct)
-        try:
-            if await self.pay_copies(direct, copies):
-                # Recoverable: a connection of the recipient that reconnects replays it (see history.py).
-                delivery = await self.strategy.deliver([recipient_id], event, recover=True, sender=self.sender.pk)
-            else:
-                delivery = await self.keep(recipient_id, event)
-        except HistoryShareExceeded:
-            detail = "too many of your messages are waiting for this user; try again later"
-            raise ProtocolError(protocol.RATE_LIMITED, detail, direct.id) from None
-        await self.delivered(direct, delivery)
-        return protocol.ack_frame(direct.id, delivery.sent if registry_settings().ACK_DELIVERED else None)
+        with metrics.direct_message() as outcome:
+            event = {"type": protocol.DIRECT_EVENT, "frame": self.build_direct_message(direct)}
+            await self.spend(self.sending_costs(event), direct)
+            recipient_id, copies = await self.recipient(direct)
+            try:
+                if await self.pay_copies(direct, copies):
+                    # Recoverable: a connection of the recipient that reconnects replays it (see history.py).
+                    delivery = await self.strategy.deliver([recipient_id], event, recover=True, sender=self.sender.pk)
+                else:
+                    delivery = await self.keep(recipient_id, event)
+            except HistoryShareExceeded:
+                detail = "too many of your messages are waiting for this user; try again later"
+                raise ProtocolError(protocol.RATE_LIMITED, detail, direct.id) from None
+            await self.delivered(direct, delivery)
+            outcome.delivered(delivery)
+            return protocol.ack_frame(direct.id, delivery.sent if registry_settings().ACK_DELIVERED else None)
 
     async def recipient(self, direct: Direct) -> tuple[Any, int | None]:
         """Who receives ``direct``, and how many connections it reaches; ``ProtocolError`` if refused.
@@ -145,8 +147,10 @@ class DirectMessages:
         Raises ``HistoryShareExceeded`` as ``deliver`` does.
         """
         history = history_for(channel_layer())
-        if history is not None and not await history.append([recipient_id], event, self.sender.pk):
-            raise HistoryShareExceeded(f"a history holds the share of {self.sender.pk!r} already")
+        if history is not None:
+            if not await history.append([recipient_id], event, self.sender.pk):
+                raise HistoryShareExceeded(f"a history holds the share of {self.sender.pk!r} already")
+            metrics.history_appended(1)
         return Delivery(channels=0, sent=0)
 
     def refusal(self, direct: Direct, found: bool) -> ProtocolError:

@@ -16,6 +16,7 @@ from typing import Any
 from channels.layers import get_channel_layer
 from django.core.exceptions import ImproperlyConfigured
 
+from . import metrics
 from .conf import registry_settings
 from .exceptions import HistoryShareExceeded
 from .history import Position, history_for
@@ -78,11 +79,12 @@ class DeliveryStrategy:
         """
         history = history_for(channel_layer()) if recover else None
         if history is None:
-            return await self.route(user_ids, event)
+            return metrics.copies(await self.route(user_ids, event))
         positions = await history.append(user_ids, event, sender)
+        metrics.history_appended(len(positions))
         if len(positions) < len(set(user_ids)):
             raise HistoryShareExceeded(f"a history holds the share of {sender!r} already")
-        return await self.route(user_ids, event, positions)
+        return metrics.copies(await self.route(user_ids, event, positions))
 
     async def route(
         self, user_ids: Collection[Any], event: dict[str, Any], positions: dict[Any, Position] | None = None

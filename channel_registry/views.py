@@ -19,7 +19,7 @@ from django.db import DatabaseError, connections
 from django.http import HttpResponse, StreamingHttpResponse
 from django.views import View
 
-from . import budget, protocol
+from . import budget, metrics, protocol
 from .conf import registry_settings
 from .cursor import HISTORY_EVENTS, Cursor
 from .exceptions import LAYER_TRANSPORT_ERRORS, ChannelLayerUnavailable, ConnectionLimitExceeded
@@ -84,6 +84,7 @@ def refusal(status: int, code: str, detail: str, retry_after: int | None = None)
     (over the connection limit): opening again only works once another connection
     closed. 429 with it (over the handshake or resume budget) and 503 are retried after it.
     """
+    metrics.connection_refused(Transport.STREAM, code)
     response = HttpResponse(json.dumps(protocol.error_frame(code, detail)), status=status,
                             content_type="application/json")  # fmt: skip
     if status == 503:
@@ -205,9 +206,13 @@ class EventStreamView(View):
             yield f"retry: {RETRY_MS}\n\n"
             for event in first:
                 yield self.sse(event)
-            async with aclosing(self.relay(layer, channel, cursor)) as chunks:
-                async for chunk in chunks:
-                    yield chunk
+            metrics.connection_opened(Transport.STREAM, self)
+            try:
+                async with aclosing(self.relay(layer, channel, cursor)) as chunks:
+                    async for chunk in chunks:
+                        yield chunk
+            finally:
+                metrics.connection_closed(Transport.STREAM, self, metrics.NO_CLOSE_CODE)
         except ChannelLayerUnavailable:
             logger.warning("channel_registry: history unavailable for event stream %s", channel, exc_info=True)
         finally:

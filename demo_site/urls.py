@@ -1,7 +1,9 @@
 from django.contrib import admin
 from django.contrib.auth import views as auth_views
+from django.contrib.auth.decorators import login_not_required
 from django.urls import path, reverse_lazy
 
+from channel_registry.metrics import metrics_view
 from demo_site.inbox import views
 
 urlpatterns = [
@@ -18,4 +20,6 @@ urlpatterns = [
     path("messages/", views.send_message, name="send-message"),
     path("notifications/", views.unread_notifications, name="notifications"),
     path("notifications/read/", views.mark_all_read, name="mark-all-read"),
+    # Open to anyone here, for Prometheus to scrape; in production route it where only the scraper reaches it.
+    path("metrics", login_not_required(metrics_view), name="metrics"),
 ]
