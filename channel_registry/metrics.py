@@ -15,6 +15,7 @@ merge mode; ASGI servers here run as separate processes on their own ports.
 from __future__ import annotations
 
 import time
+import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
@@ -54,6 +55,9 @@ class Absent:
         pass
 
     def observe(self, amount: float) -> None:
+        pass
+
+    def set_function(self, function: Any) -> None:
         pass
 
 
@@ -109,6 +113,18 @@ BUDGET_REFUSALS = metric(
 HEARTBEAT_SECONDS = metric("Histogram", "heartbeat_duration_seconds", "Time one heartbeat spent on the database.")
 HEARTBEAT_FAILURES = metric("Counter", "heartbeat_failures_total", "Heartbeats the database refused.")
 ROWS_PRUNED = metric("Counter", "rows_pruned_total", "Rows of dead connections deleted.")
+RECEIVE_BATCH = metric(
+    "Histogram",
+    "receive_batch_messages",
+    "Messages one fetch of BatchedRedisChannelLayer took from Redis for this process.",
+    buckets=(0, 1, 2, 5, 10, 20, 50, 100, 200),
+)
+BUFFERED = metric(
+    "Gauge", "receive_buffered_messages", "Messages in BatchedRedisChannelLayer's buffers, not yet received."
+)
+#: The batched layers of this process, whose buffers ``BUFFERED`` adds up when scraped.
+_buffering: weakref.WeakSet[Any] = weakref.WeakSet()
+BUFFERED.set_function(lambda: sum(queue.qsize() for layer in _buffering for queue in layer.receive_buffer.values()))
 
 
 def consumer_name(consumer: object) -> str:
@@ -184,6 +200,12 @@ def rows_pruned(count: int) -> int:
     """Count ``count`` deleted rows, and return it."""
     ROWS_PRUNED.inc(count)
     return count
+
+
+def receive_batch(layer: Any, count: int) -> None:
+    """A batched layer fetched ``count`` messages for this process (its buffers are counted from now on)."""
+    _buffering.add(layer)
+    RECEIVE_BATCH.observe(count)
 
 
 def metrics_view(request: HttpRequest) -> HttpResponse:

@@ -52,6 +52,7 @@ from typing import Any
 from channels.exceptions import ChannelFull
 from channels_redis.core import BoundedQueue, RedisChannelLayer
 
+from . import metrics
 from .delivery import SEND_SCRIPT
 
 #: Messages per fetch: one EVAL returns at most this many.
@@ -192,10 +193,12 @@ class BatchedRedisChannelLayer(RedisChannelLayer):
         connection = self.connection(self.consistent_hash(process_channel))
         drained = False
         while self._waiting:
+            fetched = 0
             if drained:  # the last batch emptied the queue: block until a message comes (BZPOPMIN pops it)
                 popped_one = await connection.bzpopmin(key, timeout=self.brpop_timeout)
                 if popped_one is not None:
                     self._buffer(process_channel, popped_one[1])
+                    fetched = 1
             batch_id = next(_batch_ids)
             popped = await connection.eval(
                 FETCH_SCRIPT, 3, key, *self._backup_keys(key),
@@ -205,6 +208,7 @@ class BatchedRedisChannelLayer(RedisChannelLayer):
             self._delivered[key] = batch_id
             for content in popped[::2]:
                 self._buffer(process_channel, content)
+            metrics.receive_batch(self, fetched + len(popped) // 2)
             drained = len(popped) < 2 * self.batch_size
 
     def _reader_done(self, reader: asyncio.Task[None]) -> None:

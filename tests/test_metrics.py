@@ -64,6 +64,10 @@ async def test_a_scrape_counts_exactly_the_messages_resumes_and_refusals_sent(st
     assert value(samples, "channel_registry_history_appends_total") == sent
     assert value(samples, "channel_registry_copies_sent_total") == sent
     assert value(samples, "channel_registry_copies_failed_total") == 0
+    # Every copy reached bob's tab through the batched layer's buffers (so did the demo's presence
+    # notices), and none waits there now.
+    assert value(samples, "channel_registry_receive_batch_messages_sum") >= sent
+    assert value(samples, "channel_registry_receive_buffered_messages") == 0
     assert value(samples, "channel_registry_resumes_total", outcome="recovered") == resumes
     assert value(samples, "channel_registry_resume_events_count") == resumes
     assert value(samples, "channel_registry_resume_events_sum") == resumes * sent
@@ -104,6 +108,7 @@ def test_without_prometheus_client_the_hooks_do_nothing_and_nothing_is_imported(
         metrics.budget_refused(["messages"])
         metrics.heartbeat(0.01, failed=True)
         assert metrics.rows_pruned(2) == 2
+        metrics.receive_batch(type("Layer", (), {"receive_buffer": {}})(), 3)
         try:
             metrics.metrics_view(None)
         except Http404:
