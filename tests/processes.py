@@ -37,6 +37,8 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from urllib.parse import urlencode
 
+import pytest
+
 from .redis_servers import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -633,4 +635,11 @@ class ClientProcess:
         self.process.terminate()
         output, _ = await asyncio.wait_for(self.process.communicate(), 30)
         self.result = json.loads(output.decode().strip().splitlines()[-1])
+
+
+#: For tests that start server processes: they need the real services (``CR_TEST_STACK=real``).
+real_services_only = pytest.mark.skipif(
+    os.environ.get("CR_TEST_STACK", "real") != "real",
+    reason="runs daphne or uvicorn on PostgreSQL and Redis (CR_TEST_STACK=real)",
+)
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import json
 import math
-import os
 import statistics
 import threading
 import time
@@ -25,7 +24,15 @@ from channel_registry.conf import RegistrySettings
 from channel_registry.inbound import FRAME_COST
 
 from . import test_faults
-from .processes import ClientProcess, HandshakeRefused, await_until, close_all, csrf_token, http_request
+from .processes import (
+    ClientProcess,
+    HandshakeRefused,
+    await_until,
+    close_all,
+    csrf_token,
+    http_request,
+    real_services_only,
+)
 
 # The fault tests' fixtures: a throw-away database for the module, and a stack per test.
 demo_database = test_faults.demo_database
@@ -33,10 +40,7 @@ stack = test_faults.stack
 
 pytestmark = [
     pytest.mark.abuse,
-    pytest.mark.skipif(
-        os.environ.get("CR_TEST_STACK", "real") != "real",
-        reason="the abuse suite runs daphne on PostgreSQL and Redis (CR_TEST_STACK=real)",
-    ),
+    real_services_only,
 ]
 
 TRUSTED = "https://app.example.com,https://*.trusted.example"

@@ -27,7 +27,7 @@ from websockets.exceptions import ConnectionClosed
 from channel_registry.models import UserChannel
 
 from . import test_faults
-from .processes import SERVERS, HandshakeRefused, Tab, await_until
+from .processes import SERVERS, HandshakeRefused, Tab, await_until, real_services_only
 from .test_abuse import converse, p99
 
 # The fault tests' fixtures: a throw-away database for the module, and a stack per test.
@@ -36,10 +36,7 @@ stack = test_faults.stack
 
 pytestmark = [
     pytest.mark.faults,
-    pytest.mark.skipif(
-        os.environ.get("CR_TEST_STACK", "real") != "real",
-        reason="these tests run daphne on PostgreSQL and Redis (CR_TEST_STACK=real)",
-    ),
+    real_services_only,
 ]
 
 HEARTBEAT = 1.0

@@ -57,6 +57,7 @@ from .processes import (
     login,
     logout,
     migrate,
+    real_services_only,
     session_for,
     settings_env,
     start_all,
@@ -65,10 +66,7 @@ from .redis_servers import RedisServer
 
 pytestmark = [
     pytest.mark.faults,
-    pytest.mark.skipif(
-        os.environ.get("CR_TEST_STACK", "real") != "real",
-        reason="fault tests run daphne on PostgreSQL and Redis (CR_TEST_STACK=real)",
-    ),
+    real_services_only,
 ]
 
 HEARTBEAT = 0.5

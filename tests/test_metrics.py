@@ -11,13 +11,9 @@ import pytest
 from asgiref.sync import sync_to_async
 from prometheus_client.parser import text_string_to_metric_families
 
-from .processes import await_until, http_request
+from .processes import await_until, http_request, real_services_only
 from .test_faults import collect_garbage_after_the_loop_closed, demo_database, direct, stack  # noqa: F401
 
-real_stack = pytest.mark.skipif(
-    os.environ.get("CR_TEST_STACK", "real") != "real",
-    reason="runs daphne on PostgreSQL and Redis (CR_TEST_STACK=real)",
-)
 CONSUMER = "demo_site.inbox.consumers.InboxConsumer"
 
 
@@ -36,7 +32,7 @@ def value(samples: dict, name: str, **labels: str) -> float:
     return samples.get((name, frozenset(labels.items())), 0.0)
 
 
-@real_stack
+@real_services_only
 @pytest.mark.faults
 async def test_a_scrape_counts_exactly_the_messages_resumes_and_refusals_sent(stack):  # noqa: F811 (the fixture)
     stack.start_redis()

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import os
 import re
 from collections import Counter
 from dataclasses import dataclass, field
@@ -35,14 +34,11 @@ import pytest
 import redis.asyncio as aioredis
 
 from . import test_faults
-from .processes import PostgresServer, create_database, migrate
+from .processes import PostgresServer, create_database, migrate, real_services_only
 
 pytestmark = [
     pytest.mark.faults,
-    pytest.mark.skipif(
-        os.environ.get("CR_TEST_STACK", "real") != "real",
-        reason="these tests run daphne on PostgreSQL and Redis (CR_TEST_STACK=real)",
-    ),
+    real_services_only,
 ]
 
 MESSAGES = 20
