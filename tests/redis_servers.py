@@ -64,6 +64,7 @@ class RedisServer:
             "--save", "",
             "--appendonly", "no",
             "--dir", self._workdir.name,
+            "--repl-diskless-sync-delay", "0",  # a replica syncs at once, not after the 5 s default
         ]  # fmt: skip
 
     def start(self, timeout: float = 5.0) -> None:

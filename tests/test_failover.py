@@ -50,7 +50,6 @@ class SentinelSet:
 
     def start(self) -> None:
         self.master.start()
-        self.client(self.master).config_set("repl-diskless-sync-delay", 0)
         self.replica.start()
         self.client(self.replica).replicaof("127.0.0.1", self.master.port)
         for sentinel in self.sentinels:
@@ -58,7 +57,7 @@ class SentinelSet:
 
     def ready(self) -> bool:
         """Each sentinel knows the replica and the two other sentinels, and the replica is in sync."""
-        if self.client(self.master).execute_command("WAIT", 1, 100) < 1:
+        if self.client(self.master).execute_command("WAIT", 1, 100) < 1:  # a replica is attached
             return False
         for sentinel in self.sentinels:
             state = self.client(sentinel).execute_command("SENTINEL", "MASTER", MASTER_NAME)

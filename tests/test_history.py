@@ -428,6 +428,15 @@ async def test_a_redis_restarted_from_a_snapshot_behind_the_last_appends_starts_
         assert [f.get("reason") for f in frames] == [RESET_EPOCH, None] and frames[1]["n"] == "after"
 
 
+async def replicated(replica, head_key: str, seq: int) -> None:
+    """Waits until the replica holds ``seq``. (``WAIT`` would not do: it counts the writes of the connection it is
+    sent on, and the pool may send it on one that wrote nothing.)"""
+    deadline = asyncio.get_running_loop().time() + 10
+    while (await replica.hget(head_key, "seq") or b"0") != str(seq).encode():
+        assert asyncio.get_running_loop().time() < deadline, f"the replica never reached seq {seq}"
+        await asyncio.sleep(0.01)
+
+
 @pytest.mark.parametrize("replica_missed_writes", [True, False])
 async def test_a_promoted_replica_never_continues_the_old_master_s_epoch(make_layer, replica_missed_writes):
     """A promoted replica's heads were written by another term; what it missed cannot be known, so every history
@@ -437,20 +446,19 @@ async def test_a_promoted_replica_never_continues_the_old_master_s_epoch(make_la
     with RedisServer() as master, RedisServer() as replica:
         on_master = RedisHistory(make_layer(hosts=[host(master.url, protocol=2)]))
         on_replica = RedisHistory(make_layer(hosts=[host(replica.url, protocol=2)]))
-        replica_connection, master_connection = on_replica.layer.connection(0), on_master.layer.connection(0)
+        replica_connection = on_replica.layer.connection(0)
         await replica_connection.replicaof("127.0.0.1", master.port)
+        head_key = on_replica.keys(1)[1]
         await send(on_master, 1, 5)
-        while await master_connection.execute_command("WAIT", 1, 1000) < 1:
-            pass  # the replica is attached and has the first five
+        await replicated(replica_connection, head_key, 5)
         if replica_missed_writes:
             await replica_connection.replicaof("NO", "ONE")  # promoted before the master's last five
             last = (await send(on_master, 1, 5))[-1]
+            assert int(await replica_connection.hget(head_key, "seq")) == 5
         else:
             last = (await send(on_master, 1, 5))[-1]
-            assert await master_connection.execute_command("WAIT", 1, 5000) == 1
+            await replicated(replica_connection, head_key, 10)
             await replica_connection.replicaof("NO", "ONE")
-        kept_seq = int(await replica_connection.hget(on_replica.keys(1)[1], "seq"))
-        assert kept_seq == (5 if replica_missed_writes else 10)
         recovery = await on_replica.read(1, last)
         assert recovery.reset == RESET_EPOCH and recovery.head.epoch != last.epoch
         assert (await on_replica.append([1], EVENT))[1] == Position(recovery.head.epoch, 1)
