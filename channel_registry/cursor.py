@@ -28,6 +28,7 @@ from typing import Any
 from . import metrics
 from .exceptions import ChannelLayerUnavailable
 from .history import RESET_EPOCH, RESET_INVALID, RESET_UNAVAILABLE, History, Position, position_for, resolved
+from .protocol import PROTOCOL_VERSION
 
 #: Channels events the cursor emits for the connection to turn into frames.
 POSITION_EVENT = "registry.position"
@@ -38,6 +39,12 @@ HISTORY_EVENTS = frozenset({POSITION_EVENT, RECOVERED_EVENT, RESET_EVENT})
 
 def control(event_type: str, head: Position, **fields: Any) -> dict[str, Any]:
     return {"type": event_type, "epoch": head.epoch, "seq": head.seq, **fields}
+
+
+def opening(event_type: str, head: Position, **fields: Any) -> dict[str, Any]:
+    """The event that starts a connection's history: it also announces the protocol version,
+    so a client learns it before any live event (after the replayed ones when it resumes)."""
+    return control(event_type, head, protocol=PROTOCOL_VERSION, **fields)
 
 
 class Cursor:
@@ -65,12 +72,12 @@ class Cursor:
         recovery = await self.history.read(self.user_id, asked)
         self.position = recovery.head
         if since is None:
-            return [control(POSITION_EVENT, recovery.head)]
+            return [opening(POSITION_EVENT, recovery.head)]
         reason = RESET_INVALID if asked is None else recovery.reset
         metrics.resumed(reason, len(recovery.events))
         if reason:
-            return [control(RESET_EVENT, recovery.head, reason=reason)]
-        return [*recovery.events, control(RECOVERED_EVENT, recovery.head, count=len(recovery.events))]
+            return [opening(RESET_EVENT, recovery.head, reason=reason)]
+        return [*recovery.events, opening(RECOVERED_EVENT, recovery.head, count=len(recovery.events))]
 
     async def admit(self, event: dict[str, Any]) -> list[dict[str, Any]]:
         """What to pass on for one incoming event: usually itself, nothing for a

@@ -12,6 +12,12 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, NoReturn, TypeGuard
 
+#: The wire protocol's version, ``"<major>.<minor>"``, carried as ``"protocol"`` by the history
+#: frame every connection starts with (``position``; ``recovered`` or ``reset`` when it resumes).
+#: A new minor version only adds frames or fields, which a client ignores; a new major version
+#: changes something a client relies on. Servers before 0.2 announce none.
+PROTOCOL_VERSION = "1.0"
+
 MAX_ID_LENGTH = 64
 # Containers nested deeper than this are refused: no real message needs them, and
 # every serializer on the way (JSON, msgpack) recurses once per level.

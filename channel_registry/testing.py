@@ -1,9 +1,9 @@
 """Helpers for testing code that uses channel_registry, in any test runner.
 
 - :class:`RegistryCommunicator` — Channels' ``WebsocketCommunicator`` that speaks the
-  wire protocol: ``connect()`` reads the history frame every connection starts with,
-  and ``receive_notification()``, ``send_direct()`` … check each frame's type and fail
-  with the frame they got instead.
+  wire protocol: ``connect()`` reads the history frame every connection starts with
+  (``protocol_version`` is the version it announces), and ``receive_notification()``,
+  ``send_direct()`` … check each frame's type and fail with the frame they got instead.
 - :func:`in_memory_channel_layers` — run the registry on Channels' in-memory layer
   (no Redis); the registry's history lives in the process there.
 - :func:`close_channel_layers` — close the layers' connections before a test's event
@@ -108,6 +108,12 @@ class RegistryCommunicator(WebsocketCommunicator):
             self.replayed.append(self._remember(frame))
             frame = await self._receive("a history frame")
         self.start = self._remember(frame)
+
+    @property
+    def protocol_version(self) -> str | None:
+        """The wire protocol version the server announced in the connection's history frame
+        (``protocol.PROTOCOL_VERSION``); ``None`` before ``connect()`` or without a history."""
+        return None if self.start is None else self.start.get("protocol")
 
     async def __aenter__(self) -> RegistryCommunicator:
         accepted, detail = await self.connect()

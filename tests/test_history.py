@@ -28,7 +28,7 @@ from channel_registry.history import (
     position_for,
     stamped,
 )
-from channel_registry.protocol import POSITION_KEY
+from channel_registry.protocol import POSITION_KEY, PROTOCOL_VERSION
 
 from . import test_delivery
 from .test_delivery import host
@@ -274,7 +274,7 @@ async def test_both_consumers_resume_from_the_same_history(connect, alice, strat
     assert frames == [
         {"type": "notification", "data": 1, "epoch": epoch, "seq": 2},
         {"type": "notification", "data": 2, "epoch": epoch, "seq": 3},
-        {"type": "recovered", "count": 2, "epoch": epoch, "seq": 3},
+        {"type": "recovered", "count": 2, "epoch": epoch, "seq": 3, "protocol": PROTOCOL_VERSION},
     ]
     await dispatcher.anotify_user(alice, "live")
     assert await back.receive_json_from() == {"type": "notification", "data": "live", "epoch": epoch, "seq": 4}

@@ -16,6 +16,7 @@ from collections import Counter
 from websockets.exceptions import WebSocketException
 
 from channel_registry import ChannelLayerUnavailable, asend_to_user
+from channel_registry.protocol import PROTOCOL_VERSION
 
 from . import test_faults
 from .processes import HandshakeRefused, Tab, await_until
@@ -113,10 +114,11 @@ async def test_positions_that_cannot_be_honoured_get_an_explicit_reset(stack):
         await tab.close()
         return frame
 
-    assert await reset_for(f"{epoch}:1") == {"type": "reset", "reason": "expired", "epoch": epoch, "seq": 8}
-    assert await reset_for("0123456789ab:3") == {"type": "reset", "reason": "epoch", "epoch": epoch, "seq": 8}
+    head = {"epoch": epoch, "seq": 8, "protocol": PROTOCOL_VERSION}
+    assert await reset_for(f"{epoch}:1") == {"type": "reset", "reason": "expired", **head}
+    assert await reset_for("0123456789ab:3") == {"type": "reset", "reason": "epoch", **head}
     assert (await reset_for(f"{epoch}:99"))["reason"] == "invalid"
-    assert (await reset_for(f"{epoch}:6")) == {"type": "recovered", "count": 2, "epoch": epoch, "seq": 8}
+    assert (await reset_for(f"{epoch}:6")) == {"type": "recovered", "count": 2, **head}
 
     # A Redis restart loses the history: a returning client and an open socket both hear it.
     open_tab = await stack.open_tab(daphne, bob, path=since_path(f"{epoch}:8"))

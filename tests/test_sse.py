@@ -17,6 +17,7 @@ from django.test import AsyncClient, Client, RequestFactory, override_settings
 
 from channel_registry import adisconnect_user, anotify_user, asend_to_user
 from channel_registry.liveness import process
+from channel_registry.protocol import PROTOCOL_VERSION
 from channel_registry.views import RETRY_MS, EventStreamView
 
 from .conftest import close_layer_connections, rows
@@ -64,6 +65,7 @@ class Stream:
         # A new client's first event: where its user's history stands, as the id the browser keeps.
         first = await self.read_event()
         assert first["event"] == "position" and first["id"] == f"{first['data']['epoch']}:{first['data']['seq']}"
+        assert first["data"]["protocol"] == PROTOCOL_VERSION
         self.epoch = first["data"]["epoch"]
 
     @property

@@ -8,6 +8,7 @@ from channels.layers import InMemoryChannelLayer, get_channel_layer
 from channel_registry import adisconnect_user, anotify_user
 from channel_registry.consumers import RegistryConsumer
 from channel_registry.history import MemoryHistory, history_for
+from channel_registry.protocol import PROTOCOL_VERSION
 from channel_registry.testing import RegistryCommunicator, in_memory_channel_layers
 
 from .conftest import rows
@@ -18,6 +19,7 @@ APP = RegistryConsumer.as_asgi()
 async def test_connect_reads_the_position_and_frames_carry_theirs(registry_communicator, alice):
     tab = await registry_communicator(APP, user=alice)
     assert tab.start["type"] == "position" and tab.replayed == []
+    assert tab.protocol_version == PROTOCOL_VERSION == tab.start["protocol"]
     await anotify_user(alice, "hello")
     frame = await tab.receive_notification()
     assert frame["data"] == "hello"
@@ -32,6 +34,7 @@ async def test_resuming_keeps_the_replayed_events_and_the_recovered_frame(regist
     back = await registry_communicator(APP, user=alice, since=tab.position)
     assert [frame["data"] for frame in back.replayed] == ["one", "two"]
     assert back.start["type"] == "recovered" and back.start["count"] == 2
+    assert back.protocol_version == PROTOCOL_VERSION
     assert back.position.endswith(f":{back.start['seq']}")
 
 

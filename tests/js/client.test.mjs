@@ -11,6 +11,7 @@ import {
   CLOSE_ABNORMAL,
   CLOSE_NORMAL,
   EventStreamParser,
+  PROTOCOL_VERSION,
   RegistryEventStream,
   RegistrySocket,
   RequestError,
@@ -401,6 +402,40 @@ describe("RegistrySocket", () => {
     client.close();
   });
 
+  test("the first frame's protocol version is kept; an unknown major is warned about once, not per reconnect", () => {
+    const warn = mock.method(console, "warn", () => {});
+    try {
+      const client = socket({ random: () => 0 });
+      const seen = record(client, ["message"]);
+      client.connect();
+      assert.equal(client.protocolVersion, null);
+      FakeWebSocket.last.serverOpens();
+      FakeWebSocket.last.serverSends({ type: "position", epoch: "e1", seq: 0, protocol: PROTOCOL_VERSION });
+      assert.equal(client.protocolVersion, "1.0");
+      FakeWebSocket.last.serverSends({ type: "reset", reason: "epoch", epoch: "e2", seq: 0 }); // mid-stream: no version
+      assert.equal(client.protocolVersion, "1.0");
+      FakeWebSocket.last.serverSends({ type: "notification", data: { protocol: "9.0" } }); // a page's own field
+      assert.equal(client.protocolVersion, "1.0");
+      assert.equal(warn.mock.callCount(), 0);
+
+      FakeWebSocket.last.serverSends({ type: "position", epoch: "e2", seq: 0, protocol: "1.7" }); // a newer minor
+      assert.equal(warn.mock.callCount(), 0);
+      for (let reconnect = 0; reconnect < 2; reconnect++) {
+        FakeWebSocket.last.serverCloses(CLOSE_ABNORMAL);
+        mock.timers.tick(1);
+        FakeWebSocket.last.serverOpens();
+        FakeWebSocket.last.serverSends({ type: "recovered", count: 0, epoch: "e2", seq: 0, protocol: "2.0" });
+      }
+      assert.equal(client.protocolVersion, "2.0");
+      assert.equal(warn.mock.callCount(), 1);
+      assert.match(warn.mock.calls[0].arguments[0], /server speaks protocol 2\.0, this client 1\.0/);
+      assert.deepEqual(seen.map(([, detail]) => detail.data.type), ["notification"]);
+      client.close();
+    } finally {
+      warn.mock.restore();
+    }
+  });
+
   test("a saved position is resumed from the first connection", () => {
     const client = new RegistrySocket("http://example.test/ws/?x=1", { position: "ab:7" });
     client.connect();
@@ -473,6 +508,7 @@ describe("RegistryEventStream", () => {
   test("server events become messages; a disconnect event ends it with its code", async () => {
     const body = [
       "retry: 3000\n\n",
+      'id: e:0\nevent: position\ndata: {"type":"position","epoch":"e","seq":0,"protocol":"1.0"}\n\n',
       ': heartbeat\n\nid: 1\nevent: notification\ndata: {"type":"notification","data":"hi"}\n\n',
       'event: disconnect\ndata: {"code":4410}\n\n',
     ];
@@ -489,6 +525,7 @@ describe("RegistryEventStream", () => {
     const seen = record(stream, ["message", "close"]);
     stream.connect();
     await until(() => stream.state === State.SIGNED_OUT);
+    assert.equal(stream.protocolVersion, "1.0");
     assert.deepEqual(seen, [
       ["message", { data: { type: "notification", data: "hi" }, event: "notification", id: "1" }],
       ["close", { code: 4410, reason: "disconnected by the server" }],

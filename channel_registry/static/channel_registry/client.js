@@ -19,6 +19,10 @@
  *   reset     { reason, position }              after a reconnect: what was missed cannot be
  *                                                replayed; reload your state from the server
  *
+ * The first frame of every connection (`position`; `recovered` or `reset` after a resume)
+ * announces the server's wire protocol version, "<major>.<minor>": the client keeps it as
+ * `protocolVersion` and warns in the console when its major is not PROTOCOL_VERSION's.
+ *
  * Recoverable frames carry their place in the user's history (`epoch`, `seq`).
  * The client keeps the newest as `position` ("<epoch>:<seq>") and sends it when
  * it reconnects (`?since=`), so the server replays what was missed, in order and
@@ -34,6 +38,9 @@
  * seconds the server named plus the backoff. They never hold two
  * connections at once: the old one is detached and closed before a new one opens.
  */
+
+/** The wire protocol this client speaks, "<major>.<minor>": it understands any minor version of this major. */
+export const PROTOCOL_VERSION = "1.0";
 
 export const CLOSE_NORMAL = 1000;
 /** What a browser reports for a connection that died without a close frame. */
@@ -140,6 +147,8 @@ class Connection extends EventTarget {
     this.options = { ...BACKOFF, ...options };
     /** @type {string | null} "<epoch>:<seq>" of the newest recoverable frame received */
     this.position = options.position ?? null;
+    /** @type {string | null} the protocol version the server announced; null until the first frame (and from servers before 0.2) */
+    this.protocolVersion = null;
     /** @type {StateName} */
     this.state = State.CLOSED;
     this.attempt = 0;
@@ -211,12 +220,26 @@ class Connection extends EventTarget {
   follow(frame) {
     const position = typeof frame?.epoch === "string" && Number.isInteger(frame.seq) ? `${frame.epoch}:${frame.seq}` : null;
     if (position) this.position = position;
+    if (typeof frame?.protocol === "string" && HISTORY_FRAMES.has(frame.type)) this.announced(frame.protocol);
     if (frame?.type === "recovered") {
       this.emit("recovered", { count: frame.count, position });
     } else if (frame?.type === "reset") {
       this.emit("reset", { reason: frame.reason, position });
     }
     return !HISTORY_FRAMES.has(frame?.type);
+  }
+
+  /**
+   * Keep the protocol version a server announced; a major this client does not know is
+   * warned about once, not on every reconnect.
+   * @param {string} version
+   */
+  announced(version) {
+    if (version !== this.protocolVersion && majorOf(version) !== majorOf(PROTOCOL_VERSION)) {
+      console.warn(`channel_registry: the server speaks protocol ${version}, this client ${PROTOCOL_VERSION}; ` +
+        "frames may not be understood: update client.js with the server's library.");
+    }
+    this.protocolVersion = version;
   }
 
   /** The transport's URL, with the position to resume from. */
@@ -484,6 +507,14 @@ export class RegistryEventStream extends Connection {
     abort.abort();
     return true;
   }
+}
+
+/**
+ * @param {string} version "<major>.<minor>"
+ * @returns {string}
+ */
+function majorOf(version) {
+  return version.split(".")[0];
 }
 
 /**
