@@ -15,7 +15,7 @@ import gc
 import time
 from collections import Counter
 
-from .stats import percentile
+from channel_registry.timing import percentile
 
 
 class LoopLag:

@@ -13,7 +13,7 @@ import os
 import time
 from collections import defaultdict
 
-from .stats import percentile
+from channel_registry.timing import percentile
 
 
 def kind(sql: str) -> str:

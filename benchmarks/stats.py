@@ -1,11 +1,10 @@
-"""Timing, percentiles, progress lines and the text tables."""
+"""Progress lines and the text tables; timing and percentiles are the library's (``channel_registry.timing``)."""
 
 from __future__ import annotations
 
 import math
 import sys
 import time
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 _START = time.perf_counter()
@@ -14,61 +13,6 @@ _START = time.perf_counter()
 def progress(message: str) -> None:
     """One line per step on stderr, with the seconds since the run started."""
     print(f"[{time.perf_counter() - _START:6.1f}s] {message}", file=sys.stderr, flush=True)
-
-
-def percentile(values: list[float], q: float) -> float:
-    """The ``q``-th percentile (0-100) with linear interpolation; NaN when empty."""
-    if not values:
-        return math.nan
-    ordered = sorted(values)
-    position = (len(ordered) - 1) * q / 100
-    low = math.floor(position)
-    high = min(low + 1, len(ordered) - 1)
-    return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
-
-
-def summary(seconds: list[float]) -> dict:
-    """p50/p99/mean/max of durations given in seconds, reported in milliseconds."""
-    ms = [s * 1000 for s in seconds]
-    return {
-        "n": len(ms),
-        "p50": percentile(ms, 50),
-        "p99": percentile(ms, 99),
-        "mean": sum(ms) / len(ms) if ms else math.nan,
-        "max": max(ms) if ms else math.nan,
-    }
-
-
-async def sample(
-    call: Callable[[int], Awaitable[object]],
-    iterations: int,
-    *,
-    warmup: int = 0,
-    rounds: int = 1,
-    between: Callable[[], Awaitable[object]] | None = None,
-) -> list[float]:
-    """Time ``iterations`` awaited calls (split in ``rounds``), after ``warmup`` untimed ones.
-
-    ``between`` runs untimed after the warm-up and after every round (draining
-    the receiving keys, for instance).
-    """
-    for i in range(warmup):
-        await call(i)
-    if between is not None:
-        await between()
-    durations: list[float] = []
-    per_round = max(1, iterations // rounds)
-    clock = time.perf_counter
-    i = 0
-    while i < iterations:
-        for _ in range(min(per_round, iterations - i)):
-            start = clock()
-            await call(i)
-            durations.append(clock() - start)
-            i += 1
-        if between is not None:
-            await between()
-    return durations
 
 
 def ratio(a: float, b: float) -> float:

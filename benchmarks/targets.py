@@ -27,10 +27,11 @@ from channel_registry.delivery import run_bounded, send_many
 from channel_registry.groups import GroupStrategy, group_name
 from channel_registry.liveness import heartbeat, process
 from channel_registry.mapping import MappingStrategy
+from channel_registry.timing import interleaved, sample, summary
 
 from . import world as w
 from .probes import BlockingCallbacks, LoopLag
-from .stats import Table, progress, ratio, sample, summary
+from .stats import Table, progress, ratio
 
 EVENT = {"type": "bench.message", "text": "x" * 64}
 #: Targets 1 to 6 compare routing, so they send without the per-user history (both strategies would
@@ -83,20 +84,6 @@ def spread(rng: random.Random, count: int) -> list[int]:
     return [rng.randint(1, 3) for _ in range(count)]
 
 
-async def compare(calls: dict, iterations: int, *, rounds: int = 50, between=None) -> dict[str, list[float]]:
-    """Time each call ``iterations`` times, interleaved in short ``rounds`` so drift hits all alike."""
-    times = {name: [] for name in calls}
-    per_round = max(1, iterations // rounds)
-    for call in calls.values():  # warm-up: connections, prepared scripts, caches
-        await sample(call, 0, warmup=max(20, iterations // 10), between=between)
-    order = list(calls.items())
-    for _ in range(rounds):
-        for name, call in order:
-            times[name] += await sample(call, per_round, between=between)
-        order.reverse()  # neither goes first every time
-    return times
-
-
 def to_user(dispatcher, users: list[int]):
     async def call(i: int):
         return await dispatcher.asend_to_user(users[i % len(users)], EVENT, recover=ROUTING_ONLY)
@@ -138,7 +125,7 @@ async def target_1(scale: Scale) -> Table:
                 users = world.with_channels(count)
                 delivery = await dispatch.mapping.asend_to_user(users[0], EVENT, recover=ROUTING_ONLY)
                 assert delivery.sent == count and not delivery.failed, delivery
-                times = await compare({k: to_user(d, users) for k, d in STRATEGIES.items()}, n, between=world.drain)
+                times = await interleaved({k: to_user(d, users) for k, d in STRATEGIES.items()}, n, between=world.drain)
                 m, g = summary(times["mapping"]), summary(times["groups"])
                 table.add(f"{label}, {count} ch", m["p50"], m["p99"], g["p50"], g["p99"],
                           ratio(m["p50"], g["p50"]), ratio(m["p99"], g["p99"]),
@@ -150,7 +137,7 @@ async def target_1(scale: Scale) -> Table:
                         table.check(f"redis, {count} channel(s): mapping/groups {which} ≤ 1.0", r <= 1.0, f"{r:.2f}x")
                     if (override := orm_path()) is not None:
                         with override:  # the same comparison over the ORM path, for the record
-                            times = await compare({k: to_user(d, users) for k, d in STRATEGIES.items()}, n // 2,
+                            times = await interleaved({k: to_user(d, users) for k, d in STRATEGIES.items()}, n // 2,
                                                   between=world.drain)  # fmt: skip
                         m, g = summary(times["mapping"]), summary(times["groups"])
                         table.add("  same, NATIVE_POSTGRES=False", m["p50"], m["p99"], g["p50"], g["p99"],
@@ -800,7 +787,7 @@ async def target_history(scale: Scale) -> Table:
 
         return call
 
-    times = await compare({"without": send(False), "with": send(True)}, scale.sends, between=world.drain)
+    times = await interleaved({"without": send(False), "with": send(True)}, scale.sends, between=world.drain)
     without, with_history = summary(times["without"]), summary(times["with"])
     r50, r99 = ratio(with_history["p50"], without["p50"]), ratio(with_history["p99"], without["p99"])
     table.add("send_to_user, 1 channel, recover=False", without["p50"], without["p99"], None, None)
