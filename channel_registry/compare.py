@@ -62,6 +62,10 @@ class Options:
     #: Throwaway users with 1 to 3 tabs each: the fan-out's recipients.
     users: int = 100
 
+    def __post_init__(self) -> None:
+        if self.iterations < 1 or self.users < 3:  # a user of each tab count, 1 to 3
+            raise ValueError(f"need at least 1 iteration and 3 users, not {self.iterations} and {self.users}")
+
     @property
     def fanouts(self) -> int:
         return max(5, self.iterations // 10)

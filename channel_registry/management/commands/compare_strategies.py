@@ -47,7 +47,8 @@ class Command(BaseCommand):
         except CompareError as error:
             raise CommandError(str(error)) from error
         except KeyboardInterrupt:
-            raise CommandError("interrupted; the throwaway users, rows and keys were removed") from None
+            # The clean-up ran (the line above says so) unless a second Ctrl-C cut it short.
+            raise CommandError("interrupted") from None
         self.stdout.write(report.render())
 
     def progress(self, message: str) -> None:
