@@ -15,11 +15,12 @@ their groups and connection slots, the simulated processes' queues. Only a
 
 from __future__ import annotations
 
+import asyncio
 import math
 import os
 import re
 import secrets
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -51,6 +52,10 @@ Progress = Callable[[str], None]
 
 class CompareError(Exception):
     """The comparison cannot run here; the message says why and what to do."""
+
+
+class Interrupted(CompareError):
+    """``stop`` was set: the run ended at the next round, its clean-up done."""
 
 
 @dataclass(frozen=True)
@@ -153,10 +158,8 @@ def refresh_rows(server: str) -> None:
 
 
 def delete_users(tag: str) -> None:
-    """The throwaway users and everything of theirs: rows first, then the users through the ORM's cascades."""
-    users = throwaway_users(tag)
-    UserChannel.objects.filter(user__in=users).delete()
-    users.delete()
+    """The throwaway users and, through the ORM's cascades, everything of theirs: their rows included."""
+    throwaway_users(tag).delete()
 
 
 @dataclass
@@ -164,6 +167,8 @@ class World:
     """The throwaway users, their simulated tabs, and how to empty the queues nobody reads."""
 
     layer: Any
+    #: Set to end the run at the next round (see ``compare_strategies``).
+    stop: asyncio.Event = field(default_factory=asyncio.Event)
     tag: str = field(default_factory=lambda: f"compare-strategies-{secrets.token_hex(4)}-")
     #: User → the channel names of their simulated tabs (1, 2 or 3).
     tabs: dict[Any, list[str]] = field(default_factory=dict)
@@ -186,28 +191,35 @@ class World:
     def with_tabs(self, count: int) -> list[Any]:
         return [user for user, names in self.tabs.items() if len(names) == count]
 
+    def memberships(self) -> list[tuple[Any, str]]:
+        """(user, channel name) of every simulated tab."""
+        return [(user, name) for user, names in self.tabs.items() for name in names]
+
     async def build(self, options: Options, progress: Progress) -> None:
         users = options.users
-        progress(f"creating {users + 20} throwaway users ({self.tag}*) and {2 * users} simulated tabs")
+        tabs = [1 + n % 3 for n in range(users)]
+        progress(f"creating {users + 20} throwaway users ({self.tag}*) and {sum(tabs)} simulated tabs")
         made = await database_sync_to_async(create_users)(self.tag, users + 20)
         self.fresh = made[users:]
-        count = math.ceil(2 * users / TABS_PER_PROCESS)
-        self.processes = [f"{self.tag.rstrip('-')}.{n}" for n in range(max(4, count))]
-        self.tabs = {user: [self.new_channel() for _ in range(1 + n % 3)] for n, user in enumerate(made[:users])}
+        processes = max(4, math.ceil(sum(tabs) / TABS_PER_PROCESS))
+        self.processes = [f"{self.tag.rstrip('-')}.{n}" for n in range(processes)]
+        self.tabs = {user: [self.new_channel() for _ in range(n)] for user, n in zip(made, tabs, strict=False)}
         await database_sync_to_async(add_rows)(self.tabs, self.server)
-        memberships = [(user, name) for user, names in self.tabs.items() for name in names]
-        await run_bounded(memberships, lambda tab: self.layer.group_add(group_name(tab[0]), tab[1]), 50)
+        await run_bounded(self.memberships(), lambda tab: self.layer.group_add(group_name(tab[0]), tab[1]), 50)
+
+    async def next_round(self) -> None:
+        """Between two rounds: end the run if asked to, and empty the queues."""
+        if self.stop.is_set():
+            raise Interrupted("interrupted")
+        await self.drain()
 
     async def drain(self) -> None:
         """Empty the simulated processes' queues, so no capacity fills up between rounds."""
         if is_redis_layer(self.layer):
             await self.delete_keys([f"{self.layer.prefix}specific.{process}!" for process in self.processes])
         else:
-            for name in self.channel_names():
+            for _, name in self.memberships():
                 self.layer.channels.pop(name, None)
-
-    def channel_names(self) -> Iterable[str]:
-        return [name for names in self.tabs.values() for name in names]
 
     async def delete_keys(self, keys: list[str]) -> None:
         """On every shard: a stock layer's ``send`` may put a process's queue on another (channels_redis#221)."""
@@ -241,8 +253,7 @@ class World:
             self.connecting.discard((user, channel))
 
     async def leave_groups(self) -> None:
-        memberships = [(user, name) for user, names in self.tabs.items() for name in names]
-        await run_bounded(memberships, lambda tab: self.layer.group_discard(group_name(tab[0]), tab[1]), 50)
+        await run_bounded(self.memberships(), lambda tab: self.layer.group_discard(group_name(tab[0]), tab[1]), 50)
 
 
 # --------------------------------------------------------------------------- the cases
@@ -317,15 +328,16 @@ DISPATCHERS = {"mapping": dispatch.mapping, "groups": groups.groups}
 
 
 async def measure(world: World, options: Options, progress: Progress) -> list[Row]:
-    # Rounds of at most 20 sends between two drains: at most 60 messages in a process's queue.
-    rounds = max(50, options.iterations // 20)
+    # Rounds of at most 20 calls between two drains (at most 60 messages in a process's queue) and
+    # a short warm-up: a stop is seen within a fraction of a second.
+    rounds, warmup, between = max(50, options.iterations // 20), 20, world.next_round
     rows = []
     for count in (1, 3):
         progress(f"measuring send_to_user to a user with {count} tab(s), {options.iterations} calls per strategy")
         await database_sync_to_async(refresh_rows)(world.server)
         users = world.with_tabs(count)
         calls = {name: sends_to(dispatcher, users) for name, dispatcher in DISPATCHERS.items()}
-        times = await interleaved(calls, options.iterations, rounds=rounds, between=world.drain)
+        times = await interleaved(calls, options.iterations, rounds=rounds, between=between, warmup=warmup)
         rows.append(timed_row(f"send_to_user, {count} tab{'s' if count > 1 else ''}", times))
 
     everyone = list(world.tabs)
@@ -333,12 +345,14 @@ async def measure(world: World, options: Options, progress: Progress) -> list[Ro
     progress(f"measuring send_to_users to {len(everyone)} users ({tabs} tabs), {options.fanouts} per strategy")
     await database_sync_to_async(refresh_rows)(world.server)
     calls = {name: fans_out_to(dispatcher, everyone) for name, dispatcher in DISPATCHERS.items()}
-    times = await interleaved(calls, options.fanouts, rounds=options.fanouts, between=world.drain, warmup=2)
+    times = await interleaved(calls, options.fanouts, rounds=options.fanouts, between=between, warmup=2)
     rows.append(timed_row(f"send_to_users, {len(everyone)} users ({tabs} tabs)", times))
 
     progress(f"measuring connect + disconnect, {options.pairs} per strategy")
     calls = {"mapping": connects(MappingStrategy(), world), "groups": connects(GroupStrategy(), world)}
-    rows.append(timed_row("connect + disconnect", await interleaved(calls, options.pairs)))
+    times = await interleaved(calls, options.pairs, rounds=max(50, options.pairs // 20), between=between,
+                              warmup=warmup)  # fmt: skip
+    rows.append(timed_row("connect + disconnect", times))
     rows.extend(await what_each_counts(world))
     return rows
 
@@ -388,11 +402,16 @@ def heading(layer: Any, options: Options) -> list[str]:
     ]
 
 
-async def compare_strategies(options: Options, progress: Progress) -> Report:
-    """Build the throwaway world, measure both strategies, remove the world whatever happened."""
+async def compare_strategies(options: Options, progress: Progress, stop: asyncio.Event | None = None) -> Report:
+    """Build the throwaway world, measure both strategies, remove the world whatever happened.
+
+    Set ``stop`` (from a SIGINT handler) to end the run at the next round with ``Interrupted``,
+    after the clean-up. Cancelling the task is not as safe: on Python 3.11 redis-py can lose a
+    cancellation (see ``consumers.cancellable``), and the run would go on.
+    """
     layer = channel_layer()
     check_layer(layer)
-    world = World(layer)
+    world = World(layer, stop or asyncio.Event())
     try:
         await world.build(options, progress)
         rows = await measure(world, options, progress)

@@ -185,5 +185,5 @@ def test_ctrl_c_mid_run_removes_everything_it_created(demo):
         finally:
             process.kill()
     assert sum(during[0].values()) > sum(before[0].values()), "the run had created its users and rows"
-    assert "removed the throwaway users" in rest and rest.endswith("CommandError: interrupted\n")
+    assert "removed the throwaway users" in rest and rest.endswith("CommandError: interrupted\n"), rest
     assert footprint(url, env["REDIS_PREFIX"]) == before

@@ -1,11 +1,12 @@
 import asyncio
+import signal
 from argparse import ArgumentTypeError
 from collections.abc import Callable
 from typing import Any
 
 from django.core.management.base import BaseCommand, CommandError
 
-from channel_registry.compare import CompareError, Options, check_room, compare_strategies
+from channel_registry.compare import CompareError, Options, Report, check_room, compare_strategies
 
 
 def at_least(minimum: int) -> Callable[[str], int]:
@@ -43,13 +44,26 @@ class Command(BaseCommand):
     def handle(self, *, iterations: int, users: int, allow_database: str | None, **options: Any) -> None:
         try:
             check_room(allow_database)
-            report = asyncio.run(compare_strategies(Options(iterations, users), self.progress))
+            report = asyncio.run(self.compare(Options(iterations, users)))
         except CompareError as error:
             raise CommandError(str(error)) from error
-        except KeyboardInterrupt:
-            # The clean-up ran (the line above says so) unless a second Ctrl-C cut it short.
-            raise CommandError("interrupted") from None
+        except KeyboardInterrupt:  # a second Ctrl-C, during the clean-up
+            raise CommandError("interrupted before the clean-up finished") from None
         self.stdout.write(report.render())
+
+    async def compare(self, options: Options) -> Report:
+        """The comparison, which a Ctrl-C ends at its next round; a second one ends at once."""
+        loop, stop = asyncio.get_running_loop(), asyncio.Event()
+
+        def interrupted() -> None:
+            stop.set()
+            loop.remove_signal_handler(signal.SIGINT)
+
+        loop.add_signal_handler(signal.SIGINT, interrupted)
+        try:
+            return await compare_strategies(options, self.progress, stop)
+        finally:
+            loop.remove_signal_handler(signal.SIGINT)
 
     def progress(self, message: str) -> None:
         self.stderr.write(message)
