@@ -8,9 +8,9 @@ row and a group membership per tab, on channel names of a few simulated server
 processes whose queues are emptied between rounds (nobody reads them).
 
 Everything it creates carries one random tag and goes in a ``finally``, also on an
-error or Ctrl-C: the users (through the ORM, so their cascades go too), their rows,
-their groups and connection slots, the simulated processes' queues. Only a
-``kill -9`` can leave some behind; they are named ``compare-strategies-<tag>-<n>``.
+error or a stop (Ctrl-C): the users (through the ORM, so their cascades go too), their
+rows, their groups and connection slots, the simulated processes' queues. Only a clean-up
+cut short (``kill -9``) leaves some behind; they are named ``compare-strategies-<tag>-<n>``.
 """
 
 from __future__ import annotations

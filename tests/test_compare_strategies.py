@@ -22,7 +22,7 @@ import redis
 from django.contrib.auth import get_user_model
 from django.db import connection
 
-from channel_registry.compare import Options, compare_strategies, has_throwaway_room, verdict
+from channel_registry.compare import CompareError, Options, check_layer, compare_strategies, has_throwaway_room, verdict
 from channel_registry.delivery import is_redis_layer
 from channel_registry.models import UserChannel
 from channel_registry.strategy import channel_layer
@@ -47,6 +47,14 @@ CASES = ["send_to_user, 1 tab", "send_to_user, 3 tabs", "send_to_users, 12 users
 ])  # fmt: skip
 def test_throwaway_room_is_a_word_of_the_name_or_the_name_given(name, allowed, room):
     assert has_throwaway_room(name, allowed) is room
+
+
+def test_layers_it_cannot_measure_are_refused_by_name():
+    class CustomLayer:
+        pass
+
+    with pytest.raises(CompareError, match=r"the registry's layer is tests\.test_compare_strategies\..*CustomLayer"):
+        check_layer(CustomLayer())
 
 
 def test_the_verdict_names_the_faster_strategy_and_by_how_much():
@@ -154,7 +162,7 @@ def test_prints_the_side_by_side_table_and_leaves_no_row_or_key(demo):
     assert "BatchedRedisChannelLayer" in lines[1] and f"{name} (postgresql)" in lines[1]
     header = lines.index(next(line for line in lines if line.startswith("case ")))
     assert re.split(r"\s{2,}", lines[header]) == ["case", "mapping p50 / p99", "groups p50 / p99", "verdict"]
-    table = [re.split(r"\s{2,}", line) for line in lines[header + 2:]]
+    table = [re.split(r"\s{2,}", line) for line in lines[header + 2 :]]
     assert [row[0] for row in table] == CASES
     for case, mapping, groups, said in table[:4]:
         for cell in (mapping, groups):
