@@ -195,7 +195,9 @@ def positions(events) -> list:
 
 async def test_cursor_drops_duplicates_and_fills_a_gap_from_the_history(history):
     cursor = Cursor(history, 1)
-    assert await cursor.start(None) == [{"type": "registry.position", "epoch": cursor.position.epoch, "seq": 0}]
+    assert await cursor.start(None) == [
+        {"type": "registry.position", "epoch": cursor.position.epoch, "seq": 0, "protocol": PROTOCOL_VERSION}
+    ]
     stamped = []
     for n in range(4):
         position = (await history.append([1], {**EVENT, "n": n}))[1]
@@ -213,10 +215,9 @@ async def test_cursor_resumes_after_the_clients_position_then_says_how_many(hist
     cursor = Cursor(history, 1)
     first = await cursor.start(str(sent[1]))
     assert positions(first) == [3, 4, 5, "registry.recovered"]
-    assert first[-1] == {"type": "registry.recovered", "epoch": sent[0].epoch, "seq": 5, "count": 3}
-    assert await cursor.start(str(sent[-1])) == [
-        {"type": "registry.recovered", "epoch": sent[0].epoch, "seq": 5, "count": 0}
-    ]
+    head = {"epoch": sent[0].epoch, "seq": 5, "protocol": PROTOCOL_VERSION}
+    assert first[-1] == {"type": "registry.recovered", "count": 3, **head}
+    assert await cursor.start(str(sent[-1])) == [{"type": "registry.recovered", "count": 0, **head}]
 
 
 @pytest.mark.parametrize("since", ["garbage", "abc:", ":4", "abc:-1", "x" * 70 + ":1"])
@@ -235,6 +236,7 @@ async def test_cursor_reports_a_history_lost_while_connected(make_layer):
     await layer.flush()
     new = await send(history, 1, 2)
     out = await cursor.admit({**EVENT, POSITION_KEY: {"1": [new[1].epoch, 2]}})
+    # Only the frame a connection starts with announces the protocol version.
     assert out[0] == {"type": "registry.reset", "epoch": new[0].epoch, "seq": 0, "reason": RESET_EPOCH}
     assert positions(out[1:]) == [1, 2]
 
