@@ -1,0 +1,11 @@
+from django.contrib import admin
+from django.urls import include, path
+
+from alerts import views
+
+urlpatterns = [
+    path("admin/", admin.site.urls),
+    path("accounts/", include("django.contrib.auth.urls")),
+    path("", views.page),
+    path("poke/", views.poke),
+]
