@@ -63,7 +63,7 @@ test-wheel: $(VENV)/.installed-test
 	$(BIN)/nox -s wheel
 
 lint: $(VENV)/.installed-test
-	$(BIN)/ruff check channel_registry demo_site tests benchmarks noxfile.py
+	$(BIN)/ruff check channel_registry demo_site tests benchmarks docs noxfile.py
 	$(BIN)/mypy
 	bash tests/tools/typecheck_js.sh
 

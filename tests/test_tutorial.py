@@ -2,6 +2,8 @@
 ``migrate``, ``runserver`` (daphne's), two people in a real browser, PostgreSQL and Redis."""
 
 import os
+import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -35,16 +37,23 @@ CHANNEL_LAYERS["default"]["CONFIG"]["prefix"] = {name!r}
 """
 
 
+def tutorial_commands() -> list[list[str]]:
+    """The ``python manage.py ...`` lines of the tutorial's shell blocks, in page order, split as a shell would."""
+    page = (ROOT / "docs" / "tutorial.md").read_text()
+    lines = [line for block in re.findall(r"```sh\n(.*?)```", page, flags=re.S) for line in block.splitlines()]
+    return [shlex.split(line)[1:] for line in lines if line.startswith("python manage.py ")]
+
+
 def manage(project: Path, env: dict, *args: str) -> str:
-    done = subprocess.run([sys.executable, "manage.py", *args], cwd=project, env=env, capture_output=True,
-                          text=True, timeout=120)  # fmt: skip
-    assert done.returncode == 0, f"manage.py {' '.join(args)} failed:\n{done.stdout}\n{done.stderr}"
+    done = subprocess.run([sys.executable, *args], cwd=project, env=env, capture_output=True, text=True,
+                          timeout=120)  # fmt: skip
+    assert done.returncode == 0, f"{' '.join(args)} failed:\n{done.stdout}\n{done.stderr}"
     return done.stdout
 
 
 @pytest.fixture
 def project(tmp_path):
-    """A copy of the tutorial's project, migrated, with alice and bob; (its directory, its environment)."""
+    """A copy of the tutorial's project on a database of its own; (its directory, its environment)."""
     directory = tmp_path / "mysite"
     shutil.copytree(TUTORIAL, directory, ignore=shutil.ignore_patterns("__pycache__"))
     name = f"tutorial_{os.getpid()}"
@@ -56,10 +65,6 @@ def project(tmp_path):
     env = {key: value for key, value in os.environ.items() if not key.startswith(("DJANGO_", "PYTEST_"))}
     env.update(DJANGO_SETTINGS_MODULE="test_settings", PYTHONPATH=str(directory), PYTHONUNBUFFERED="1")
     try:
-        manage(directory, env, "migrate", "--no-input", "-v0")
-        create = "from django.contrib.auth.models import User\n" + "".join(
-            f"User.objects.create_user({name!r}, password={PASSWORD!r})\n" for name in ("alice", "bob"))
-        manage(directory, env, "shell", "-c", create)
         yield directory, env
     finally:
         drop_database(SHARED_POSTGRES, name)
@@ -76,27 +81,33 @@ def forget_redis_keys(prefix: str) -> None:
     client.close()
 
 
-@pytest.fixture
-def runserver(project):
-    """``python manage.py runserver`` (daphne's, since "daphne" is in INSTALLED_APPS); its URL."""
-    directory, env = project
-    port = free_port()
-    ARTIFACTS.mkdir(exist_ok=True)
-    log_path = ARTIFACTS / "tutorial-runserver.log"
-    with log_path.open("w") as log:
-        server = subprocess.Popen([sys.executable, "manage.py", "runserver", f"127.0.0.1:{port}", "--noreload"],
-                                  cwd=directory, env=env, stdout=log, stderr=subprocess.STDOUT)  # fmt: skip
-    url = f"http://127.0.0.1:{port}"
-    try:
+class RunServer:
+    """``python manage.py runserver`` as the tutorial starts it (daphne's, since "daphne" is in
+    INSTALLED_APPS), on a port of its own that it keeps across a restart; no autoreloader."""
+
+    def __init__(self, project: Path, env: dict, command: list[str]) -> None:
+        self.project, self.env = project, env
+        self.port = free_port()
+        self.command = [sys.executable, *command, f"127.0.0.1:{self.port}", "--noreload"]
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = ARTIFACTS / "tutorial-runserver.log"
+        self.process: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        ARTIFACTS.mkdir(exist_ok=True)
+        with self.log_path.open("a") as log:
+            self.process = subprocess.Popen(self.command, cwd=self.project, env=self.env, stdout=log,
+                                            stderr=subprocess.STDOUT)  # fmt: skip
         deadline = time.monotonic() + 30
-        while not answers(f"{url}/accounts/login/"):
-            if server.poll() is not None or time.monotonic() > deadline:
-                pytest.fail(f"runserver did not start:\n{log_path.read_text()[-3000:]}")
+        while not answers(f"{self.url}/accounts/login/"):
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                pytest.fail(f"runserver did not start:\n{self.log_path.read_text()[-3000:]}")
             time.sleep(0.1)
-        yield url
-    finally:
-        server.terminate()
-        server.wait(30)
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            self.process.wait(30)
 
 
 def answers(url: str) -> bool:
@@ -122,14 +133,24 @@ def wait_open(page) -> None:
     expect(page.locator("#state")).to_have_text("open", timeout=10_000)
 
 
-def test_the_tutorial_project_pokes_and_marks_read_across_tabs(project, runserver):
+def test_the_tutorial_works_as_written(project):
+    """Poke from a view, "Mark all read" from a consumer, and a notification sent while the server
+    was down, replayed when the tabs come back: in Chromium, with every command of the page."""
+    directory, env = project
+    commands = tutorial_commands()
+    assert [command[1] for command in commands] == ["migrate", "shell", "runserver", "shell", "prune_channels"]
+    migrate, create_users, runserver, notify_meanwhile, prune = commands
+    manage(directory, env, *migrate)
+    manage(directory, env, *create_users)
+    server = RunServer(directory, env, runserver)
+    server.start()
     with sync_api.sync_playwright() as driver:
         browser = driver.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
         try:
-            alice = sign_in(browser, runserver, "alice")
-            bob = sign_in(browser, runserver, "bob")
+            alice = sign_in(browser, server.url, "alice")
+            bob = sign_in(browser, server.url, "bob")
             bob_again = bob.context.new_page()
-            bob_again.goto(f"{runserver}/")
+            bob_again.goto(f"{server.url}/")
             wait_open(bob_again)
             bob_tabs = [bob, bob_again]
 
@@ -146,8 +167,19 @@ def test_the_tutorial_project_pokes_and_marks_read_across_tabs(project, runserve
             bob.click("#mark-read")
             for tab in bob_tabs:
                 expect(tab.locator("#unread")).to_have_text("0", timeout=LIVE)
+
+            # Sent while the server is down, shown once the tabs are back.
+            server.stop()
+            for tab in bob_tabs:
+                expect(tab.locator("#state")).not_to_have_text("open", timeout=LIVE)
+            manage(directory, env, *notify_meanwhile)
+            server.start()
+            for tab in bob_tabs:
+                wait_open(tab)
+                expect(tab.locator("#alerts li").first).to_have_text("while you were away", timeout=LIVE)
+                expect(tab.locator("#unread")).to_have_text("1")
         finally:
             browser.close()
+            server.stop()
 
-    directory, env = project
-    assert "stale channel(s)" in manage(directory, env, "prune_channels")
+    assert "stale channel(s)" in manage(directory, env, *prune)

@@ -6,11 +6,11 @@ os.environ.setdefault("DJANGO_SETTINGS_MODULE", "mysite.settings")
 django_asgi_app = get_asgi_application()
 
 # Imported once Django is set up: they load models.
+from alerts.consumers import AlertsConsumer  # noqa: E402
 from channels.auth import AuthMiddlewareStack  # noqa: E402
 from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402
 from django.urls import path  # noqa: E402
 
-from alerts.consumers import AlertsConsumer  # noqa: E402
 from channel_registry.middleware import CloseOnDatabaseError  # noqa: E402
 from channel_registry.origins import StrictOriginValidator  # noqa: E402
 

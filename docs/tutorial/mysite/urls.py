@@ -1,7 +1,6 @@
+from alerts import views
 from django.contrib import admin
 from django.urls import include, path
-
-from alerts import views
 
 urlpatterns = [
     path("admin/", admin.site.urls),
