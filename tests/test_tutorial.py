@@ -27,6 +27,9 @@ ROOT = Path(__file__).resolve().parent.parent
 TUTORIAL = ROOT / "docs" / "tutorial"
 ARTIFACTS = ROOT / "tests" / "artifacts"
 PASSWORD = "tutorial-pass-123"
+#: Seconds a tab may take to come back after the server restarts: client.js's backoff has full
+#: jitter and grows to 30 s (maxDelay) while the server is down.
+RECONNECT = 40
 
 # The tutorial's settings as they are, on a database and a Redis key prefix of this run's own.
 TEST_SETTINGS = """
@@ -129,8 +132,8 @@ def sign_in(browser, url: str, username: str):
     return page
 
 
-def wait_open(page) -> None:
-    expect(page.locator("#state")).to_have_text("open", timeout=10_000)
+def wait_open(page, within: float = 20) -> None:
+    expect(page.locator("#state")).to_have_text("open", timeout=within * 1000)
 
 
 def test_the_tutorial_works_as_written(project):
@@ -175,7 +178,7 @@ def test_the_tutorial_works_as_written(project):
             manage(directory, env, *notify_meanwhile)
             server.start()
             for tab in bob_tabs:
-                wait_open(tab)
+                wait_open(tab, within=RECONNECT)
                 expect(tab.locator("#alerts li").first).to_have_text("while you were away", timeout=LIVE)
                 expect(tab.locator("#unread")).to_have_text("1")
         finally:
