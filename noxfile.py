@@ -30,7 +30,7 @@ import nox
 
 ROOT = Path(__file__).resolve().parent
 
-#: Every tested combination (Django 6 needs Python ≥ 3.12). The docs' install section (docs/index.md) lists these.
+#: Every tested combination (Django 6 needs Python ≥ 3.12). The README's install section lists these.
 COMBINATIONS = [
     ("3.11", "5.2"),
     ("3.12", "5.2"),

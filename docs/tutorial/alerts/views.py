@@ -15,6 +15,6 @@ def page(request):
 @login_required
 @require_POST
 def poke(request):
-    recipient = get_object_or_404(get_user_model(), username=request.POST["username"])
+    recipient = get_object_or_404(get_user_model(), username=request.POST.get("username"))
     delivery = notify_user(recipient, {"text": f"{request.user.username} poked you"})
     return JsonResponse({"tabs_reached": delivery.sent})
