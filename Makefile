@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 PORT   ?= 8000
 PYTEST_ARGS ?=
 
-.PHONY: test test-real test-real-parallel test-timing test-memory test-js test-wheel matrix matrix-all lint demo demo-multi demo-uvicorn bench load services clean
+.PHONY: docs test test-real test-real-parallel test-timing test-memory test-js test-wheel matrix matrix-all lint demo demo-multi demo-uvicorn bench load services clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -21,12 +21,12 @@ services:
 
 # `make test` in two phases. First, side by side (output kept per target): lint, the real-services
 # suite without the abuse tests on $(WORKERS) pytest workers (this venv: Python 3.11 + Django 5.2),
-# the in-memory suite on Python 3.13 + Django 6.1 (`make matrix`, noxfile.py), the JS client's tests
-# and the built wheel. Then, alone, the abuse tests (marker abuse): they measure bystanders' p99 and a
+# the in-memory suite on Python 3.13 + Django 6.1 (`make matrix`, noxfile.py), the JS client's tests,
+# the built wheel and the docs. Then, alone, the abuse tests (marker abuse): they measure bystanders' p99 and a
 # server's RSS, which mean nothing next to other suites. `make test-memory` runs the in-memory suite in
 # this venv; `make matrix-all` on every supported Python x Django.
 test: $(VENV)/.installed-test services
-	$(MAKE) --no-print-directory -j 5 --output-sync=target lint test-real-parallel test-js matrix test-wheel
+	$(MAKE) --no-print-directory -j 5 --output-sync=target lint test-real-parallel test-js matrix test-wheel docs
 	$(MAKE) --no-print-directory test-timing
 
 WORKERS ?= 2
@@ -63,9 +63,14 @@ test-wheel: $(VENV)/.installed-test
 	$(BIN)/nox -s wheel
 
 lint: $(VENV)/.installed-test
-	$(BIN)/ruff check channel_registry demo_site tests benchmarks noxfile.py
+	$(BIN)/ruff check channel_registry demo_site tests benchmarks docs noxfile.py
 	$(BIN)/mypy
 	bash tests/tools/typecheck_js.sh
+
+# The Sphinx site (docs/, furo theme) into docs/_build/html; any warning fails it. The test extra
+# carries the docs extra's packages, so `make test` installs nothing while suites run.
+docs: $(VENV)/.installed-test
+	$(BIN)/sphinx-build -q -W --keep-going -b html docs docs/_build/html
 
 demo: $(VENV)/.installed-demo
 	PORT=$(PORT) bash demo_site/run.sh
@@ -89,4 +94,4 @@ load: $(VENV)/.installed-test $(VENV)/.installed-bench services
 	$(BIN)/python -m benchmarks.load $(LOAD_ARGS)
 
 clean:
-	rm -rf $(VENV) .nox build *.egg-info .pytest_cache .ruff_cache .mypy_cache
+	rm -rf $(VENV) .nox build docs/_build *.egg-info .pytest_cache .ruff_cache .mypy_cache

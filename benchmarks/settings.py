@@ -6,7 +6,7 @@ The benchmark drops and fills its tables, so it only ever works in a database
 whose name contains ``bench``: any other name gets ``_bench`` appended (the way
 Django's test runner prefixes ``test_``), and that database is created if missing.
 
-Connections are persistent (``CONN_MAX_AGE=None``; README, "Upstream traps"), and the Redis key
+Connections are persistent (``CONN_MAX_AGE=None``; docs/operations.md, "Upstream traps"), and the Redis key
 prefix carries the process id, so two runs on one machine never share keys.
 """
 

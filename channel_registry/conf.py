@@ -22,7 +22,7 @@ SETTINGS_NAME = "CHANNEL_REGISTRY"
 
 @dataclass(frozen=True)
 class RegistrySettings:
-    """Every option with its default. The README's settings table mirrors this."""
+    """Every option with its default. The settings table of docs/operations.md mirrors this."""
 
     #: Alias in ``CHANNEL_LAYERS`` the registry sends through.
     CHANNEL_LAYER: str = "default"

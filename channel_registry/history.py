@@ -29,7 +29,7 @@ got, and a timed-out ``WAIT`` leaves the append on the master anyway.
 The cost: a failover or a restart of Redis resets every history once, also when
 the new master had every write; each user's clients get one ``reset`` (reason
 ``epoch``) instead of a replay. And every append and read makes two ``INFO``
-calls, about 10 µs of Redis time (measured in the README, "Redis Sentinel").
+calls, about 10 µs of Redis time (measured in docs/operations.md, "Redis Sentinel").
 
 Kept on the channel layer's own server, so it needs no new service: a Redis
 stream per user (on ``RedisChannelLayer`` and its subclasses, on the shard that

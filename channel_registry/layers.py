@@ -17,7 +17,7 @@ Both take channels_redis's Sentinel host format too,
 go to the master's connections, and ``sentinel_kwargs`` gets timeouts as well,
 since channels_redis hands the sentinels none (a sentinel that stops answering
 would otherwise hang every look-up of the master). What a failover costs and
-what the history promises across one: README, "Redis Sentinel".
+what the history promises across one: docs/operations.md, "Redis Sentinel".
 
 ``redis_layer()`` selects :class:`~channel_registry.redis_layer.BatchedRedisChannelLayer`
 (channels_redis with a batched receive path, see ``redis_layer.py``) with its

@@ -51,7 +51,7 @@ CLOSE_TOO_FAST = 4420
 #: The server cannot register connections right now (database or Redis down). Retry with backoff.
 CLOSE_UNAVAILABLE = 4503
 
-# Error codes, as documented in the README.
+# Error codes, as documented in docs/protocol.md.
 INVALID_JSON = "invalid_json"
 INVALID_PAYLOAD = "invalid_payload"
 UNKNOWN_TYPE = "unknown_type"

@@ -10,7 +10,7 @@
   loop closes, and forget the layer instances bound to it.
 
 ``channel_registry.pytest_plugin`` wraps them as pytest fixtures that close everything
-a test opened. README "Testing your code" has an example.
+a test opened. docs/testing.md has an example.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from .conf import registry_settings
 from .history import history_for
 from .strategy import channel_layer
 
-#: The frames a connection's history starts with (README, "Wire protocol").
+#: The frames a connection's history starts with (docs/protocol.md).
 START_FRAMES = frozenset({"position", "recovered", "reset"})
 #: Longest wait for a layer's connections to close, in seconds.
 CLOSE_TIMEOUT = 3

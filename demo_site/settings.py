@@ -101,7 +101,7 @@ STATIC_URL = "static/"
 USE_TZ = True
 TIME_ZONE = "UTC"
 
-# Behind a TLS-terminating proxy (see the README): secure cookies, trust its X-Forwarded-Proto, HSTS.
+# Behind a TLS-terminating proxy (docs/operations.md, "Deploy behind HTTPS"): secure cookies, X-Forwarded-Proto, HSTS.
 if os.environ.get("DJANGO_HTTPS") == "1":
     if SECRET_KEY == DEMO_SECRET_KEY:
         raise ImproperlyConfigured(

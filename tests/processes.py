@@ -377,7 +377,7 @@ class Daphne(AsgiServer):
 
 
 class Uvicorn(AsgiServer):
-    """uvicorn as the README runs it: no lifespan (Channels' ProtocolTypeRouter has no lifespan
+    """uvicorn as docs/operations.md runs it: no lifespan (Channels' ProtocolTypeRouter has no lifespan
     handler) and a bounded graceful stop. Without the bound an open event stream holds SIGTERM
     forever (and, with channels_redis's own receive on Python 3.11, a consumer that missed its
     cancellation: CPython gh-86296)."""

@@ -519,7 +519,7 @@ async def test_a_frame_flood_from_the_maximum_sockets_is_closed_and_costs_bystan
     and paid frames parsed and answered. Their p99 is bounded at 1 s here, not at issue
     17's max(250 ms, 3x quiet), which both servers miss now and then: on a quiet machine
     daphne 61-312 ms (4 of 9 runs above 250 ms), uvicorn 22-317 ms (1 of 5); see the
-    README's Security section.
+    docs' Security page.
 
     The flooding client runs at ``nice`` 19: a remote attacker's CPU is not the server's,
     and this machine has 2 CPUs. Measured with the hang-up on daphne, at nice 0 the

@@ -7,7 +7,7 @@ replica holds back the replication stream; the master dies before it resumes,
 so what it held is never applied). Whatever happened, each receiving tab must
 see either every acknowledged message or a ``reset``: never a gap within an
 epoch, never a number twice. The figures each run measures are printed (``-s``)
-and quoted in the README ("Redis Sentinel").
+and quoted in the docs (docs/operations.md, "Redis Sentinel").
 """
 
 from __future__ import annotations

@@ -1,6 +1,7 @@
 """A host project's own test run with the library installed."""
 
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -12,9 +13,10 @@ import pytest
 from channel_registry.layers import STOCK_LAYER
 
 from .settings import STACK
-from .test_quickstart import readme_blocks
 
 ROOT = Path(__file__).resolve().parent.parent
+#: The "Testing your code" page's samples (docs/testing.md includes them): a conftest.py and an example.
+TESTING_SAMPLES = ROOT / "docs" / "testing"
 BIN = Path(sys.executable).parent
 #: A host suite must end within this many seconds, whatever its tests left open.
 HOST_SUITE_TIMEOUT = 60
@@ -159,8 +161,8 @@ real_only = pytest.mark.skipif(STACK != "real", reason="a channels_redis layer n
 def test_a_host_suite_whose_failing_test_leaves_a_socket_open_ends(tmp_path, backend):
     """The hang of issue 19: a consumer whose layer receive kept going after its cancellation held
     the event loop's close, and the whole run, forever. It must end with the failure reported."""
-    for name, text in readme_blocks("Testing your code").items():  # conftest.py and an example
-        (tmp_path / name).write_text(text)
+    for sample in TESTING_SAMPLES.glob("*.py"):
+        shutil.copy(sample, tmp_path / sample.name)
     (tmp_path / "test_suite.py").write_text(HOST_SUITE)
     settings = "tests.settings"
     if backend is not None:

@@ -42,7 +42,7 @@ pytestmark = [
 ]
 
 MESSAGES = 20
-# Today's counts per direct message, as upper bounds (the breakdown: the README's load section).
+# Today's counts per direct message, as upper bounds (the breakdown: docs/benchmarks.md).
 # Issue 18's send pipeline is to bring them to at most 3 Redis calls and 1 transaction.
 MAX_REDIS_CALLS = 6  # 4 EVALSHA from the sender's side, EVAL + BZPOPMIN on the receiving side
 MAX_SCRIPT_COMMANDS = 31  # what those scripts run inside Redis (2 of them INFO: the history checks its Redis term)

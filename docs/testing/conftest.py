@@ -1,0 +1,1 @@
+pytest_plugins = ["channel_registry.pytest_plugin"]

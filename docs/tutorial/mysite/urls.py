@@ -1,0 +1,10 @@
+from alerts import views
+from django.contrib import admin
+from django.urls import include, path
+
+urlpatterns = [
+    path("admin/", admin.site.urls),
+    path("accounts/", include("django.contrib.auth.urls")),
+    path("", views.page),
+    path("poke/", views.poke),
+]
