@@ -29,35 +29,42 @@ from .conf import registry_settings
 from .delivery import is_redis_layer, layer_slots
 from .exceptions import layer_unavailable
 
-#: KEYS: the buckets. ARGV: per bucket rate, period (ms), cost, need.
+#: ``spend(keys, args, now)``: keys the buckets, args per bucket rate, period (ms), cost, need;
+#: ``now`` from ``clock_ms()``, Redis's own clock, so every process sees the same time.
 #: All or nothing: returns {1, 0} after spending, or {0, ms until every bucket has what it needs}.
-#: Redis's own clock, so every process sees the same time.
-SPEND_SCRIPT = """
-local clock = redis.call('TIME')
-local now = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
-local levels, wait = {}, 0
-for i, key in ipairs(KEYS) do
-    local rate, period, need = tonumber(ARGV[4 * i - 3]), tonumber(ARGV[4 * i - 2]), tonumber(ARGV[4 * i])
-    local state = redis.call('HMGET', key, 'tokens', 'stamp')
-    local tokens, stamp = tonumber(state[1]) or rate, tonumber(state[2]) or now
-    tokens = math.min(rate, tokens + math.max(0, now - stamp) * rate / period)
-    levels[i] = tokens
-    if tokens < need then
-        wait = math.max(wait, math.ceil((need - tokens) * period / rate))
+#: Lua functions, so that ``pipeline.FOLD_SCRIPT`` runs the same steps as the script of its own.
+SPEND_FUNCTION = """
+local function clock_ms()
+    local clock = redis.call('TIME')
+    return tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
+end
+local function spend(keys, args, now)
+    local levels, wait = {}, 0
+    for i, key in ipairs(keys) do
+        local rate, period, need = tonumber(args[4 * i - 3]), tonumber(args[4 * i - 2]), tonumber(args[4 * i])
+        local state = redis.call('HMGET', key, 'tokens', 'stamp')
+        local tokens, stamp = tonumber(state[1]) or rate, tonumber(state[2]) or now
+        tokens = math.min(rate, tokens + math.max(0, now - stamp) * rate / period)
+        levels[i] = tokens
+        if tokens < need then
+            wait = math.max(wait, math.ceil((need - tokens) * period / rate))
+        end
     end
+    if wait > 0 then
+        return {0, wait}
+    end
+    for i, key in ipairs(keys) do
+        local rate, period, cost = tonumber(args[4 * i - 3]), tonumber(args[4 * i - 2]), tonumber(args[4 * i - 1])
+        local tokens = levels[i] - cost
+        redis.call('HSET', key, 'tokens', tostring(tokens), 'stamp', now)
+        redis.call('PEXPIRE', key, math.ceil((rate - tokens) * period / rate) + 1000)
+    end
+    return {1, 0}
 end
-if wait > 0 then
-    return {0, wait}
-end
-for i, key in ipairs(KEYS) do
-    local rate, period, cost = tonumber(ARGV[4 * i - 3]), tonumber(ARGV[4 * i - 2]), tonumber(ARGV[4 * i - 1])
-    local tokens = levels[i] - cost
-    redis.call('HSET', key, 'tokens', tostring(tokens), 'stamp', now)
-    redis.call('PEXPIRE', key, math.ceil((rate - tokens) * period / rate) + 1000)
-end
-return {1, 0}
 """
 
+#: KEYS: the buckets. ARGV: per bucket rate, period (ms), cost, need (see ``SPEND_FUNCTION``).
+SPEND_SCRIPT = SPEND_FUNCTION + "return spend(KEYS, ARGV, clock_ms())\n"
 
 @dataclass(frozen=True)
 class Spend:
@@ -117,13 +124,25 @@ async def spend(layer: Any, user_id: Any, spends: Sequence[Spend]) -> Verdict:
     return verdict
 
 
+def bucket_shard(layer: Any, user_id: Any) -> int:
+    """The Redis shard holding ``user_id``'s buckets."""
+    return int(layer.consistent_hash(f"registry.budget.{user_id}"))
+
+
+def bucket_keys(layer: Any, user_id: Any, spends: Sequence[Spend]) -> list[str]:
+    return [f"{layer.prefix}registry.budget.{user_id}.{item.name}" for item in spends]
+
+
+def bucket_args(spends: Sequence[Spend]) -> list[Any]:
+    """``SPEND_FUNCTION``'s arguments for ``spends``."""
+    return [value for item in spends for value in (item.rate, round(item.per * 1000), item.cost, item.need)]
+
+
 async def _spend_redis(layer: Any, user_id: Any, spends: Sequence[Spend]) -> Verdict:
-    base = f"registry.budget.{user_id}"
-    keys = [f"{layer.prefix}{base}.{item.name}" for item in spends]
-    args = [value for item in spends for value in (item.rate, round(item.per * 1000), item.cost, item.need)]
+    keys, args = bucket_keys(layer, user_id, spends), bucket_args(spends)
     with layer_unavailable(layer):
         async with layer_slots():
-            connection = layer.connection(layer.consistent_hash(base))
+            connection = layer.connection(bucket_shard(layer, user_id))
             allowed, wait_ms = await connection.register_script(SPEND_SCRIPT)(keys=keys, args=args)
     return Verdict(bool(allowed), wait_ms / 1000)
 

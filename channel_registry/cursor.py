@@ -62,7 +62,7 @@ class Cursor:
             asked = Position.parse(since) if since is not None else None
         except ValueError:
             asked = None
-        recovery = await self.history.read(self.user_id, asked)
+        recovery = await self.history.read(self.user_id, asked, joining=True)
         self.position = recovery.head
         if since is None:
             return [control(POSITION_EVENT, recovery.head)]

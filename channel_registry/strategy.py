@@ -96,21 +96,28 @@ class DeliveryStrategy:
         """Send ``event`` to every live connection opened by the session ``session_key``."""
         raise NotImplementedError
 
-    async def reach(self, user_ids: Collection[Any]) -> int | None:
-        """How many live connections ``deliver`` would send to now; ``None`` when it cannot count.
-
-        What a sender's copy budget (``FANOUT_LIMIT``) pays before anything is stored or sent.
-        """
-        return None
-
-    async def reach_recipient(self, user_id: Any) -> tuple[bool, int | None]:
-        """A direct message's two questions: is ``user_id`` an active user, and ``reach([user_id])``.
+    async def resolve(self, user_id: Any) -> tuple[bool, list[str] | None]:
+        """A direct message's two questions: is ``user_id`` an active user, and ``routes(user_id)``.
 
         The mapping strategy answers both with one statement.
         """
-        if not await active_user_exists(user_id):
-            return False, None
-        return True, await self.reach([user_id])
+        return await active_user_exists(user_id), await self.routes(user_id)
+
+    async def routes(self, user_id: Any) -> list[str] | None:
+        """The live channels ``deliver`` would send ``user_id``'s events to now; ``None`` when it cannot list them.
+
+        What a sender's copy budget (``FANOUT_LIMIT``) pays for, one token each, before
+        anything is stored or sent; a strategy that lists them gets them sent with ``send_to``.
+        """
+        return None
+
+    async def send_to(self, channels: list[str], event: dict[str, Any]) -> Delivery:
+        """Send ``event`` to ``channels``, as listed by ``routes``."""
+        raise NotImplementedError
+
+    async def account(self, channels: int, failed: list[str]) -> Delivery:
+        """The ``Delivery`` of a send to ``channels`` channels that refused ``failed``; forgets dead processes."""
+        raise NotImplementedError
 
 
 async def active_user_exists(user_id: Any) -> bool:

@@ -56,10 +56,10 @@ TRANSACTION_CONTROL = {"BEGIN", "COMMIT", "ROLLBACK", "SAVEPOINT", "RELEASE"}
 
 def library_scripts() -> dict[str, str]:
     """SHA1 -> ``module.NAME`` of the library's Lua scripts: which step an ``EVALSHA`` is."""
-    from channel_registry import budget, delivery, history, redis_layer, slots
+    from channel_registry import budget, delivery, history, pipeline, redis_layer, slots
 
     names: dict[str, str] = {}
-    for module in (budget, delivery, history, redis_layer, slots):  # a defining module before an importing one
+    for module in (budget, delivery, history, pipeline, redis_layer, slots):  # a defining module before an importing one
         for name, value in vars(module).items():
             if name.endswith("_SCRIPT") and isinstance(value, str):
                 sha = hashlib.sha1(value.encode()).hexdigest()
