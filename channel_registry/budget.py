@@ -117,11 +117,29 @@ async def spend(layer: Any, user_id: Any, spends: Sequence[Spend]) -> Verdict:
         return Verdict(True)
     if is_redis_layer(layer):
         verdict = await _spend_redis(layer, user_id, spends)
+        mirror(layer, user_id, spends, verdict)
     else:
         verdict = _local_buckets(layer).spend(user_id, spends, time.monotonic())
     if not verdict.allowed:
         metrics.budget_refused([item.name for item in spends])
     return verdict
+
+
+def likely_refused(layer: Any, user_id: Any, spends: Sequence[Spend]) -> bool:
+    """Whether ``spend`` would refuse, as far as this process knows without a round trip.
+
+    Exact on a layer whose buckets live in this process. On Redis, from a copy of
+    the verdicts this process was given (``mirror``): other processes' spends only
+    take tokens, so a bucket the copy finds short is short in Redis too (up to the
+    two clocks' drift), and one it finds full may not be: then Redis decides.
+    What lets a sender over budget be refused before the registry is asked.
+    """
+    return bool(spends) and not _local_buckets(layer).affords(user_id, spends, time.monotonic())
+
+
+def mirror(layer: Any, user_id: Any, spends: Sequence[Spend], verdict: Verdict) -> None:
+    """Copy a verdict Redis gave into this process's buckets for ``likely_refused``."""
+    _local_buckets(layer).copy_verdict(user_id, spends, verdict, time.monotonic())
 
 
 def bucket_shard(layer: Any, user_id: Any) -> int:
@@ -148,7 +166,8 @@ async def _spend_redis(layer: Any, user_id: Any, spends: Sequence[Spend]) -> Ver
 
 
 class LocalBuckets:
-    """The buckets of one process (any layer but channels_redis): ``{(user, name): (tokens, stamp)}``."""
+    """The buckets of one process (any layer but channels_redis; on channels_redis, the copy
+    ``likely_refused`` reads): ``{(user, name): (tokens, stamp)}``."""
 
     #: Forget buckets that refilled completely once this many are held.
     PRUNE_AT = 10_000
@@ -166,6 +185,19 @@ class LocalBuckets:
         for item, tokens in levels:
             self.levels[(user_id, item.name)] = (tokens - item.cost, now)
         return Verdict(True)
+
+    def affords(self, user_id: Any, spends: Sequence[Spend], now: float) -> bool:
+        return all(self.level((user_id, item.name), item, now) >= item.need for item in spends)
+
+    def copy_verdict(self, user_id: Any, spends: Sequence[Spend], verdict: Verdict, now: float) -> None:
+        """Spent: take the cost. Refused: at most what refills to ``need`` in ``retry_after``."""
+        for item in spends:
+            key = (user_id, item.name)
+            tokens = self.level(key, item, now)
+            if verdict.allowed:
+                self.levels[key] = (tokens - item.cost, now)
+            else:
+                self.levels[key] = (min(tokens, item.need - verdict.retry_after * item.rate / item.per), now)
 
     def level(self, key: tuple[Any, str], item: Spend, now: float) -> float:
         tokens, stamp = self.levels.get(key, (item.rate, now))

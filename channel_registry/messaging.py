@@ -11,7 +11,9 @@ discloses cannot differ between transports. In order:
    after charging the sender's message budget as a message would (probing for
    recipients costs too: over the budget, the answer is ``rate_limited``);
 2. the sender's message budget (``RATE_LIMIT``) and, in the same spend, the bytes
-   the message will keep in the recipient's history (``HISTORY_SENDER_LIMIT``);
+   the message will keep in the recipient's history (``HISTORY_SENDER_LIMIT``).
+   A sender this process knows to be over it (``budget.likely_refused``) is
+   refused before step 1, so a flood over budget costs no registry query;
 3. the copies: the sender's ``FANOUT_LIMIT`` pays one token per connection found,
    before anything is stored or sent, so a refused flood never reaches the
    recipient's history or server process. With ``ACK_DELIVERED`` off, a refusal
@@ -57,6 +59,10 @@ class DirectMessages:
         with metrics.direct_message() as outcome:
             event = {"type": protocol.DIRECT_EVENT, "frame": self.build_direct_message(direct)}
             sending = self.sending_costs(event)
+            if budget.likely_refused(channel_layer(), self.sender.pk, sending):
+                # Decided before the registry is asked: a sender over budget costs no query.
+                await self.spend(sending, direct)
+                sending = []  # paid
             try:
                 recipient_id, routes, seen = await self.recipient(direct)
             except ProtocolError:

@@ -192,6 +192,8 @@ class Folded(Stepwise):
             async with layer_slots():
                 answer = await self.layer.connection(shard).register_script(FOLD_SCRIPT)(keys=keys, args=args)
         status = answer[0].decode()
+        verdict = budget.Verdict(False, answer[1] / 1000) if status == "messages" else budget.Verdict(True)
+        budget.mirror(self.layer, out.sender, out.sending, verdict)
         if status in ("messages", "copies"):
             refused = out.sending if status == "messages" else copies
             metrics.budget_refused([item.name for item in refused])
