@@ -13,6 +13,7 @@ from collections.abc import Collection
 from dataclasses import dataclass, field
 from typing import Any
 
+from channels.db import database_sync_to_async
 from channels.layers import get_channel_layer
 from django.core.exceptions import ImproperlyConfigured
 
@@ -121,4 +122,6 @@ class DeliveryStrategy:
 
 
 async def active_user_exists(user_id: Any) -> bool:
-    return await active_users().filter(pk=user_id).aexists()
+    # database_sync_to_async, not the async ORM: it closes stale connections itself, so a
+    # frame handler that asks it needs no ``close_old_connections`` hop (``socket_only_events``).
+    return await database_sync_to_async(active_users().filter(pk=user_id).exists)()
