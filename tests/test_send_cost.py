@@ -61,7 +61,8 @@ def library_scripts() -> dict[str, str]:
     from channel_registry import budget, delivery, history, pipeline, redis_layer, slots
 
     names: dict[str, str] = {}
-    for module in (budget, delivery, history, pipeline, redis_layer, slots):  # a defining module before an importing one
+    # A defining module before an importing one.
+    for module in (budget, delivery, history, pipeline, redis_layer, slots):
         for name, value in vars(module).items():
             if name.endswith("_SCRIPT") and isinstance(value, str):
                 sha = hashlib.sha1(value.encode()).hexdigest()
