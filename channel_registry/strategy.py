@@ -71,16 +71,23 @@ class DeliveryStrategy:
     ) -> Delivery:
         """Send ``event`` to every live connection of every user in ``user_ids``.
 
-        With ``recover``, the event is first appended to each user's history and
-        goes out carrying that user's position. Stored before the lookup: a
-        connection registered too late to be found reads the event from the
-        history on connect (see ``cursor.py``). ``sender`` is the user whose
-        share of each history the event takes (a direct message's); raises
-        ``HistoryShareExceeded``, sending nothing, when a history holds it already.
+        With ``recover``, the event is appended to each user's history and goes
+        out carrying that user's position, in an order that loses it for no
+        connection (see ``cursor.py``); for one user, through the direct
+        messages' pipeline (``pipeline.py``: on Redis, one script). ``sender`` is
+        the user whose share of each history the event takes (a direct message's);
+        raises ``HistoryShareExceeded``, sending nothing, when a history holds it already.
         """
         history = history_for(channel_layer()) if recover else None
         if history is None:
             return metrics.copies(await self.route(user_ids, event))
+        if len(user_ids) == 1:
+            from .pipeline import Outgoing, pipeline_for  # it builds on this module
+
+            (user_id,) = user_ids
+            seen = history.last_seen(user_id)  # before the lookup
+            out = Outgoing(sender, user_id, event, await self.routes(user_id), seen, [], None, keep_unpaid=False)
+            return await pipeline_for(channel_layer()).commit(out, self)
         positions = await history.append(user_ids, event, sender)
         metrics.history_appended(len(positions))
         if len(positions) < len(set(user_ids)):
