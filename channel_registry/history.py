@@ -538,7 +538,7 @@ JSON_KEY = "registry.json"
 class RedisHistory(History):
     """For ``RedisChannelLayer``: a stream per user on the shard that owns the user's key."""
 
-    #: Users whose last seen head this process remembers (the most recently seen).
+    #: Most users whose last seen head this process remembers.
     REMEMBERED = 10_000
 
     def __init__(self, layer: Any) -> None:
@@ -549,10 +549,13 @@ class RedisHistory(History):
         return self.heads.get(user_id)
 
     def saw(self, user_id: Any, head: Head) -> None:
-        """Remember ``head`` as the newest of ``user_id`` this process knows of."""
-        self.heads.pop(user_id, None)
+        """Remember ``head`` as the newest of ``user_id`` this process knows of.
+
+        Past ``REMEMBERED`` users all are forgotten at once (one atomic step: sync callers
+        run on other threads), and each one's next send takes a second call once.
+        """
         if len(self.heads) >= self.REMEMBERED:
-            del self.heads[next(iter(self.heads))]
+            self.heads.clear()
         self.heads[user_id] = head
 
     def append_args(self, event: dict[str, Any], sender: Any) -> list[Any]:
