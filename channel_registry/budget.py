@@ -66,6 +66,7 @@ end
 #: KEYS: the buckets. ARGV: per bucket rate, period (ms), cost, need (see ``SPEND_FUNCTION``).
 SPEND_SCRIPT = SPEND_FUNCTION + "return spend(KEYS, ARGV, clock_ms())\n"
 
+
 @dataclass(frozen=True)
 class Spend:
     """One bucket of one user: ``name`` with ``rate`` tokens per ``per`` seconds."""
@@ -191,6 +192,8 @@ class LocalBuckets:
 
     def copy_verdict(self, user_id: Any, spends: Sequence[Spend], verdict: Verdict, now: float) -> None:
         """Spent: take the cost. Refused: at most what refills to ``need`` in ``retry_after``."""
+        if len(self.levels) >= self.PRUNE_AT:
+            self.prune(now, {item.name: item for item in spends})
         for item in spends:
             key = (user_id, item.name)
             tokens = self.level(key, item, now)
