@@ -109,7 +109,9 @@ class DeliveryStrategy:
 
         The mapping strategy answers both with one statement.
         """
-        return await active_user_exists(user_id), await self.routes(user_id)
+        if not await active_user_exists(user_id):
+            return False, None
+        return True, await self.routes(user_id)
 
     async def routes(self, user_id: Any) -> list[str] | None:
         """The live channels ``deliver`` would send ``user_id``'s events to now; ``None`` when it cannot list them.
