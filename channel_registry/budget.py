@@ -29,34 +29,42 @@ from .conf import registry_settings
 from .delivery import is_redis_layer, layer_slots
 from .exceptions import layer_unavailable
 
-#: KEYS: the buckets. ARGV: per bucket rate, period (ms), cost, need.
+#: ``spend(keys, args, now)``: keys the buckets, args per bucket rate, period (ms), cost, need;
+#: ``now`` from ``clock_ms()``, Redis's own clock, so every process sees the same time.
 #: All or nothing: returns {1, 0} after spending, or {0, ms until every bucket has what it needs}.
-#: Redis's own clock, so every process sees the same time.
-SPEND_SCRIPT = """
-local clock = redis.call('TIME')
-local now = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
-local levels, wait = {}, 0
-for i, key in ipairs(KEYS) do
-    local rate, period, need = tonumber(ARGV[4 * i - 3]), tonumber(ARGV[4 * i - 2]), tonumber(ARGV[4 * i])
-    local state = redis.call('HMGET', key, 'tokens', 'stamp')
-    local tokens, stamp = tonumber(state[1]) or rate, tonumber(state[2]) or now
-    tokens = math.min(rate, tokens + math.max(0, now - stamp) * rate / period)
-    levels[i] = tokens
-    if tokens < need then
-        wait = math.max(wait, math.ceil((need - tokens) * period / rate))
+#: Lua functions, so that ``pipeline.FOLD_SCRIPT`` runs the same steps as the script of its own.
+SPEND_FUNCTION = """
+local function clock_ms()
+    local clock = redis.call('TIME')
+    return tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
+end
+local function spend(keys, args, now)
+    local levels, wait = {}, 0
+    for i, key in ipairs(keys) do
+        local rate, period, need = tonumber(args[4 * i - 3]), tonumber(args[4 * i - 2]), tonumber(args[4 * i])
+        local state = redis.call('HMGET', key, 'tokens', 'stamp')
+        local tokens, stamp = tonumber(state[1]) or rate, tonumber(state[2]) or now
+        tokens = math.min(rate, tokens + math.max(0, now - stamp) * rate / period)
+        levels[i] = tokens
+        if tokens < need then
+            wait = math.max(wait, math.ceil((need - tokens) * period / rate))
+        end
     end
+    if wait > 0 then
+        return {0, wait}
+    end
+    for i, key in ipairs(keys) do
+        local rate, period, cost = tonumber(args[4 * i - 3]), tonumber(args[4 * i - 2]), tonumber(args[4 * i - 1])
+        local tokens = levels[i] - cost
+        redis.call('HSET', key, 'tokens', tostring(tokens), 'stamp', now)
+        redis.call('PEXPIRE', key, math.ceil((rate - tokens) * period / rate) + 1000)
+    end
+    return {1, 0}
 end
-if wait > 0 then
-    return {0, wait}
-end
-for i, key in ipairs(KEYS) do
-    local rate, period, cost = tonumber(ARGV[4 * i - 3]), tonumber(ARGV[4 * i - 2]), tonumber(ARGV[4 * i - 1])
-    local tokens = levels[i] - cost
-    redis.call('HSET', key, 'tokens', tostring(tokens), 'stamp', now)
-    redis.call('PEXPIRE', key, math.ceil((rate - tokens) * period / rate) + 1000)
-end
-return {1, 0}
 """
+
+#: KEYS: the buckets. ARGV: per bucket rate, period (ms), cost, need (see ``SPEND_FUNCTION``).
+SPEND_SCRIPT = SPEND_FUNCTION + "return spend(KEYS, ARGV, clock_ms())\n"
 
 
 @dataclass(frozen=True)
@@ -110,6 +118,7 @@ async def spend(layer: Any, user_id: Any, spends: Sequence[Spend]) -> Verdict:
         return Verdict(True)
     if is_redis_layer(layer):
         verdict = await _spend_redis(layer, user_id, spends)
+        mirror(layer, user_id, spends, verdict)
     else:
         verdict = _local_buckets(layer).spend(user_id, spends, time.monotonic())
     if not verdict.allowed:
@@ -117,19 +126,49 @@ async def spend(layer: Any, user_id: Any, spends: Sequence[Spend]) -> Verdict:
     return verdict
 
 
+def likely_refused(layer: Any, user_id: Any, spends: Sequence[Spend]) -> bool:
+    """Whether ``spend`` would refuse, as far as this process knows without a round trip.
+
+    Exact on a layer whose buckets live in this process. On Redis, from a copy of
+    the verdicts this process was given (``mirror``): other processes' spends only
+    take tokens, so a bucket the copy finds short is short in Redis too (up to the
+    two clocks' drift), and one it finds full may not be: then Redis decides.
+    What lets a sender over budget be refused before the registry is asked.
+    """
+    return bool(spends) and not _local_buckets(layer).affords(user_id, spends, time.monotonic())
+
+
+def mirror(layer: Any, user_id: Any, spends: Sequence[Spend], verdict: Verdict) -> None:
+    """Copy a verdict Redis gave into this process's buckets for ``likely_refused``."""
+    _local_buckets(layer).copy_verdict(user_id, spends, verdict, time.monotonic())
+
+
+def bucket_shard(layer: Any, user_id: Any) -> int:
+    """The Redis shard holding ``user_id``'s buckets."""
+    return int(layer.consistent_hash(f"registry.budget.{user_id}"))
+
+
+def bucket_keys(layer: Any, user_id: Any, spends: Sequence[Spend]) -> list[str]:
+    return [f"{layer.prefix}registry.budget.{user_id}.{item.name}" for item in spends]
+
+
+def bucket_args(spends: Sequence[Spend]) -> list[Any]:
+    """``SPEND_FUNCTION``'s arguments for ``spends``."""
+    return [value for item in spends for value in (item.rate, round(item.per * 1000), item.cost, item.need)]
+
+
 async def _spend_redis(layer: Any, user_id: Any, spends: Sequence[Spend]) -> Verdict:
-    base = f"registry.budget.{user_id}"
-    keys = [f"{layer.prefix}{base}.{item.name}" for item in spends]
-    args = [value for item in spends for value in (item.rate, round(item.per * 1000), item.cost, item.need)]
+    keys, args = bucket_keys(layer, user_id, spends), bucket_args(spends)
     with layer_unavailable(layer):
         async with layer_slots():
-            connection = layer.connection(layer.consistent_hash(base))
+            connection = layer.connection(bucket_shard(layer, user_id))
             allowed, wait_ms = await connection.register_script(SPEND_SCRIPT)(keys=keys, args=args)
     return Verdict(bool(allowed), wait_ms / 1000)
 
 
 class LocalBuckets:
-    """The buckets of one process (any layer but channels_redis): ``{(user, name): (tokens, stamp)}``."""
+    """The buckets of one process (any layer but channels_redis; on channels_redis, the copy
+    ``likely_refused`` reads): ``{(user, name): (tokens, stamp)}``."""
 
     #: Forget buckets that refilled completely once this many are held.
     PRUNE_AT = 10_000
@@ -147,6 +186,21 @@ class LocalBuckets:
         for item, tokens in levels:
             self.levels[(user_id, item.name)] = (tokens - item.cost, now)
         return Verdict(True)
+
+    def affords(self, user_id: Any, spends: Sequence[Spend], now: float) -> bool:
+        return all(self.level((user_id, item.name), item, now) >= item.need for item in spends)
+
+    def copy_verdict(self, user_id: Any, spends: Sequence[Spend], verdict: Verdict, now: float) -> None:
+        """Spent: take the cost. Refused: at most what refills to ``need`` in ``retry_after``."""
+        if len(self.levels) >= self.PRUNE_AT:
+            self.prune(now, {item.name: item for item in spends})
+        for item in spends:
+            key = (user_id, item.name)
+            tokens = self.level(key, item, now)
+            if verdict.allowed:
+                self.levels[key] = (tokens - item.cost, now)
+            else:
+                self.levels[key] = (min(tokens, item.need - verdict.retry_after * item.rate / item.per), now)
 
     def level(self, key: tuple[Any, str], item: Spend, now: float) -> float:
         tokens, stamp = self.levels.get(key, (item.rate, now))

@@ -118,10 +118,13 @@ class RegistryConsumerMixin:
     cursor: Cursor | None = None
     #: What this connection may send (``INBOUND_LIMIT``); ``None`` without a limit.
     inbound: InboundGate | None = None
-    #: Channel layer events whose handlers only write to the socket. Channels runs
-    #: ``close_old_connections`` through the thread pool before every handler; for
-    #: these (one per delivered copy of every message) the hop is skipped. A
-    #: subclass whose handler of one of them uses the ORM takes it out of this set.
+    #: Events whose handlers need no ``close_old_connections`` first. Channels runs it
+    #: through the thread pool before every handler; for these the hop is skipped: the
+    #: channel layer events whose handlers only write to the socket (one per delivered
+    #: copy of every message). A subclass whose handler of one of them uses the ORM
+    #: takes it out of this set; one whose frame handlers reach the database only through
+    #: ``database_sync_to_async`` or the registry's native connections may add
+    #: ``"websocket.receive"`` (the demo does).
     socket_only_events: frozenset[str] = HISTORY_EVENTS
 
     async def websocket_connect(self, message) -> None:

@@ -2,16 +2,28 @@
 
 Why a connection gets every recoverable event exactly once, in order:
 
-- a sender appends the event to the user's history (which gives it its
-  ``seq``), *then* looks up the user's live connections, *then* sends;
 - a connection registers (row written, or group joined), *then* reads the
-  history after the client's position.
+  history after the client's position; that read counts it in the history's
+  ``joins`` (the same script, so atomically);
+- a sender notes the user's head as it last saw it (``seen``: epoch and joins, a
+  value Redis answered before), *then* looks up the live connections, *then*
+  appends the event (which gives it its ``seq``) and learns the head's epoch and
+  ``joins`` at that moment, atomically with the append, *then* sends: to the
+  connections it found if ``joins`` is still ``seen``'s, else to those of a
+  second lookup made after the append. Without a ``seen`` (a user this process
+  never saw), always the second lookup.
 
 Take any event E and connection C. If the sender's lookup ran after C's
-registration, C is found and E arrives live. If it ran before, then E's append,
-which came before that lookup, also came before C's registration and so before
-C's history read: the read returns E. Either way C gets E. Both can happen, so
-the cursor drops a ``seq`` it has already passed.
+registration, C is found and E arrives live. If it ran before, C registered after
+the lookup, so after ``seen`` was read. Either C's history read (and its count in
+``joins``) came before E's append: then the append finds ``joins`` moved past
+``seen`` (it only grows within an epoch; a new epoch differs from ``seen``'s too),
+and the second lookup, after the append and so after C's registration, finds C;
+or C's read came after the append and returns E. Either way C gets E. Both can
+happen, so the cursor drops a ``seq`` it has already passed. (``seen`` may be
+older than the newest head: any value Redis answered before the lookup will do,
+as ``joins`` only grows within an epoch.) Groups (and every send of ``send_to_user``) take the second lookup always: the
+proof is then the first half alone, the append before the lookup.
 
 Two senders to one user can race: the event numbered 7 may arrive live before
 6. Numbers are handed out by the append, so 6 was in the history before 7
@@ -19,6 +31,9 @@ existed; a gap is filled from the history at once, and the late 6 is dropped.
 A history that cannot fill it (trimmed, lost) produces a ``reset``, never a
 silent gap. (Centrifugo's subscribe and Mercure's ``AddSubscriber`` close the
 same race with a buffer; here the consumer's queue is the buffer.)
+
+``tests/test_history.py::test_a_tab_that_joins_between_the_lookup_and_the_append_gets_the_message_live_once``
+makes the rare interleaving happen on purpose.
 """
 
 from __future__ import annotations
@@ -69,7 +84,7 @@ class Cursor:
             asked = Position.parse(since) if since is not None else None
         except ValueError:
             asked = None
-        recovery = await self.history.read(self.user_id, asked)
+        recovery = await self.history.read(self.user_id, asked, joining=True)
         self.position = recovery.head
         if since is None:
             return [opening(POSITION_EVENT, recovery.head)]

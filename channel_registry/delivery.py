@@ -33,29 +33,37 @@ T = TypeVar("T")
 #: Keys per EVAL: bounds how long one script holds Redis and its argument list.
 CHUNK_KEYS = 1000
 
-#: Per key, the same steps as ``RedisChannelLayer.send``: trim expired messages,
-#: refuse when at capacity, else add with the current time and refresh the TTL.
-#: KEYS: n channel keys. ARGV: n messages, n capacities, trim_before, now, expiry.
-#: Returns the 1-based positions of the keys that were full.
-SEND_SCRIPT = """
-local n = #KEYS
-local trim_before, now, expiry = ARGV[2 * n + 1], ARGV[2 * n + 2], ARGV[2 * n + 3]
-local full = {}
-for i = 1, n do
-    redis.call('ZREMRANGEBYSCORE', KEYS[i], 0, trim_before)
-    if redis.call('ZCOUNT', KEYS[i], '-inf', '+inf') >= tonumber(ARGV[n + i]) then
-        full[#full + 1] = i
-    else
-        redis.call('ZADD', KEYS[i], now, ARGV[i])
-        redis.call('EXPIRE', KEYS[i], expiry)
+#: ``send(keys, args)``, per key the same steps as ``RedisChannelLayer.send``: trim expired
+#: messages, refuse when at capacity, else add with the current time and refresh the TTL.
+#: keys: n channel keys. args: n messages, n capacities, trim_before, now, expiry.
+#: Returns the 1-based positions of the keys that were full. A Lua function, so that
+#: ``pipeline.FOLD_SCRIPT`` runs the same steps as the script of its own.
+SEND_FUNCTION = """
+local function send(keys, args)
+    local n = #keys
+    local trim_before, now, expiry = args[2 * n + 1], args[2 * n + 2], args[2 * n + 3]
+    local full = {}
+    for i = 1, n do
+        redis.call('ZREMRANGEBYSCORE', keys[i], 0, trim_before)
+        if redis.call('ZCOUNT', keys[i], '-inf', '+inf') >= tonumber(args[n + i]) then
+            full[#full + 1] = i
+        else
+            redis.call('ZADD', keys[i], now, args[i])
+            redis.call('EXPIRE', keys[i], expiry)
+        end
     end
+    return full
 end
-return full
 """
 
+#: KEYS: n channel keys. ARGV: n messages, n capacities, trim_before, now, expiry (see ``SEND_FUNCTION``).
+SEND_SCRIPT = SEND_FUNCTION + "return send(KEYS, ARGV)\n"
 
 #: One message and the channels it goes to.
 Batch = tuple[dict[str, Any], Sequence[str]]
+
+#: One key of a Redis send: the key, the serialized message, its capacity, the channels it reaches.
+Entry = tuple[str, bytes, int, list[str]]
 
 
 async def send_many(
@@ -131,22 +139,13 @@ async def _send_batched(layer: Any, batches: Sequence[Batch], concurrency: int) 
     ``send`` writes it, and the shard of their name (``receive`` polls every
     shard in turn for them). A key may appear once per batch in one script.
     """
-    entries_by_shard: dict[int, list[tuple[str, bytes, int, list[str]]]] = defaultdict(list)
-    for message, channels in batches:
-        by_name: dict[str, list[str]] = defaultdict(list)
-        for channel in channels:
-            layer.require_valid_channel_name(channel)
-            by_name[layer.non_local_name(channel)].append(channel)
-        for name, targets in by_name.items():
-            body = {**message, "__asgi_channel__": targets} if "!" in name else message
-            entry = (layer.prefix + name, layer.serialize(body), layer.get_capacity(targets[0]), targets)
-            entries_by_shard[layer.consistent_hash(name)].append(entry)
-
-    now = time.time()
-    tail = [int(now) - int(layer.expiry), now, int(layer.expiry)]
+    entries_by_shard: dict[int, list[Entry]] = defaultdict(list)
+    for shard, entry in process_entries(layer, batches):
+        entries_by_shard[shard].append(entry)
+    tail = send_tail(layer)
     full: set[str] = set()
 
-    async def send_chunk(chunk: tuple[int, list[tuple[str, bytes, int, list[str]]]]) -> None:
+    async def send_chunk(chunk: tuple[int, list[Entry]]) -> None:
         shard, entries = chunk
         script = layer.connection(shard).register_script(SEND_SCRIPT)
         args = [entry[1] for entry in entries] + [entry[2] for entry in entries]
@@ -160,6 +159,27 @@ async def _send_batched(layer: Any, batches: Sequence[Batch], concurrency: int) 
     ]
     await run_bounded(chunks, send_chunk, concurrency)
     return full
+
+
+def process_entries(layer: Any, batches: Sequence[Batch]) -> list[tuple[int, Entry]]:
+    """Each batch as ``RedisChannelLayer`` keys them, with the shard of each key (see ``_send_batched``)."""
+    entries = []
+    for message, channels in batches:
+        by_name: dict[str, list[str]] = defaultdict(list)
+        for channel in channels:
+            layer.require_valid_channel_name(channel)
+            by_name[layer.non_local_name(channel)].append(channel)
+        for name, targets in by_name.items():
+            body = {**message, "__asgi_channel__": targets} if "!" in name else message
+            entry = (layer.prefix + name, layer.serialize(body), layer.get_capacity(targets[0]), targets)
+            entries.append((int(layer.consistent_hash(name)), entry))
+    return entries
+
+
+def send_tail(layer: Any) -> list[Any]:
+    """``SEND_FUNCTION``'s last arguments: trim before, now, expiry."""
+    now = time.time()
+    return [int(now) - int(layer.expiry), now, int(layer.expiry)]
 
 
 def layer_slots() -> asyncio.Semaphore:

@@ -123,6 +123,28 @@ class Position:
 
 
 @dataclass(frozen=True)
+class Head:
+    """A user's history as one script saw it: its newest position, and how many connections joined it.
+
+    ``joins`` counts the connections that started reading this history (``Cursor.start``):
+    a sender that saw the same epoch and ``joins`` before its route lookup and at its
+    append knows that no connection registered in between (see ``cursor.py``).
+    """
+
+    epoch: str
+    seq: int
+    joins: int
+
+    @property
+    def position(self) -> Position:
+        return Position(self.epoch, self.seq)
+
+    def same_connections(self, earlier: Head | None) -> bool:
+        """No connection joined this history between ``earlier`` and this head."""
+        return earlier is not None and (earlier.epoch, earlier.joins) == (self.epoch, self.joins)
+
+
+@dataclass(frozen=True)
 class Recovery:
     """The answer to "what came after this position": the events, or why not."""
 
@@ -229,10 +251,24 @@ class History:
         the sender's share (``HISTORY_SENDER_SHARE``) does not take it and is left
         out of the answer.
         """
+        heads = await self.append_heads(user_ids, event, sender)
+        return {user_id: head.position for user_id, head in heads.items()}
+
+    async def append_heads(
+        self, user_ids: Collection[Any], event: dict[str, Any], sender: Any = None
+    ) -> dict[Any, Head]:
+        """``append``, answering each user's head right after the event went in."""
         raise NotImplementedError
 
-    async def read(self, user_id: Any, since: Position | None) -> Recovery:
-        """The head, and with ``since`` the events after it (at most ``RECOVERY_LIMIT`` and ``RECOVERY_MAX_BYTES``)."""
+    async def read(self, user_id: Any, since: Position | None, joining: bool = False) -> Recovery:
+        """The head, and with ``since`` the events after it (at most ``RECOVERY_LIMIT`` and ``RECOVERY_MAX_BYTES``).
+
+        ``joining``: a connection starts reading this history (counted in ``Head.joins``).
+        """
+        raise NotImplementedError
+
+    def last_seen(self, user_id: Any) -> Head | None:
+        """The newest head of ``user_id`` this process knows of, without a round trip; ``None`` if none."""
         raise NotImplementedError
 
 
@@ -256,6 +292,7 @@ class UserLog:
     events: deque[Kept] = field(default_factory=deque)
     bytes: int = 0
     held: dict[Any, int] = field(default_factory=dict)
+    joins: int = 0
     #: ``time.time()`` of the newest event, and of the last append or read.
     appended: float = 0.0
     used: float = 0.0
@@ -309,14 +346,14 @@ class MemoryHistory(History):
             elif now - user.appended > ttl:
                 user.trim(window, now)  # every event is older than the window: all go
 
-    async def append(
+    async def append_heads(
         self, user_ids: Collection[Any], event: dict[str, Any], sender: Any = None
-    ) -> dict[Any, Position]:
+    ) -> dict[Any, Head]:
         window, now = Window.current(), time.time()
         size = len(as_json(event, default=repr))
         kept = event if size <= window.event_bytes else None
         size = size if kept else 0
-        positions = {}
+        heads = {}
         for user_id in user_ids:
             log = self._user(user_id, now)
             log.trim(window, now)
@@ -329,12 +366,17 @@ class MemoryHistory(History):
                 log.held[sender] = log.held.get(sender, 0) + window.weight(size)
             log.trim(window, now)
             log.appended = now
-            positions[user_id] = Position(log.epoch, log.seq)
-        return positions
+            heads[user_id] = Head(log.epoch, log.seq, log.joins)
+        return heads
 
-    async def read(self, user_id: Any, since: Position | None) -> Recovery:
+    def last_seen(self, user_id: Any) -> Head | None:
+        log = self.users.get(user_id)
+        return None if log is None else Head(log.epoch, log.seq, log.joins)
+
+    async def read(self, user_id: Any, since: Position | None, joining: bool = False) -> Recovery:
         now = time.time()
         log = self._user(user_id, now)
+        log.joins += joining
         head = Position(log.epoch, log.seq)
         options = registry_settings()
         if since is None:
@@ -377,52 +419,55 @@ local function current_epoch(head, stream, new_epoch)
 end
 """
 
-#: Per user: the head hash (epoch, term, seq, bytes: every byte appended in this epoch, and
-#: ``held:<sender>``: the weight of a sender's direct messages kept), then the stream of
-#: events, id ``<seq>-0``, fields t (sent, ms), b (the head's bytes before it), s (sender
-#: or ""), e (the event, or "" when it was too large to keep).
-#: KEYS: head, stream per user. ARGV: event, now (ms), most events, ttl (s), head ttl (s),
-#: oldest kept (ms), most bytes, sender, sender share, least weight, one new epoch per user.
-#: Returns epoch, seq per user; both false for a user whose history holds the sender's share.
+#: Per user: the head hash (epoch, term, seq, bytes: every byte appended in this epoch,
+#: joins: connections that started reading it (see ``cursor.py``), and ``held:<sender>``: the
+#: weight of a sender's direct messages kept), then the stream of events, id ``<seq>-0``,
+#: fields t (sent, ms), b (the head's bytes before it), s (sender or ""), e (the event, or ""
+#: when it was too large to keep).
+#: ``appender(args)``, args: event, now (ms), most events, ttl (s), head ttl (s), oldest kept (ms),
+#: most bytes, sender, sender share, least weight. Returns ``append(head, stream, new epoch)``,
+#: which answers epoch, seq, joins; epoch and seq false when the history holds the sender's share.
 #: A stream whose head is gone or of another term belongs to a lost epoch: it is dropped with it.
-APPEND_SCRIPT = HEAD_SCRIPT + """
-local event, now, max_events, ttl, head_ttl = ARGV[1], ARGV[2], tonumber(ARGV[3]), ARGV[4], ARGV[5]
-local oldest_kept, max_bytes, sender = tonumber(ARGV[6]), tonumber(ARGV[7]), ARGV[8]
-local share, min_weight = tonumber(ARGV[9]), tonumber(ARGV[10])
-local function weight(body)
-    return math.max(#body, min_weight)
-end
-local function trim(head, stream, total)
-    local count = redis.call('XLEN', stream)
-    while count > 0 do
-        local oldest = redis.call('XRANGE', stream, '-', '+', 'COUNT', 1)[1]
-        local fields = oldest[2]
-        if count <= max_events and total - tonumber(fields[4]) <= max_bytes and tonumber(fields[2]) >= oldest_kept then
-            return
-        end
-        redis.call('XTRIM', stream, 'MINID', (tonumber(string.match(oldest[1], '^%d+')) + 1) .. '-0')
-        if fields[6] ~= '' and redis.call('HINCRBY', head, 'held:' .. fields[6], -weight(fields[8])) <= 0 then
-            redis.call('HDEL', head, 'held:' .. fields[6])
-        end
-        count = count - 1
+APPEND_FUNCTION = """
+local function appender(args)
+    local event, now, max_events, ttl, head_ttl = args[1], args[2], tonumber(args[3]), args[4], args[5]
+    local oldest_kept, max_bytes, sender = tonumber(args[6]), tonumber(args[7]), args[8]
+    local share, min_weight = tonumber(args[9]), tonumber(args[10])
+    local function weight(body)
+        return math.max(#body, min_weight)
     end
-end
-local out = {}
-for i = 1, #KEYS / 2 do
-    local head, stream = KEYS[2 * i - 1], KEYS[2 * i]
-    local epoch = current_epoch(head, stream, ARGV[10 + i])
-    if redis.call('EXISTS', stream) == 0 then
-        -- Its events expired with the stream: so did every sender's share of them.
-        for _, name in ipairs(redis.call('HKEYS', head)) do
-            if string.sub(name, 1, 5) == 'held:' then
-                redis.call('HDEL', head, name)
+    local function trim(head, stream, total)
+        local count = redis.call('XLEN', stream)
+        while count > 0 do
+            local oldest = redis.call('XRANGE', stream, '-', '+', 'COUNT', 1)[1]
+            local fields = oldest[2]
+            local fits = count <= max_events and total - tonumber(fields[4]) <= max_bytes
+            if fits and tonumber(fields[2]) >= oldest_kept then
+                return
+            end
+            redis.call('XTRIM', stream, 'MINID', (tonumber(string.match(oldest[1], '^%d+')) + 1) .. '-0')
+            if fields[6] ~= '' and redis.call('HINCRBY', head, 'held:' .. fields[6], -weight(fields[8])) <= 0 then
+                redis.call('HDEL', head, 'held:' .. fields[6])
+            end
+            count = count - 1
+        end
+    end
+    return function(head, stream, new_epoch)
+        local epoch = current_epoch(head, stream, new_epoch)
+        if redis.call('EXISTS', stream) == 0 then
+            -- Its events expired with the stream: so did every sender's share of them.
+            for _, name in ipairs(redis.call('HKEYS', head)) do
+                if string.sub(name, 1, 5) == 'held:' then
+                    redis.call('HDEL', head, name)
+                end
             end
         end
-    end
-    local total = tonumber(redis.call('HGET', head, 'bytes') or 0)
-    trim(head, stream, total)
-    out[2 * i - 1], out[2 * i] = false, false
-    if sender == '' or tonumber(redis.call('HGET', head, 'held:' .. sender) or 0) + weight(event) <= share then
+        local state = redis.call('HMGET', head, 'bytes', 'joins')
+        local total, joins = tonumber(state[1]) or 0, tonumber(state[2]) or 0
+        trim(head, stream, total)
+        if sender ~= '' and tonumber(redis.call('HGET', head, 'held:' .. sender) or 0) + weight(event) > share then
+            return false, false, joins
+        end
         local seq = redis.call('HINCRBY', head, 'seq', 1)
         redis.call('XADD', stream, seq .. '-0', 't', now, 'b', total, 's', sender, 'e', event)
         redis.call('HSET', head, 'bytes', total + #event)
@@ -432,42 +477,56 @@ for i = 1, #KEYS / 2 do
         trim(head, stream, total + #event)
         redis.call('EXPIRE', stream, ttl)
         redis.call('EXPIRE', head, head_ttl)
-        out[2 * i - 1], out[2 * i] = epoch, seq
+        return epoch, seq, joins
     end
+end
+"""
+
+#: KEYS: head, stream per user. ARGV: ``appender``'s args, then one new epoch per user.
+#: Returns epoch, seq, joins per user (see ``APPEND_FUNCTION``).
+APPEND_SCRIPT = HEAD_SCRIPT + APPEND_FUNCTION + """
+local append = appender(ARGV)
+local out = {}
+for i = 1, #KEYS / 2 do
+    out[3 * i - 2], out[3 * i - 1], out[3 * i] = append(KEYS[2 * i - 1], KEYS[2 * i], ARGV[10 + i])
 end
 return out
 """
 
-#: KEYS: head, stream. ARGV: new epoch, head ttl (s), then (when recovering) since epoch, since seq,
-#: oldest kept (ms), most events, most bytes. Returns epoch, seq, then — when the position is of this
-#: epoch, behind the head and within the event limit — "expired" (an event after it is no longer
-#: kept), "too_many" (the events after it hold more than the most bytes) or "ok" and the payloads
-#: after it, oldest first. The bytes are counted before any event is read (the first one's ``b``).
+#: KEYS: head, stream. ARGV: new epoch, head ttl (s), joining ("1" when a connection starts: counted
+#: in ``joins``), then (when recovering) since epoch, since seq, oldest kept (ms), most events, most
+#: bytes. Returns epoch, seq, joins, then — when the position is of this epoch, behind the head and
+#: within the event limit — "expired" (an event after it is no longer kept), "too_many" (the events
+#: after it hold more than the most bytes) or "ok" and the payloads after it, oldest first. The bytes
+#: are counted before any event is read (the first one's ``b``).
 READ_SCRIPT = HEAD_SCRIPT + """
 local head, stream = KEYS[1], KEYS[2]
 local epoch = current_epoch(head, stream, ARGV[1])
 redis.call('EXPIRE', head, ARGV[2])
+if ARGV[3] == '1' then
+    redis.call('HINCRBY', head, 'joins', 1)
+end
 local seq = tonumber(redis.call('HGET', head, 'seq'))
-local out = {epoch, seq}
-if not ARGV[3] or ARGV[3] ~= epoch then
+local out = {epoch, seq, tonumber(redis.call('HGET', head, 'joins') or 0)}
+if not ARGV[4] or ARGV[4] ~= epoch then
     return out
 end
-local since = tonumber(ARGV[4])
-if since >= seq or seq - since > tonumber(ARGV[6]) then
+local since = tonumber(ARGV[5])
+if since >= seq or seq - since > tonumber(ARGV[7]) then
     return out
 end
 local first = redis.call('XRANGE', stream, (since + 1) .. '-0', '+', 'COUNT', 1)[1]
-if not first or first[1] ~= (since + 1) .. '-0' or tonumber(first[2][2]) < tonumber(ARGV[5]) then
-    out[3] = 'expired'
+if not first or first[1] ~= (since + 1) .. '-0' or tonumber(first[2][2]) < tonumber(ARGV[6]) then
+    out[4] = 'expired'
     return out
 end
-if tonumber(redis.call('HGET', head, 'bytes')) - tonumber(first[2][4]) > tonumber(ARGV[7]) then
-    out[3] = 'too_many'
+if tonumber(redis.call('HGET', head, 'bytes')) - tonumber(first[2][4]) > tonumber(ARGV[8]) then
+    out[4] = 'too_many'
     return out
 end
-out[3] = 'ok'
+out[4] = 'ok'
 for i, entry in ipairs(redis.call('XRANGE', stream, (since + 1) .. '-0', '+', 'COUNT', seq - since)) do
-    out[i + 3] = entry[2][8]
+    out[i + 4] = entry[2][8]
 end
 return out
 """
@@ -479,8 +538,34 @@ JSON_KEY = "registry.json"
 class RedisHistory(History):
     """For ``RedisChannelLayer``: a stream per user on the shard that owns the user's key."""
 
+    #: Most users whose last seen head this process remembers.
+    REMEMBERED = 10_000
+
     def __init__(self, layer: Any) -> None:
         self.layer = layer
+        self.heads: dict[Any, Head] = {}
+
+    def last_seen(self, user_id: Any) -> Head | None:
+        return self.heads.get(user_id)
+
+    def saw(self, user_id: Any, head: Head) -> None:
+        """Remember ``head`` as the newest of ``user_id`` this process knows of.
+
+        Past ``REMEMBERED`` users all are forgotten at once (one atomic step: sync callers
+        run on other threads), and each one's next send takes a second call once.
+        """
+        if len(self.heads) >= self.REMEMBERED:
+            self.heads.clear()
+        self.heads[user_id] = head
+
+    def append_args(self, event: dict[str, Any], sender: Any) -> list[Any]:
+        """``APPEND_FUNCTION``'s ``appender`` arguments."""
+        window, now = Window.current(), time.time()
+        return [
+            self.encode(event, window), int(now * 1000), window.events, int(window.ttl), HEAD_TTL,
+            int((now - window.ttl) * 1000), window.bytes, "" if sender is None else str(sender),
+            window.share, window.min_weight,
+        ]  # fmt: skip
 
     def keys(self, user_id: Any) -> tuple[int, str, str]:
         # "v2": the entries gained fields (b, s); a history of the old layout is simply another epoch.
@@ -502,19 +587,14 @@ class RedisHistory(History):
         value = self.layer.deserialize(payload)
         return json.loads(value[JSON_KEY]) if list(value) == [JSON_KEY] else value
 
-    async def append(
+    async def append_heads(
         self, user_ids: Collection[Any], event: dict[str, Any], sender: Any = None
-    ) -> dict[Any, Position]:
-        window, now = Window.current(), time.time()
+    ) -> dict[Any, Head]:
         by_shard: dict[int, list[Any]] = {}
         for user_id in user_ids:
             by_shard.setdefault(self.keys(user_id)[0], []).append(user_id)
-        positions = {}
-        args = [
-            self.encode(event, window), int(now * 1000), window.events, int(window.ttl), HEAD_TTL,
-            int((now - window.ttl) * 1000), window.bytes, "" if sender is None else str(sender),
-            window.share, window.min_weight,
-        ]  # fmt: skip
+        heads = {}
+        args = self.append_args(event, sender)
         with layer_unavailable(self.layer):
             for shard, users in by_shard.items():
                 script = self.layer.connection(shard).register_script(APPEND_SCRIPT)
@@ -523,27 +603,31 @@ class RedisHistory(History):
                     keys = [key for user_id in chunk for key in self.keys(user_id)[1:]]
                     answer = await script(keys=keys, args=args + [new_epoch() for _ in chunk])
                     for i, user_id in enumerate(chunk):
-                        if answer[2 * i] is not None:
-                            positions[user_id] = Position(answer[2 * i].decode(), int(answer[2 * i + 1]))
-        return positions
+                        epoch, seq, joins = answer[3 * i : 3 * i + 3]
+                        if epoch is not None:
+                            heads[user_id] = Head(epoch.decode(), int(seq), int(joins))
+                            self.saw(user_id, heads[user_id])
+        return heads
 
-    async def read(self, user_id: Any, since: Position | None) -> Recovery:
+    async def read(self, user_id: Any, since: Position | None, joining: bool = False) -> Recovery:
         options = registry_settings()
         shard, head_key, stream_key = self.keys(user_id)
-        args: list[Any] = [new_epoch(), HEAD_TTL]
+        args: list[Any] = [new_epoch(), HEAD_TTL, int(joining)]
         if since is not None:
             oldest_kept = int((time.time() - options.HISTORY_TTL) * 1000)
             args += [since.epoch, since.seq, oldest_kept, options.RECOVERY_LIMIT, options.RECOVERY_MAX_BYTES]
         with layer_unavailable(self.layer):
             script = self.layer.connection(shard).register_script(READ_SCRIPT)
             answer = await script(keys=[head_key, stream_key], args=args)
-        head = Position(answer[0].decode(), int(answer[1]))
+        seen = Head(answer[0].decode(), int(answer[1]), int(answer[2]))
+        self.saw(user_id, seen)
+        head = seen.position
         if since is None:
             return Recovery(head)
         reset = check_limits(head, since)
         if reset:
             return Recovery(head, reset=reset)
-        status, payloads = (answer[2].decode(), answer[3:]) if len(answer) > 2 else ("ok", [])
+        status, payloads = (answer[3].decode(), answer[4:]) if len(answer) > 3 else ("ok", [])
         if status != "ok":
             return Recovery(head, reset=status)
         if b"" in payloads:  # an event too large to keep

@@ -74,15 +74,15 @@ class MappingStrategy(DeliveryStrategy):
                 channels.append(name)
         return await self.send_batches([(stamped(event, users), channels) for users, channels in by_process.values()])
 
-    async def reach(self, user_ids: Collection) -> int:
-        live = await row_store().live_channels(user_ids)
-        return sum(len(names) for names in live.values())
-
-    async def reach_recipient(self, user_id: Any) -> tuple[bool, int | None]:
-        if type(self).reach is not MappingStrategy.reach:  # a subclass counts copies its own way
-            return await super().reach_recipient(user_id)
+    async def resolve(self, user_id: Any) -> tuple[bool, list[str] | None]:
         names = await row_store().recipient_channels(user_id)
-        return names is not None, len(names or ())
+        return names is not None, names or []
+
+    async def routes(self, user_id: Any) -> list[str]:
+        return (await row_store().live_channels([user_id])).get(user_id, [])
+
+    async def send_to(self, channels: list[str], event: dict) -> Delivery:
+        return await self.send_batches([(event, channels)])
 
     async def deliver_to_session(self, session_key: str, event: dict) -> Delivery:
         rows = await database_sync_to_async(session_rows)(session_digest(session_key))
@@ -93,7 +93,9 @@ class MappingStrategy(DeliveryStrategy):
         if not channels:
             return Delivery(channels=0, sent=0, failed=[])
         concurrency = registry_settings().SEND_CONCURRENCY
-        failed = await send_batches(channel_layer(), batches, concurrency=concurrency)
+        return await self.account(channels, await send_batches(channel_layer(), batches, concurrency=concurrency))
+
+    async def account(self, channels: int, failed: list[str]) -> Delivery:
         if failed:
             await database_sync_to_async(prune_dead_servers)(failed)
         return Delivery(channels=channels, sent=channels - len(failed), failed=failed)

@@ -5,21 +5,25 @@ HTTP view that lets a page send (the demo's ``POST /messages/``) uses the same
 class, so the policy (``CAN_MESSAGE``), the sender's budgets and what the ack
 discloses cannot differ between transports. In order:
 
-1. the sender's message budget (``RATE_LIMIT``) and, in the same spend, the bytes
-   the message will keep in the recipient's history (``HISTORY_SENDER_LIMIT``),
-   before anything else: probing for recipients costs too;
-2. the recipient: an active user the policy lets the sender reach. A refusal
-   answers ``unknown_recipient`` like a missing account unless ``REVEAL_REFUSALS``;
-3. the copies: the recipient's live connections are counted and, before anything
-   is stored or sent, the sender's ``FANOUT_LIMIT`` pays one token per connection,
-   so a refused flood never reaches the recipient's history or server process
-   (without hooks or a policy, 2 and 3 are one registry statement). With
-   ``ACK_DELIVERED`` off, a refusal would tell the sender what the ack hides: the
-   message is then kept in the history without being sent (``keep``), and answered
-   like any other;
+1. the recipient: an active user the policy lets the sender reach, and their live
+   connections (without hooks or a policy, one registry statement). A refusal
+   answers ``unknown_recipient`` like a missing account unless ``REVEAL_REFUSALS``,
+   after charging the sender's message budget as a message would (probing for
+   recipients costs too: over the budget, the answer is ``rate_limited``);
+2. the sender's message budget (``RATE_LIMIT``) and, in the same spend, the bytes
+   the message will keep in the recipient's history (``HISTORY_SENDER_LIMIT``).
+   A sender this process knows to be over it (``budget.likely_refused``) is
+   refused before step 1, so a flood over budget costs no registry query;
+3. the copies: the sender's ``FANOUT_LIMIT`` pays one token per connection found,
+   before anything is stored or sent, so a refused flood never reaches the
+   recipient's history or server process. With ``ACK_DELIVERED`` off, a refusal
+   would tell the sender what the ack hides: the message is then kept in the
+   history without being sent, and answered like any other;
 4. delivery, refused with ``rate_limited`` when the recipient's history already
    holds the sender's share (``HISTORY_SENDER_SHARE``), and the ack, with
    ``delivered`` only if ``ACK_DELIVERED``.
+
+Steps 2 to 4 are ``channel_registry.pipeline``'s: on a Redis layer, one script.
 """
 
 from __future__ import annotations
@@ -33,7 +37,8 @@ from django.utils.module_loading import import_string
 from . import budget, metrics, protocol
 from .conf import registry_settings
 from .exceptions import HistoryShareExceeded
-from .history import as_json, history_for
+from .history import Head, as_json, history_for
+from .pipeline import Outgoing, Refused, pipeline_for
 from .protocol import Direct, ProtocolError
 from .strategy import Delivery, DeliveryStrategy, active_user_exists, channel_layer
 
@@ -53,34 +58,52 @@ class DirectMessages:
         """Deliver ``direct`` and return the sender's ``ack`` frame; raise ``ProtocolError`` when refused."""
         with metrics.direct_message() as outcome:
             event = {"type": protocol.DIRECT_EVENT, "frame": self.build_direct_message(direct)}
-            await self.spend(self.sending_costs(event), direct)
-            recipient_id, copies = await self.recipient(direct)
+            sending = self.sending_costs(event)
+            if budget.likely_refused(channel_layer(), self.sender.pk, sending):
+                # Decided before the registry is asked: a sender over budget costs no query.
+                await self.spend(sending, direct)
+                sending = []  # paid
             try:
-                if await self.pay_copies(direct, copies):
-                    # Recoverable: a connection of the recipient that reconnects replays it (see history.py).
-                    delivery = await self.strategy.deliver([recipient_id], event, recover=True, sender=self.sender.pk)
-                else:
-                    delivery = await self.keep(recipient_id, event)
+                recipient_id, routes, seen = await self.recipient(direct)
+            except ProtocolError:
+                await self.spend(sending, direct)
+                raise
+            options = registry_settings()
+            outgoing = Outgoing(
+                self.sender.pk, recipient_id, event, routes, seen, sending,
+                copies=copies_cost(routes), keep_unpaid=not options.ACK_DELIVERED,
+            )  # fmt: skip
+            try:
+                delivery = await pipeline_for(channel_layer()).commit(outgoing, self.strategy)
+            except Refused as refusal:
+                raise ProtocolError(
+                    protocol.RATE_LIMITED, f"too many {refusal.names}; slow down", direct.id,
+                    retry_after=refusal.retry_after,
+                ) from None  # fmt: skip
             except HistoryShareExceeded:
                 detail = "too many of your messages are waiting for this user; try again later"
                 raise ProtocolError(protocol.RATE_LIMITED, detail, direct.id) from None
             await self.delivered(direct, delivery)
             outcome.delivered(delivery)
-            return protocol.ack_frame(direct.id, delivery.sent if registry_settings().ACK_DELIVERED else None)
+            return protocol.ack_frame(direct.id, delivery.sent if options.ACK_DELIVERED else None)
 
-    async def recipient(self, direct: Direct) -> tuple[Any, int | None]:
-        """Who receives ``direct``, and how many connections it reaches; ``ProtocolError`` if refused.
+    async def recipient(self, direct: Direct) -> tuple[Any, list[str] | None, Head | None]:
+        """Who receives ``direct``, their live channels, and their history's head as seen before
+        the lookup (see ``pipeline.py``); ``ProtocolError`` if refused.
 
         Under the library's own rules (see ``default_rules``) the strategy answers
-        both with one statement; otherwise the hooks run first, then ``reach``.
+        with one statement; otherwise the hooks run first, then the lookup.
         """
+        history = history_for(channel_layer())
         if self.default_rules():
-            found, copies = await self.strategy.reach_recipient(direct.to)
+            seen = history.last_seen(direct.to) if history else None
+            found, routes = await self.strategy.resolve(direct.to)
             await self.check_recipient(direct, direct.to if found else None)
-            return direct.to, copies
+            return direct.to, routes, seen
         recipient_id = await self.get_recipient(direct.to)
         await self.check_recipient(direct, recipient_id)
-        return recipient_id, await self.strategy.reach([recipient_id])
+        seen = history.last_seen(recipient_id) if history else None
+        return recipient_id, await self.strategy.routes(recipient_id), seen
 
     async def check_recipient(self, direct: Direct, recipient_id: Any) -> None:
         """Refuse a missing or forbidden recipient, and oneself unless ``ALLOW_SELF_MESSAGE``."""
@@ -109,49 +132,13 @@ class DirectMessages:
         return costs
 
     async def spend(self, items: list[budget.Spend], direct: Direct) -> None:
+        """Charge a refused message's budget: ``rate_limited`` when it is spent."""
         verdict = await budget.spend(channel_layer(), self.sender.pk, items)
         if not verdict.allowed:
             names = " or ".join(item.name for item in items)
             raise ProtocolError(
                 protocol.RATE_LIMITED, f"too many {names}; slow down", direct.id, retry_after=verdict.retry_after
             )
-
-    async def pay_copies(self, direct: Direct, copies: int | None) -> bool:
-        """One ``FANOUT_LIMIT`` token per connection reached: a user with many tabs costs more to flood.
-
-        A recipient with more connections than the whole bucket can still be reached
-        once it is full; the debt then holds the sender back. Groups cannot count: free.
-
-        Over the budget, ``rate_limited``, unless ``ACK_DELIVERED`` is off: only an
-        online recipient costs tokens, and ``retry_after`` (exact to the millisecond)
-        is what their connections cost, so the refusal would tell whether they are
-        online and on how many tabs. There the answer is the ack any message gets,
-        and ``False``: the message is kept, not sent.
-        """
-        limit = registry_settings().FANOUT_LIMIT
-        if not limit or not copies:
-            return True
-        item = budget.Spend("copies", *limit, cost=copies, need=min(copies, limit[0]))
-        if registry_settings().ACK_DELIVERED:
-            await self.spend([item], direct)
-            return True
-        return (await budget.spend(channel_layer(), self.sender.pk, [item])).allowed
-
-    async def keep(self, recipient_id: Any, event: dict[str, Any]) -> Delivery:
-        """Store ``event`` in the recipient's history without sending it to any connection.
-
-        What a message over the copies budget gets when acks are private. Their open
-        connections get it with the next event sent to them (the gap is read from the
-        history) or when they reconnect; without a history it is lost, as a message to
-        an offline recipient would be. No live copy: the budget's bound holds.
-        Raises ``HistoryShareExceeded`` as ``deliver`` does.
-        """
-        history = history_for(channel_layer())
-        if history is not None:
-            if not await history.append([recipient_id], event, self.sender.pk):
-                raise HistoryShareExceeded(f"a history holds the share of {self.sender.pk!r} already")
-            metrics.history_appended(1)
-        return Delivery(channels=0, sent=0)
 
     def refusal(self, direct: Direct, found: bool) -> ProtocolError:
         """The same answer for "no such account" and "not for you", unless refusals may be revealed."""
@@ -179,3 +166,20 @@ class DirectMessages:
 
     async def delivered(self, direct: Direct, delivery: Delivery) -> None:
         """Called once a message went out (to no connection, when the recipient is offline)."""
+
+
+def copies_cost(routes: list[str] | None) -> budget.Spend | None:
+    """One ``FANOUT_LIMIT`` token per connection reached: a user with many tabs costs more to flood.
+
+    A recipient with more connections than the whole bucket can still be reached
+    once it is full; the debt then holds the sender back. Groups cannot count: free.
+
+    With ``ACK_DELIVERED`` off only an online recipient costs tokens, and a refusal's
+    ``retry_after`` (exact to the millisecond) is what their connections cost: it
+    would tell whether they are online and on how many tabs. There the answer is the
+    ack any message gets, and the message is kept, not sent (``Outgoing.keep_unpaid``).
+    """
+    limit = registry_settings().FANOUT_LIMIT
+    if not limit or not routes:
+        return None
+    return budget.Spend("copies", *limit, cost=len(routes), need=min(len(routes), limit[0]))

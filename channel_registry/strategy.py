@@ -13,6 +13,7 @@ from collections.abc import Collection
 from dataclasses import dataclass, field
 from typing import Any
 
+from channels.db import database_sync_to_async
 from channels.layers import get_channel_layer
 from django.core.exceptions import ImproperlyConfigured
 
@@ -70,16 +71,23 @@ class DeliveryStrategy:
     ) -> Delivery:
         """Send ``event`` to every live connection of every user in ``user_ids``.
 
-        With ``recover``, the event is first appended to each user's history and
-        goes out carrying that user's position. Stored before the lookup: a
-        connection registered too late to be found reads the event from the
-        history on connect (see ``cursor.py``). ``sender`` is the user whose
-        share of each history the event takes (a direct message's); raises
-        ``HistoryShareExceeded``, sending nothing, when a history holds it already.
+        With ``recover``, the event is appended to each user's history and goes
+        out carrying that user's position, in an order that loses it for no
+        connection (see ``cursor.py``); for one user, through the direct
+        messages' pipeline (``pipeline.py``: on Redis, one script). ``sender`` is
+        the user whose share of each history the event takes (a direct message's);
+        raises ``HistoryShareExceeded``, sending nothing, when a history holds it already.
         """
         history = history_for(channel_layer()) if recover else None
         if history is None:
             return metrics.copies(await self.route(user_ids, event))
+        if len(user_ids) == 1:
+            from .pipeline import Outgoing, pipeline_for  # it builds on this module
+
+            (user_id,) = user_ids
+            seen = history.last_seen(user_id)  # before the lookup
+            out = Outgoing(sender, user_id, event, await self.routes(user_id), seen, [], None, keep_unpaid=False)
+            return await pipeline_for(channel_layer()).commit(out, self)
         positions = await history.append(user_ids, event, sender)
         metrics.history_appended(len(positions))
         if len(positions) < len(set(user_ids)):
@@ -96,22 +104,33 @@ class DeliveryStrategy:
         """Send ``event`` to every live connection opened by the session ``session_key``."""
         raise NotImplementedError
 
-    async def reach(self, user_ids: Collection[Any]) -> int | None:
-        """How many live connections ``deliver`` would send to now; ``None`` when it cannot count.
-
-        What a sender's copy budget (``FANOUT_LIMIT``) pays before anything is stored or sent.
-        """
-        return None
-
-    async def reach_recipient(self, user_id: Any) -> tuple[bool, int | None]:
-        """A direct message's two questions: is ``user_id`` an active user, and ``reach([user_id])``.
+    async def resolve(self, user_id: Any) -> tuple[bool, list[str] | None]:
+        """A direct message's two questions: is ``user_id`` an active user, and ``routes(user_id)``.
 
         The mapping strategy answers both with one statement.
         """
         if not await active_user_exists(user_id):
             return False, None
-        return True, await self.reach([user_id])
+        return True, await self.routes(user_id)
+
+    async def routes(self, user_id: Any) -> list[str] | None:
+        """The live channels ``deliver`` would send ``user_id``'s events to now; ``None`` when it cannot list them.
+
+        What a sender's copy budget (``FANOUT_LIMIT``) pays for, one token each, before
+        anything is stored or sent; a strategy that lists them gets them sent with ``send_to``.
+        """
+        return None
+
+    async def send_to(self, channels: list[str], event: dict[str, Any]) -> Delivery:
+        """Send ``event`` to ``channels``, as listed by ``routes``."""
+        raise NotImplementedError
+
+    async def account(self, channels: int, failed: list[str]) -> Delivery:
+        """The ``Delivery`` of a send to ``channels`` channels that refused ``failed``; forgets dead processes."""
+        raise NotImplementedError
 
 
 async def active_user_exists(user_id: Any) -> bool:
-    return await active_users().filter(pk=user_id).aexists()
+    # database_sync_to_async, not the async ORM: it closes stale connections itself, so a
+    # frame handler that asks it needs no ``close_old_connections`` hop (``socket_only_events``).
+    return await database_sync_to_async(active_users().filter(pk=user_id).exists)()

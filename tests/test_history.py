@@ -283,6 +283,64 @@ async def test_both_consumers_resume_from_the_same_history(connect, alice, strat
     assert await back.receive_nothing()
 
 
+async def direct_to(sender, recipient, n: int) -> dict:
+    """Send direct message ``n`` through ``sender``'s socket; its ack."""
+    await sender.send_json_to({"type": "direct", "to": recipient.pk, "message": f"m{n}", "id": n})
+    return await sender.receive_json_from(5)
+
+
+@pytest.mark.django_db(transaction=True)
+async def test_a_tab_that_joins_between_the_lookup_and_the_append_gets_the_message_live_once(
+    connect, alice, bob, monkeypatch
+):
+    """The rare interleaving of ``cursor.py``, made deterministic: bob's second tab registers
+    and reads its history right after the sender's lookup (which cannot have found it) and
+    before the append, so neither the lookup nor its history read has the message. The
+    history's ``joins`` moved: the send looks the channels up again and the tab gets it live."""
+    from channel_registry.mapping import MappingStrategy
+
+    sender, first = await connect(alice), await connect(bob)
+    assert (await direct_to(sender, bob, 0))["delivered"] == 1  # the sender's process has seen bob's head
+    assert (await first.receive_json_from(5))["message"] == "m0"
+    lookup, late = MappingStrategy.resolve, []
+
+    async def lookup_then_a_tab_joins(self, user_id):
+        found = await lookup(self, user_id)
+        late.append(await connect(bob))  # registered and read its history: position at m0
+        return found
+
+    monkeypatch.setattr(MappingStrategy, "resolve", lookup_then_a_tab_joins)
+    assert (await direct_to(sender, bob, 1))["delivered"] == 2
+    (tab,) = late
+    assert tab.position["seq"] == 1
+    for socket in (first, tab):
+        frame = await socket.receive_json_from(5)
+        assert (frame["message"], frame["seq"]) == ("m1", 2)
+        assert await socket.receive_nothing()
+
+
+@pytest.mark.django_db(transaction=True)
+async def test_a_head_moved_by_another_process_costs_a_call_never_a_wrong_position(connect, alice, bob):
+    """The script sends only the position it hands out: after another process appended to bob's
+    history, this process's guess is one short; the message goes out with its own number, and
+    the tab fills the gap from the history first."""
+    from channel_registry.strategy import channel_layer
+
+    layer = channel_layer()
+    if not isinstance(history_for(layer), RedisHistory):
+        pytest.skip("one process's in-memory history cannot be appended to by another")
+    sender, tab = await connect(alice), await connect(bob)
+    assert (await direct_to(sender, bob, 0))["delivered"] == 1
+    assert (await tab.receive_json_from(5))["seq"] == 1
+    await RedisHistory(layer).append([bob.pk], {"type": "registry.notify", "data": "elsewhere"})
+
+    assert (await direct_to(sender, bob, 1))["delivered"] == 1
+    gap, frame = await tab.receive_json_from(5), await tab.receive_json_from(5)
+    assert (gap["data"], gap["seq"]) == ("elsewhere", 2)
+    assert (frame["message"], frame["seq"]) == ("m1", 3)
+    assert await tab.receive_nothing()
+
+
 @pytest.mark.django_db(transaction=True)
 async def test_a_fan_out_with_history_is_still_one_message_per_server_process(make_user, layer):
     """Each user's position rides in the process's one message; each connection reads its own."""
