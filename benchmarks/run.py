@@ -98,7 +98,7 @@ def library_fingerprint() -> str:
 
 
 async def run_targets(names: list[str], scale) -> tuple[dict, list[str]]:
-    from channel_registry.liveness import heartbeat, process
+    from channel_registry.registry.liveness import heartbeat, process
 
     from . import world
     from .targets import TARGETS

@@ -23,10 +23,10 @@ from django.conf import settings
 from django.test.utils import override_settings
 
 from channel_registry import dispatch, groups
-from channel_registry.delivery import run_bounded, send_many
+from channel_registry.delivery.fanout import run_bounded, send_many
+from channel_registry.delivery.mapping import MappingStrategy
 from channel_registry.groups import GroupStrategy, group_name
-from channel_registry.liveness import heartbeat, process
-from channel_registry.mapping import MappingStrategy
+from channel_registry.registry.liveness import heartbeat, process
 from channel_registry.timing import interleaved, sample, summary
 
 from . import world as w
@@ -526,8 +526,8 @@ def count_beat_statements(server: str, count: int, prune_first: bool) -> tuple[i
     from django.db import connection
     from django.test.utils import CaptureQueriesContext
 
-    from channel_registry.liveness import beat
     from channel_registry.models import UserChannel
+    from channel_registry.registry.liveness import beat
 
     if prune_first:  # as if prune_channels had removed this process's rows during a stall
         UserChannel.objects.filter(server=server).delete()
@@ -686,7 +686,7 @@ async def target_receive(scale: Scale) -> Table:
     from channels_redis.core import RedisChannelLayer
 
     from channel_registry.layers import redis_host
-    from channel_registry.redis_layer import BatchedRedisChannelLayer
+    from channel_registry.redis.layer import BatchedRedisChannelLayer
 
     table = Table("receive", "Issue 11 — raw receive, one process, 1,000 local channels (messages/s)", [
         "layer", "messages", "seconds", "messages/s", "ratio",
@@ -771,8 +771,8 @@ async def target_sharding(scale: Scale) -> Table:
 
 
 async def target_history(scale: Scale) -> Table:
-    from channel_registry.cursor import Cursor
-    from channel_registry.history import RedisHistory, history_for
+    from channel_registry.history.cursor import Cursor
+    from channel_registry.history.log import RedisHistory, history_for
 
     table = Table("history", "History — send_to_user with the per-user history vs without (ms), resume cost", [
         "case", "p50", "p99", "ratio p50", "ratio p99",

@@ -199,7 +199,7 @@ async def reset() -> None:
 
 async def build_world(alias: str, channels_per_user: list[int], seed: int = 1) -> World:
     """Create ``len(channels_per_user)`` users, each with that many registered channels."""
-    from channel_registry.delivery import run_bounded
+    from channel_registry.delivery.fanout import run_bounded
     from channel_registry.groups import group_name
 
     layer = get_layer(alias)

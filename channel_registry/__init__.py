@@ -7,8 +7,11 @@ first use because they need Django's app registry to be ready.
 from importlib import import_module
 from typing import TYPE_CHECKING, Any
 
+from . import _moved
+
 if TYPE_CHECKING:  # what __getattr__ returns, for type checkers and editors; not imported at run time
     from .cleanup import aprune_stale, prune_stale  # noqa: F401
+    from .delivery.strategy import Delivery  # noqa: F401
     from .dispatch import (  # noqa: F401
         adisconnect_user,
         anotify_user,
@@ -21,12 +24,13 @@ if TYPE_CHECKING:  # what __getattr__ returns, for type checkers and editors; no
     )
     from .exceptions import ChannelLayerUnavailable  # noqa: F401
     from .presence import ais_online, aonline_user_ids, is_online, online_user_ids  # noqa: F401
-    from .strategy import Delivery  # noqa: F401
 
 __version__ = "0.2.0"
 
+_moved.install()
+
 _PUBLIC = {
-    "Delivery": "strategy",
+    "Delivery": "delivery.strategy",
     "asend_to_user": "dispatch",
     "asend_to_users": "dispatch",
     "anotify_user": "dispatch",

@@ -29,8 +29,8 @@ from django.views.decorators.http import require_POST
 
 from .cleanup import count_stale, prune_stale
 from .conf import registry_settings
+from .delivery.mapping import MappingStrategy
 from .dispatch import disconnect_user
-from .mapping import MappingStrategy
 from .models import Transport, UserChannel, stale_cutoff
 from .protocol import CLOSE_FORBIDDEN, CLOSE_REAUTHENTICATE, CLOSE_SESSION_ENDED, CLOSE_UNAVAILABLE, DISCONNECT_EVENT
 

@@ -13,8 +13,8 @@ class ChannelRegistryConfig(AppConfig):
 
     def ready(self) -> None:
         from . import checks  # noqa: F401  (registers the system checks)
-        from .liveness import forget_process
-        from .sessions import close_on_credentials_change, close_on_logout
+        from .registry.liveness import forget_process
+        from .registry.sessions import close_on_credentials_change, close_on_logout
 
         atexit.register(forget_process)
         user_logged_out.connect(close_on_logout, dispatch_uid="channel_registry.close_on_logout")

@@ -10,9 +10,11 @@ from django.core import checks
 from django.utils.module_loading import import_string
 
 from .conf import DEPRECATED_OPTIONS, OPTION_NAMES, SETTINGS_NAME, registry_settings, user_options
+from .layers import BATCHED_LAYER
 
 STOCK_LAYER = "channels_redis.core.RedisChannelLayer"
-REDIS_LAYERS = {STOCK_LAYER, "channel_registry.redis_layer.BatchedRedisChannelLayer"}
+# The batched layer under its 0.2 path still loads (with a DeprecationWarning).
+REDIS_LAYERS = {STOCK_LAYER, BATCHED_LAYER, "channel_registry.redis_layer.BatchedRedisChannelLayer"}
 # channels_redis's blocking read (RedisChannelLayer.brpop_timeout).
 BLOCKING_READ = 5
 
@@ -205,7 +207,7 @@ def _check_sentinel_host(host: dict[str, Any]) -> list[checks.CheckMessage]:
 def _check_history_support(backend: str) -> list[checks.CheckMessage]:
     if not registry_settings().HISTORY:
         return []
-    from .history import history_layer_types
+    from .history.log import history_layer_types
 
     try:
         if issubclass(import_string(backend), history_layer_types()):
@@ -237,7 +239,7 @@ def check_persistent_connections(app_configs: Any = None, **kwargs: Any) -> list
 
 @checks.register()
 def check_session_engine(app_configs: Any = None, **kwargs: Any) -> list[checks.CheckMessage]:
-    from .sessions import session_check
+    from .registry.sessions import session_check
 
     if registry_settings().CLOSE_ON_LOGOUT is None or session_check() is not None:
         return []

@@ -11,7 +11,7 @@ from channels.db import database_sync_to_async
 from . import metrics
 from .conf import registry_settings
 from .models import UserChannel, stale_cutoff
-from .store import orm
+from .registry.store import orm
 
 
 def count_stale(older_than: float | None = None) -> int:

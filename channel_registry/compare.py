@@ -31,12 +31,12 @@ from django.db import connections, models, router
 from django.utils import timezone
 
 from . import dispatch, groups
-from .delivery import is_redis_layer, run_bounded
+from .delivery.fanout import is_redis_layer, run_bounded
+from .delivery.mapping import MappingStrategy
+from .delivery.strategy import DeliveryStrategy, channel_layer
 from .groups import GroupStrategy, group_name
-from .mapping import MappingStrategy
 from .models import UserChannel
 from .presence import aonline_user_ids
-from .strategy import DeliveryStrategy, channel_layer
 from .timing import Call, interleaved, summary
 
 #: A database whose name holds one of these words has room for throwaway rows.

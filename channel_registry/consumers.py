@@ -14,9 +14,11 @@ from channels.generic.websocket import AsyncJsonWebsocketConsumer
 from channels.layers import InMemoryChannelLayer
 from django.db import DatabaseError
 
-from . import budget, metrics, protocol
+from . import metrics, protocol
 from .conf import registry_settings
-from .cursor import HISTORY_EVENTS, Cursor
+from .delivery import budget
+from .delivery.mapping import MappingStrategy
+from .delivery.strategy import DeliveryStrategy, channel_layer
 from .exceptions import (
     LAYER_TRANSPORT_ERRORS,
     ChannelLayerUnavailable,
@@ -24,10 +26,9 @@ from .exceptions import (
     layer_unavailable,
 )
 from .groups import GroupStrategy
-from .history import history_for
+from .history.cursor import HISTORY_EVENTS, Cursor
+from .history.log import history_for
 from .inbound import InboundGate
-from .liveness import unwatch, watch
-from .mapping import MappingStrategy
 from .messaging import DirectMessages
 from .models import Transport
 from .protocol import (
@@ -38,8 +39,8 @@ from .protocol import (
     CLOSE_UNAVAILABLE,
     ProtocolError,
 )
-from .sessions import Access
-from .strategy import DeliveryStrategy, channel_layer
+from .registry.liveness import unwatch, watch
+from .registry.sessions import Access
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")

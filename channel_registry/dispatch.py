@@ -12,11 +12,11 @@ from typing import Any, TypeVar
 
 from asgiref.sync import async_to_sync
 
-from .mapping import MappingStrategy
+from .delivery.mapping import MappingStrategy
+from .delivery.strategy import Delivery, DeliveryStrategy
 from .models import user_pk
-from .postgres import sync_caller
 from .protocol import CLOSE_FORBIDDEN, DISCONNECT_EVENT, NOTIFY_EVENT, POSITION_KEY
-from .strategy import Delivery, DeliveryStrategy
+from .registry.postgres import sync_caller
 
 T = TypeVar("T")
 

@@ -18,14 +18,14 @@ from collections.abc import Collection
 from typing import Any
 
 from .conf import registry_settings
-from .delivery import layer_slots, run_bounded, send_many
+from .delivery.fanout import layer_slots, run_bounded, send_many
+from .delivery.strategy import Delivery, DeliveryStrategy, channel_layer
 from .dispatch import Dispatcher
 from .exceptions import ChannelLayerUnavailable, layer_unavailable
-from .history import Position, stamped
+from .history.log import Position, stamped
 from .models import Transport, session_digest
 from .protocol import CLOSE_TOO_MANY, DISCONNECT_EVENT
-from .slots import slots
-from .strategy import Delivery, DeliveryStrategy, channel_layer
+from .registry.slots import slots
 
 
 def group_name(user_id: Any) -> str:

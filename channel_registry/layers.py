@@ -19,7 +19,7 @@ since channels_redis hands the sentinels none (a sentinel that stops answering
 would otherwise hang every look-up of the master). What a failover costs and
 what the history promises across one: docs/operations.md, "Redis Sentinel".
 
-``redis_layer()`` selects :class:`~channel_registry.redis_layer.BatchedRedisChannelLayer`
+``redis_layer()`` selects :class:`~channel_registry.redis.layer.BatchedRedisChannelLayer`
 (channels_redis with a batched receive path, see ``redis_layer.py``) with its
 ``capacity`` of 5,000 messages per server process; ``backend=STOCK_LAYER`` keeps
 channels_redis's own class (and its capacity of 100).
@@ -40,7 +40,7 @@ MAX_CONNECTIONS = 500
 PROTOCOL = 2
 
 #: The library's layer: channels_redis with a receive that takes a batch per round trip.
-BATCHED_LAYER = "channel_registry.redis_layer.BatchedRedisChannelLayer"
+BATCHED_LAYER = "channel_registry.redis.layer.BatchedRedisChannelLayer"
 #: channels_redis's own class.
 STOCK_LAYER = "channels_redis.core.RedisChannelLayer"
 

@@ -23,7 +23,7 @@ discloses cannot differ between transports. In order:
    holds the sender's share (``HISTORY_SENDER_SHARE``), and the ack, with
    ``delivered`` only if ``ACK_DELIVERED``.
 
-Steps 2 to 4 are ``channel_registry.pipeline``'s: on a Redis layer, one script.
+Steps 2 to 4 are ``channel_registry.delivery.pipeline``'s: on a Redis layer, one script.
 """
 
 from __future__ import annotations
@@ -34,13 +34,14 @@ from typing import Any
 from channels.db import database_sync_to_async
 from django.utils.module_loading import import_string
 
-from . import budget, metrics, protocol
+from . import metrics, protocol
 from .conf import registry_settings
+from .delivery import budget
+from .delivery.pipeline import Outgoing, Refused, pipeline_for
+from .delivery.strategy import Delivery, DeliveryStrategy, active_user_exists, channel_layer
 from .exceptions import HistoryShareExceeded
-from .history import Head, as_json, history_for
-from .pipeline import Outgoing, Refused, pipeline_for
+from .history.log import Head, as_json, history_for
 from .protocol import Direct, ProtocolError
-from .strategy import Delivery, DeliveryStrategy, active_user_exists, channel_layer
 
 
 class DirectMessages:

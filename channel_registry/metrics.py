@@ -28,7 +28,7 @@ except ImportError:
     prometheus_client = None  # type: ignore[assignment]
 
 if TYPE_CHECKING:
-    from .strategy import Delivery
+    from .delivery.strategy import Delivery
 
 #: Outcome of a direct message that reached at least one connection (or a group).
 DELIVERED = "delivered"

@@ -27,8 +27,8 @@ from django.conf import settings
 from django.test.utils import override_settings
 
 from .conf import registry_settings
-from .history import history_for
-from .strategy import channel_layer
+from .delivery.strategy import channel_layer
+from .history.log import history_for
 
 #: The frames a connection's history starts with (docs/protocol.md).
 START_FRAMES = frozenset({"position", "recovered", "reset"})

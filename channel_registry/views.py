@@ -19,17 +19,18 @@ from django.db import DatabaseError, connections
 from django.http import HttpResponse, StreamingHttpResponse
 from django.views import View
 
-from . import budget, metrics, protocol
+from . import metrics, protocol
 from .conf import registry_settings
-from .cursor import HISTORY_EVENTS, Cursor
+from .delivery import budget
+from .delivery.mapping import MappingStrategy
+from .delivery.strategy import DeliveryStrategy, channel_layer
 from .exceptions import LAYER_TRANSPORT_ERRORS, ChannelLayerUnavailable, ConnectionLimitExceeded
-from .history import history_for
-from .liveness import unwatch, watch
-from .mapping import MappingStrategy
+from .history.cursor import HISTORY_EVENTS, Cursor
+from .history.log import history_for
 from .models import Transport
 from .origins import event_stream_allowed
-from .sessions import Access
-from .strategy import DeliveryStrategy, channel_layer
+from .registry.liveness import unwatch, watch
+from .registry.sessions import Access
 
 logger = logging.getLogger(__name__)
 

@@ -15,11 +15,11 @@ from django.contrib.auth.models import AnonymousUser
 from django.db import connections
 from redis.exceptions import ConnectionError as RedisConnectionError
 
-from channel_registry import postgres
 from channel_registry.conf import registry_settings
 from channel_registry.consumers import RegistryConsumer
-from channel_registry.liveness import process
 from channel_registry.models import UserChannel
+from channel_registry.registry import postgres
+from channel_registry.registry.liveness import process
 from channel_registry.signals import user_offline, user_online
 
 from .redis_servers import free_port

@@ -20,8 +20,8 @@ from django.utils import timezone
 
 from channel_registry.checks import check_session_engine
 from channel_registry.consumers import GroupConsumer
-from channel_registry.liveness import process, revalidate
-from channel_registry.sessions import Access, ended, live_sessions
+from channel_registry.registry.liveness import process, revalidate
+from channel_registry.registry.sessions import Access, ended, live_sessions
 from channel_registry.views import EventStreamView
 
 from .conftest import rows
@@ -203,7 +203,7 @@ async def test_a_check_that_fails_never_stops_the_heartbeat(connect, alice, monk
     def cache_down(keys):
         raise ConnectionError("session cache unreachable")
 
-    monkeypatch.setattr("channel_registry.sessions.live_sessions", cache_down)
+    monkeypatch.setattr("channel_registry.registry.sessions.live_sessions", cache_down)
     assert await revalidate() == {}
     assert await socket.receive_nothing()
     monkeypatch.undo()

@@ -11,7 +11,7 @@ import os
 import pytest
 from channels.layers import InMemoryChannelLayer
 
-from channel_registry.budget import LocalBuckets, Spend, spend
+from channel_registry.delivery.budget import LocalBuckets, Spend, spend
 from channel_registry.layers import redis_layer
 
 REAL = os.environ.get("CR_TEST_STACK", "real") == "real"

@@ -23,9 +23,9 @@ from django.contrib.auth import get_user_model
 from django.db import connection
 
 from channel_registry.compare import CompareError, Options, check_layer, compare_strategies, has_throwaway_room, verdict
-from channel_registry.delivery import is_redis_layer
+from channel_registry.delivery.fanout import is_redis_layer
+from channel_registry.delivery.strategy import channel_layer
 from channel_registry.models import UserChannel
-from channel_registry.strategy import channel_layer
 
 from .processes import ROOT, SHARED_POSTGRES, create_database, drop_database, real_services_only
 

@@ -13,8 +13,8 @@ from channels_redis.core import RedisChannelLayer
 from channels_redis.pubsub import RedisPubSubChannelLayer
 from redis.exceptions import ConnectionError as RedisConnectionError
 
-from channel_registry import delivery
-from channel_registry.delivery import send_many
+from channel_registry.delivery import fanout as delivery
+from channel_registry.delivery.fanout import send_many
 from channel_registry.exceptions import ChannelLayerUnavailable
 from tests.redis_servers import RedisServer
 

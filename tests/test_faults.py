@@ -702,7 +702,7 @@ async def test_postgres_outage_refuses_new_sockets_with_4503_and_open_ones_keep_
     bob_mapping = await stack.open_tab(second, bob)
     bob_groups = await stack.open_tab(first, bob, path="/ws/groups/")
     [bob_channel] = [row.channel_name for row in await stack.rows(user=bob)]
-    from channel_registry.strategy import channel_layer
+    from channel_registry.delivery.strategy import channel_layer
 
     # Connections racing the stop, then connections during the outage: each one is
     # either open (registered in time) or accepted and closed with 4503, so the client

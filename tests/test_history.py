@@ -11,10 +11,10 @@ import asyncio
 import pytest
 from django.test import override_settings
 
-from channel_registry.cursor import Cursor
-from channel_registry.delivery import send_batches
+from channel_registry.delivery.fanout import send_batches
 from channel_registry.exceptions import ChannelLayerUnavailable
-from channel_registry.history import (
+from channel_registry.history.cursor import Cursor
+from channel_registry.history.log import (
     HEAD_TTL,
     RESET_EPOCH,
     RESET_EXPIRED,
@@ -126,7 +126,7 @@ async def test_memory_history_forgets_as_redis_expires(monkeypatch):
     ``HISTORY_TTL`` after the newest one (the bulk: 1,000 users x 20 events here), and the
     user's epoch and seq ``HEAD_TTL`` after their history was last used, like Redis's keys."""
     clock = [1_000_000.0]
-    monkeypatch.setattr("channel_registry.history.time.time", lambda: clock[0])
+    monkeypatch.setattr("channel_registry.history.log.time.time", lambda: clock[0])
     history = MemoryHistory()
     with override_settings(CHANNEL_REGISTRY={"HISTORY_TTL": 600}):
         for _ in range(20):
@@ -297,7 +297,7 @@ async def test_a_tab_that_joins_between_the_lookup_and_the_append_gets_the_messa
     and reads its history right after the sender's lookup (which cannot have found it) and
     before the append, so neither the lookup nor its history read has the message. The
     history's ``joins`` moved: the send looks the channels up again and the tab gets it live."""
-    from channel_registry.mapping import MappingStrategy
+    from channel_registry.delivery.mapping import MappingStrategy
 
     sender, first = await connect(alice), await connect(bob)
     assert (await direct_to(sender, bob, 0))["delivered"] == 1  # the sender's process has seen bob's head
@@ -324,7 +324,7 @@ async def test_a_head_moved_by_another_process_costs_a_call_never_a_wrong_positi
     """The script sends only the position it hands out: after another process appended to bob's
     history, this process's guess is one short; the message goes out with its own number, and
     the tab fills the gap from the history first."""
-    from channel_registry.strategy import channel_layer
+    from channel_registry.delivery.strategy import channel_layer
 
     layer = channel_layer()
     if not isinstance(history_for(layer), RedisHistory):
@@ -453,7 +453,7 @@ async def test_redis_out_of_memory_is_unavailable_never_a_crash(make_layer):
         await history.append([1], EVENT)
         connection = layer.connection(0)
         await connection.config_set("maxmemory", 1)  # below what is used: every write is refused
-        from channel_registry import budget
+        from channel_registry.delivery import budget
 
         writes = (history.append([1], EVENT), history.read(2, None), budget.spend(layer, 1, [budget.Spend("x", 5, 60)]))
         for write in writes:

@@ -5,8 +5,8 @@ import pytest
 from django.contrib.auth import get_user_model
 from django.db.backends.utils import CursorWrapper
 
-from channel_registry import postgres
 from channel_registry.models import UserChannel
+from channel_registry.registry import postgres
 
 pytestmark = pytest.mark.django_db(transaction=True)
 

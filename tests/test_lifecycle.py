@@ -16,8 +16,8 @@ from django.utils import timezone
 from channel_registry import ChannelLayerUnavailable, adisconnect_user, asend_to_user
 from channel_registry.consumers import GroupConsumer
 from channel_registry.layers import redis_layer
-from channel_registry.liveness import beat, forget_process, process
 from channel_registry.models import UserChannel
+from channel_registry.registry.liveness import beat, forget_process, process
 
 from .conftest import at, rows
 from .redis_servers import RedisServer

@@ -91,7 +91,7 @@ def test_without_prometheus_client_the_hooks_do_nothing_and_nothing_is_imported(
         django.setup()
         from django.http import Http404
         from channel_registry import metrics
-        from channel_registry.strategy import Delivery
+        from channel_registry.delivery.strategy import Delivery
 
         metrics.connection_opened("socket", object())
         metrics.connection_refused("socket", 4429)

@@ -12,9 +12,9 @@ from channels_redis import core
 from channels_redis.core import RedisChannelLayer
 from redis.exceptions import ConnectionError as RedisConnectionError
 
-from channel_registry.delivery import send_many
+from channel_registry.delivery.fanout import send_many
 from channel_registry.layers import redis_layer
-from channel_registry.redis_layer import BatchedRedisChannelLayer
+from channel_registry.redis.layer import BatchedRedisChannelLayer
 from tests.redis_servers import RedisServer
 
 SHARED_REDIS = "redis://127.0.0.1:6379"
@@ -65,7 +65,7 @@ def test_the_channels_redis_internals_it_relies_on_are_unchanged():
 
 def test_redis_layer_selects_it_with_a_per_process_capacity():
     entry = redis_layer(SHARED_REDIS)
-    assert entry["BACKEND"] == "channel_registry.redis_layer.BatchedRedisChannelLayer"
+    assert entry["BACKEND"] == "channel_registry.redis.layer.BatchedRedisChannelLayer"
     layer = BatchedRedisChannelLayer(**entry["CONFIG"])
     assert (layer.capacity, layer.buffer_capacity, layer.batch_size) == (5000, 100, 200)
     assert redis_layer(SHARED_REDIS, backend="channels_redis.core.RedisChannelLayer")["BACKEND"].startswith("channels_")

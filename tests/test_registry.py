@@ -23,9 +23,9 @@ from channel_registry import (
     send_to_users,
 )
 from channel_registry.consumers import RegistryConsumer
-from channel_registry.liveness import process
 from channel_registry.models import UserChannel
 from channel_registry.protocol import POSITION_KEY
+from channel_registry.registry.liveness import process
 from channel_registry.signals import user_offline, user_online
 
 from .conftest import at, rows

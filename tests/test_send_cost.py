@@ -58,7 +58,11 @@ TRANSACTION_CONTROL = {"BEGIN", "COMMIT", "ROLLBACK", "SAVEPOINT", "RELEASE"}
 
 def library_scripts() -> dict[str, str]:
     """SHA1 -> ``module.NAME`` of the library's Lua scripts: which step an ``EVALSHA`` is."""
-    from channel_registry import budget, delivery, history, pipeline, redis_layer, slots
+    from channel_registry.delivery import budget, pipeline
+    from channel_registry.delivery import fanout as delivery
+    from channel_registry.history import log as history
+    from channel_registry.redis import layer as redis_layer
+    from channel_registry.registry import slots
 
     names: dict[str, str] = {}
     # A defining module before an importing one.

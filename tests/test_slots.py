@@ -12,7 +12,7 @@ from channels.layers import InMemoryChannelLayer
 
 from channel_registry.exceptions import ConnectionLimitExceeded
 from channel_registry.layers import redis_layer
-from channel_registry.slots import Slots
+from channel_registry.registry.slots import Slots
 
 REAL = os.environ.get("CR_TEST_STACK", "real") == "real"
 REDIS_URL = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379")

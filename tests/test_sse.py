@@ -16,8 +16,8 @@ from django.db import OperationalError, connection
 from django.test import AsyncClient, Client, RequestFactory, override_settings
 
 from channel_registry import adisconnect_user, anotify_user, asend_to_user
-from channel_registry.liveness import process
 from channel_registry.protocol import PROTOCOL_VERSION
+from channel_registry.registry.liveness import process
 from channel_registry.views import RETRY_MS, EventStreamView
 
 from .conftest import close_layer_connections, rows

@@ -10,13 +10,13 @@ from django.contrib.auth.models import UserManager
 from django.db import IntegrityError, connection
 from django.utils import timezone
 
-from channel_registry import postgres
 from channel_registry.cleanup import prune_dead_servers, prune_stale
 from channel_registry.consumers import RegistryConsumer
 from channel_registry.exceptions import ConnectionLimitExceeded
-from channel_registry.liveness import beat, forget_process, process
 from channel_registry.models import UserChannel
-from channel_registry.store import Registration, orm
+from channel_registry.registry import postgres
+from channel_registry.registry.liveness import beat, forget_process, process
+from channel_registry.registry.store import Registration, orm
 
 from .conftest import rows
 
@@ -262,7 +262,7 @@ def test_exit_cleanup_leaves_alone_a_database_it_did_not_write_to(alice):
 
 
 def test_a_new_process_remembers_the_database_of_its_first_registration():
-    from channel_registry.liveness import ProcessChannels
+    from channel_registry.registry.liveness import ProcessChannels
 
     fresh = ProcessChannels()
     registration = fresh.registration(1, "")

@@ -7,7 +7,7 @@ from channels.layers import InMemoryChannelLayer, get_channel_layer
 
 from channel_registry import adisconnect_user, anotify_user
 from channel_registry.consumers import RegistryConsumer
-from channel_registry.history import MemoryHistory, history_for
+from channel_registry.history.log import MemoryHistory, history_for
 from channel_registry.protocol import PROTOCOL_VERSION
 from channel_registry.testing import RegistryCommunicator, in_memory_channel_layers
 

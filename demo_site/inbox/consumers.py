@@ -4,10 +4,11 @@ from channels.db import database_sync_to_async
 from django.db import connections
 from django.utils import timezone
 
-from channel_registry import postgres, protocol
+from channel_registry import protocol
 from channel_registry.consumers import GroupConsumer, RegistryConsumer
+from channel_registry.delivery.strategy import Delivery
 from channel_registry.messaging import DirectMessages
-from channel_registry.strategy import Delivery
+from channel_registry.registry import postgres
 
 from .models import Notification
 from .presence import PRESENCE_GROUP, broadcast_presence

@@ -12,7 +12,7 @@ from django.views.decorators.http import require_GET, require_POST
 
 from channel_registry import ChannelLayerUnavailable, protocol
 from channel_registry.conf import registry_settings
-from channel_registry.mapping import MappingStrategy
+from channel_registry.delivery.mapping import MappingStrategy
 from channel_registry.views import EventStreamView
 
 from .consumers import InboxMessages

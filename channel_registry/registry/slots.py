@@ -21,9 +21,9 @@ import weakref
 from collections import defaultdict
 from typing import Any
 
-from .conf import registry_settings
-from .delivery import is_redis_layer, layer_slots
-from .exceptions import ChannelLayerUnavailable, ConnectionLimitExceeded, layer_unavailable
+from ..conf import registry_settings
+from ..delivery.fanout import is_redis_layer, layer_slots
+from ..exceptions import ChannelLayerUnavailable, ConnectionLimitExceeded, layer_unavailable
 
 logger = logging.getLogger(__name__)
 

@@ -24,10 +24,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from . import metrics
-from .conf import registry_settings
-from .delivery import is_redis_layer, layer_slots
-from .exceptions import layer_unavailable
+from .. import metrics
+from ..conf import registry_settings
+from ..exceptions import layer_unavailable
+from .fanout import is_redis_layer, layer_slots
 
 #: ``spend(keys, args, now)``: keys the buckets, args per bucket rate, period (ms), cost, need;
 #: ``now`` from ``clock_ms()``, Redis's own clock, so every process sees the same time.

@@ -1,6 +1,6 @@
 """One interface for the two ways of reaching a user.
 
-The explicit registry (:class:`channel_registry.mapping.MappingStrategy`) and
+The explicit registry (:class:`channel_registry.delivery.mapping.MappingStrategy`) and
 per-user groups (:class:`channel_registry.groups.GroupStrategy`) answer the same
 questions — how a connection is registered and unregistered, how an event
 reaches a set of users — so the consumer, the wire protocol, the event stream
@@ -17,11 +17,11 @@ from channels.db import database_sync_to_async
 from channels.layers import get_channel_layer
 from django.core.exceptions import ImproperlyConfigured
 
-from . import metrics
-from .conf import registry_settings
-from .exceptions import HistoryShareExceeded
-from .history import Position, history_for
-from .models import Transport, active_users
+from .. import metrics
+from ..conf import registry_settings
+from ..exceptions import HistoryShareExceeded
+from ..history.log import Position, history_for
+from ..models import Transport, active_users
 
 
 @dataclass(frozen=True)

@@ -20,8 +20,8 @@ from typing import Any, TypeVar
 
 from channels.exceptions import ChannelFull
 
-from .conf import registry_settings
-from .exceptions import layer_unavailable
+from ..conf import registry_settings
+from ..exceptions import layer_unavailable
 
 try:  # channels_redis is optional: the generic path serves every other layer.
     from channels_redis.core import RedisChannelLayer

@@ -45,16 +45,16 @@ from django.db import DatabaseError, transaction
 from django.utils import timezone
 from django.utils.crypto import constant_time_compare
 
-from .conf import registry_settings
-from .exceptions import ChannelLayerUnavailable
-from .protocol import CLOSE_REAUTHENTICATE, CLOSE_SESSION_ENDED
+from ..conf import registry_settings
+from ..exceptions import ChannelLayerUnavailable
+from ..protocol import CLOSE_REAUTHENTICATE, CLOSE_SESSION_ENDED
 
 logger = logging.getLogger(__name__)
 
 
 def _dispatchers():
-    from .dispatch import mapping
-    from .groups import groups
+    from ..dispatch import mapping
+    from ..groups import groups
 
     return mapping, groups
 

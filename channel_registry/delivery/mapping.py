@@ -7,16 +7,16 @@ from typing import Any
 
 from channels.db import database_sync_to_async
 
-from . import postgres
-from .cleanup import prune_dead_servers
-from .conf import registry_settings
-from .delivery import send_batches
-from .exceptions import ConnectionLimitExceeded
-from .history import Position, stamped
-from .liveness import heartbeat, process
-from .models import Transport, UserChannel, session_digest
-from .protocol import CLOSE_TOO_MANY, DISCONNECT_EVENT
-from .store import OrmStore, live_names, orm
+from ..cleanup import prune_dead_servers
+from ..conf import registry_settings
+from ..exceptions import ConnectionLimitExceeded
+from ..history.log import Position, stamped
+from ..models import Transport, UserChannel, session_digest
+from ..protocol import CLOSE_TOO_MANY, DISCONNECT_EVENT
+from ..registry import postgres
+from ..registry.liveness import heartbeat, process
+from ..registry.store import OrmStore, live_names, orm
+from .fanout import send_batches
 from .strategy import Delivery, DeliveryStrategy, channel_layer
 
 

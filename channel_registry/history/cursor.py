@@ -40,10 +40,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from . import metrics
-from .exceptions import ChannelLayerUnavailable
-from .history import RESET_EPOCH, RESET_INVALID, RESET_UNAVAILABLE, History, Position, position_for, resolved
-from .protocol import PROTOCOL_VERSION
+from .. import metrics
+from ..exceptions import ChannelLayerUnavailable
+from ..protocol import PROTOCOL_VERSION
+from .log import RESET_EPOCH, RESET_INVALID, RESET_UNAVAILABLE, History, Position, position_for, resolved
 
 #: Channels events the cursor emits for the connection to turn into frames.
 POSITION_EVENT = "registry.position"

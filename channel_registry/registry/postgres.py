@@ -22,10 +22,10 @@ from django.contrib.auth import get_user_model
 from django.db import DatabaseError, IntegrityError, OperationalError, connections
 from django.utils import timezone
 
-from .conf import registry_settings
-from .exceptions import ConnectionLimitExceeded
-from .models import UserChannel, active_field, stale_cutoff
-from .signals import user_offline, user_online
+from ..conf import registry_settings
+from ..exceptions import ConnectionLimitExceeded
+from ..models import UserChannel, active_field, stale_cutoff
+from ..signals import user_offline, user_online
 from .store import OrmStore, Registration, announce, limit_outcome, live_by_user, live_names, recipient_names
 
 try:

@@ -78,9 +78,9 @@ from collections.abc import Collection
 from dataclasses import dataclass, field
 from typing import Any
 
-from .conf import registry_settings
-from .exceptions import layer_unavailable
-from .protocol import POSITION_KEY
+from ..conf import registry_settings
+from ..exceptions import layer_unavailable
+from ..protocol import POSITION_KEY
 
 try:  # channels_redis is optional
     from channels_redis.core import RedisChannelLayer

@@ -52,8 +52,8 @@ from typing import Any
 from channels.exceptions import ChannelFull
 from channels_redis.core import BoundedQueue, RedisChannelLayer
 
-from . import metrics
-from .delivery import SEND_SCRIPT
+from .. import metrics
+from ..delivery.fanout import SEND_SCRIPT
 
 #: Messages per fetch: one EVAL returns at most this many.
 BATCH_SIZE = 200

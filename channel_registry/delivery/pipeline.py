@@ -28,10 +28,11 @@ import weakref
 from dataclasses import dataclass
 from typing import Any
 
-from . import budget, metrics
-from .delivery import SEND_FUNCTION, is_redis_layer, layer_slots, process_entries, send_tail
-from .exceptions import HistoryShareExceeded, layer_unavailable
-from .history import APPEND_FUNCTION, HEAD_SCRIPT, Head, Position, RedisHistory, history_for, new_epoch, stamped
+from .. import metrics
+from ..exceptions import HistoryShareExceeded, layer_unavailable
+from ..history.log import APPEND_FUNCTION, HEAD_SCRIPT, Head, Position, RedisHistory, history_for, new_epoch, stamped
+from . import budget
+from .fanout import SEND_FUNCTION, is_redis_layer, layer_slots, process_entries, send_tail
 from .strategy import Delivery, DeliveryStrategy
 
 

@@ -8,7 +8,7 @@ the commit, and from nowhere else: that is what makes them alternate per user
 on every path.
 
 :class:`OrmStore` is the reference implementation for every database.
-:class:`channel_registry.postgres.PostgresStore` replaces its hot, async paths
+:class:`channel_registry.registry.postgres.PostgresStore` replaces its hot, async paths
 (connect, disconnect, lookup) with native connections on PostgreSQL; the
 housekeeping paths are shared. ``tests/test_store.py`` runs one contract suite
 over both.
@@ -29,10 +29,10 @@ from django.db import transaction
 from django.db.models import QuerySet
 from django.utils import timezone
 
-from .conf import registry_settings
-from .exceptions import ConnectionLimitExceeded
-from .models import Transport, UserChannel, active_users, stale_cutoff
-from .signals import send_presence, user_offline, user_online
+from ..conf import registry_settings
+from ..exceptions import ConnectionLimitExceeded
+from ..models import Transport, UserChannel, active_users, stale_cutoff
+from ..signals import send_presence, user_offline, user_online
 
 logger = logging.getLogger(__name__)
 

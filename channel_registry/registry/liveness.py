@@ -23,15 +23,15 @@ import time
 from channels.db import database_sync_to_async
 from django.db import DatabaseError, connections
 
-from . import metrics
-from .conf import registry_settings
-from .delivery import send_batches
-from .exceptions import ChannelLayerUnavailable
-from .models import Transport, UserChannel
-from .protocol import DISCONNECT_EVENT
+from .. import metrics
+from ..conf import registry_settings
+from ..delivery.fanout import send_batches
+from ..delivery.strategy import channel_layer
+from ..exceptions import ChannelLayerUnavailable
+from ..models import Transport, UserChannel
+from ..protocol import DISCONNECT_EVENT
 from .sessions import Access, ended
 from .store import Registration, orm
-from .strategy import channel_layer
 
 logger = logging.getLogger(__name__)
 
