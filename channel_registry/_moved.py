@@ -1,4 +1,4 @@
-"""The module paths of 0.2 that moved into packages in 0.3 still import, with a ``DeprecationWarning``.
+"""The flat module paths that moved into packages still import, with a ``DeprecationWarning``.
 
 The old files are gone rather than left behind as re-exporting stubs: an old
 path is an alias of the new module (the same object, so patching either name

@@ -13,7 +13,7 @@ from .conf import DEPRECATED_OPTIONS, OPTION_NAMES, SETTINGS_NAME, registry_sett
 from .layers import BATCHED_LAYER
 
 STOCK_LAYER = "channels_redis.core.RedisChannelLayer"
-# The batched layer under its 0.2 path still loads (with a DeprecationWarning).
+# The batched layer under its old path still loads (with a DeprecationWarning).
 REDIS_LAYERS = {STOCK_LAYER, BATCHED_LAYER, "channel_registry.redis_layer.BatchedRedisChannelLayer"}
 # channels_redis's blocking read (RedisChannelLayer.brpop_timeout).
 BLOCKING_READ = 5

@@ -4,7 +4,7 @@
 ``mapping`` the registry strategy, ``pipeline`` a direct message's phases,
 ``budget`` the per-user token buckets, ``fanout`` one event onto many channels
 for each kind of layer. Internal: the public face is ``channel_registry.dispatch``
-and ``channel_registry.groups``. Until 0.3 ``channel_registry.delivery`` was the
+and ``channel_registry.groups``. ``channel_registry.delivery`` used to be the
 module now called ``fanout``; its names still resolve here, with a warning.
 """
 
