@@ -29,7 +29,8 @@ Steps 2 to 4 are ``channel_registry.delivery.pipeline``'s: on a Redis layer, one
 from __future__ import annotations
 
 import asyncio
-from typing import Any
+import warnings
+from typing import Any, ClassVar
 
 from channels.db import database_sync_to_async
 from django.utils.module_loading import import_string
@@ -47,9 +48,28 @@ from .protocol import Direct, ProtocolError
 class DirectMessages:
     """Direct messages from one signed-in user. Subclass to change a step.
 
-    Extension points: ``get_recipient``, ``can_message``, ``build_direct_message``
-    and ``delivered`` (runs once a message went out, e.g. to store it).
+    Extension points: ``get_recipient`` and ``can_message`` (with ``recipient_lookup =
+    HOOKS_FIRST``), ``build_direct_message`` and ``delivered`` (runs once a message went
+    out, e.g. to store it).
     """
+
+    #: How the recipient is found and checked (:class:`RecipientLookup`). A subclass that
+    #: overrides ``get_recipient`` or ``can_message`` sets :data:`HOOKS_FIRST`, or its hooks
+    #: would not all run; ``None`` picks one per call (see :meth:`lookup`).
+    recipient_lookup: ClassVar[RecipientLookup | None] = None
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        hooks = [name for name in ("get_recipient", "can_message") if name in vars(cls)]
+        if hooks and cls.recipient_lookup is None:
+            # Written before recipient_lookup existed: such a class relied on its hooks running.
+            warnings.warn(
+                f"{cls.__qualname__} overrides {' and '.join(hooks)}: set recipient_lookup = "
+                "channel_registry.messaging.HOOKS_FIRST; it is assumed until 0.4.",
+                DeprecationWarning,
+                stacklevel=2,
+            )
+            cls.recipient_lookup = HOOKS_FIRST
 
     def __init__(self, sender: Any, strategy: DeliveryStrategy) -> None:
         self.sender = sender
@@ -90,21 +110,14 @@ class DirectMessages:
 
     async def recipient(self, direct: Direct) -> tuple[Any, list[str] | None, Head | None]:
         """Who receives ``direct``, their live channels, and their history's head as seen before
-        the lookup (see ``pipeline.py``); ``ProtocolError`` if refused.
+        the lookup (see ``pipeline.py``); ``ProtocolError`` if refused. The way is ``lookup()``'s."""
+        return await self.lookup().find(self, direct)
 
-        Under the library's own rules (see ``default_rules``) the strategy answers
-        with one statement; otherwise the hooks run first, then the lookup.
-        """
-        history = history_for(channel_layer())
-        if self.default_rules():
-            seen = history.last_seen(direct.to) if history else None
-            found, routes = await self.strategy.resolve(direct.to)
-            await self.check_recipient(direct, direct.to if found else None)
-            return direct.to, routes, seen
-        recipient_id = await self.get_recipient(direct.to)
-        await self.check_recipient(direct, recipient_id)
-        seen = history.last_seen(recipient_id) if history else None
-        return recipient_id, await self.strategy.routes(recipient_id), seen
+    def lookup(self) -> RecipientLookup:
+        """``recipient_lookup`` if the class sets one; else one statement, or the hooks first under ``CAN_MESSAGE``."""
+        if self.recipient_lookup is not None:
+            return self.recipient_lookup
+        return HOOKS_FIRST if registry_settings().CAN_MESSAGE is not None else ONE_STATEMENT
 
     async def check_recipient(self, direct: Direct, recipient_id: Any) -> None:
         """Refuse a missing or forbidden recipient, and oneself unless ``ALLOW_SELF_MESSAGE``."""
@@ -113,15 +126,6 @@ class DirectMessages:
                 raise ProtocolError(protocol.FORBIDDEN, "you may not message yourself", direct.id)
         elif recipient_id is None or not await self.can_message(recipient_id):
             raise self.refusal(direct, found=recipient_id is not None)
-
-    def default_rules(self) -> bool:
-        """No ``get_recipient`` or ``can_message`` override and no ``CAN_MESSAGE`` policy."""
-        cls = type(self)
-        return (
-            cls.get_recipient is DirectMessages.get_recipient
-            and cls.can_message is DirectMessages.can_message
-            and registry_settings().CAN_MESSAGE is None
-        )
 
     def sending_costs(self, event: dict[str, Any]) -> list[budget.Spend]:
         """One message of ``RATE_LIMIT``, and its stored size of ``HISTORY_SENDER_LIMIT``."""
@@ -167,6 +171,42 @@ class DirectMessages:
 
     async def delivered(self, direct: Direct, delivery: Delivery) -> None:
         """Called once a message went out (to no connection, when the recipient is offline)."""
+
+
+class RecipientLookup:
+    """How :class:`DirectMessages` finds a message's recipient and their live channels."""
+
+    async def find(self, messages: DirectMessages, direct: Direct) -> tuple[Any, list[str] | None, Head | None]:
+        raise NotImplementedError
+
+
+class OneStatement(RecipientLookup):
+    """The library's own rule, any active user, checked by the statement that lists their channels.
+
+    ``can_message`` runs afterwards (it allows anyone without ``CAN_MESSAGE``).
+    """
+
+    async def find(self, messages: DirectMessages, direct: Direct) -> tuple[Any, list[str] | None, Head | None]:
+        history = history_for(channel_layer())
+        seen = history.last_seen(direct.to) if history else None
+        found, routes = await messages.strategy.resolve(direct.to)
+        await messages.check_recipient(direct, direct.to if found else None)
+        return direct.to, routes, seen
+
+
+class HooksFirst(RecipientLookup):
+    """``get_recipient`` and ``can_message`` decide first; only an accepted recipient's channels are looked up."""
+
+    async def find(self, messages: DirectMessages, direct: Direct) -> tuple[Any, list[str] | None, Head | None]:
+        recipient_id = await messages.get_recipient(direct.to)
+        await messages.check_recipient(direct, recipient_id)
+        history = history_for(channel_layer())
+        seen = history.last_seen(recipient_id) if history else None
+        return recipient_id, await messages.strategy.routes(recipient_id), seen
+
+
+ONE_STATEMENT = OneStatement()
+HOOKS_FIRST = HooksFirst()
 
 
 def copies_cost(routes: list[str] | None) -> budget.Spend | None:

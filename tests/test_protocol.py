@@ -25,6 +25,7 @@ from hypothesis import strategies as st
 from channel_registry import anotify_user
 from channel_registry.conf import RegistrySettings
 from channel_registry.consumers import GroupConsumer, RegistryConsumer
+from channel_registry.messaging import HOOKS_FIRST, DirectMessages
 
 from .conftest import rows
 
@@ -530,6 +531,45 @@ async def test_can_message_policy_decides_and_a_refusal_looks_like_a_missing_acc
     assert await answer(sender) == error("forbidden", "no")
     await sender.send_json_to({"type": "direct", "to": MISSING_USER_ID, "message": "hi", "id": "no"})
     assert await answer(sender) == error("unknown_recipient", "no")
+    assert await cat_tab.receive_nothing()
+
+
+class OnlyStaffMessages(DirectMessages):
+    """A recipient hook that refuses everyone but staff, declared explicitly."""
+
+    recipient_lookup = HOOKS_FIRST
+
+    async def get_recipient(self, user_id):
+        return user_id if await get_user_model().objects.filter(pk=user_id, is_staff=True).aexists() else None
+
+
+def hooks_declared():
+    return OnlyStaffMessages
+
+
+def hooks_detected():
+    """A subclass written before ``recipient_lookup``: it warns once, and its hook still runs."""
+    with pytest.warns(DeprecationWarning, match="recipient_lookup"):
+
+        class LegacyOnlyStaff(DirectMessages):
+            get_recipient = OnlyStaffMessages.get_recipient
+
+    return LegacyOnlyStaff
+
+
+@pytest.mark.parametrize("messages", [hooks_declared, hooks_detected])
+async def test_a_get_recipient_hook_decides_who_receives(consumer, connect, make_user, messages):
+    hooked = type("HookedConsumer", (consumer,), {"messages_class": messages()})
+    make = sync_to_async(make_user)
+    ann, boss, cat = await make("ann"), await make("boss", is_staff=True), await make("cat")
+    sender = await connect(ann, consumer=hooked)
+    boss_tab, cat_tab = await connect(boss, consumer=hooked), await connect(cat, consumer=hooked)
+
+    await sender.send_json_to({"type": "direct", "to": cat.pk, "message": "hi", "id": "no"})
+    assert await answer(sender) == error("unknown_recipient", "no")
+    await sender.send_json_to({"type": "direct", "to": boss.pk, "message": "hi", "id": "yes"})
+    assert await answer(sender) == ack(consumer, "yes", 1)
+    assert await answer(boss_tab) == direct(ann, "hi", "yes")
     assert await cat_tab.receive_nothing()
 
 
