@@ -33,7 +33,7 @@ class RegistrySettings:
     STALE_AFTER: float = 90
     #: On PostgreSQL with psycopg 3, run the hot statements (lookup, connect,
     #: disconnect) over native async connections instead of Django's
-    #: thread-bound ORM (see ``postgres.py``).
+    #: thread-bound ORM (see ``registry/postgres.py``).
     NATIVE_POSTGRES: bool = True
     #: Rows deleted per statement by ``prune_stale``.
     PRUNE_BATCH_SIZE: int = 5000
@@ -90,7 +90,7 @@ class RegistrySettings:
     #: When a user is saved with ``is_active=False``, close all their connections with 4410.
     CLOSE_ON_DEACTIVATION: bool = True
     #: Keep a per-user history of recoverable events, so a client that reconnects
-    #: gets what it missed (see ``history.py``). Needs the Redis or in-memory layer.
+    #: gets what it missed (see ``history/log.py``). Needs the Redis or in-memory layer.
     HISTORY: bool = True
     #: Events kept per user (Centrifugo's per-user example: 300 events for 10 minutes).
     HISTORY_SIZE: int = 300

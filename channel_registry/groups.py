@@ -7,7 +7,7 @@ how many channels an event reached (``Delivery.channels`` and ``sent`` are
 ``None``, the ``ack`` frame's ``delivered`` is ``null``), cannot answer presence,
 and keeps a dead member until the layer's ``group_expiry``. It exists so both
 approaches can be compared on the same workload, with the same protocol. The
-connection limit is counted apart from the groups, in slots (``slots.py``).
+connection limit is counted apart from the groups, in slots (``registry/slots.py``).
 """
 
 from __future__ import annotations
@@ -52,7 +52,7 @@ async def _layer_call(method: str, *args: Any) -> None:
 class GroupStrategy(DeliveryStrategy):
     """Per-user groups: `group_add` on connect, one `group_send` per user to deliver.
 
-    ``MAX_CONNECTIONS_PER_USER`` counts a slot per connection (see ``slots.py``).
+    ``MAX_CONNECTIONS_PER_USER`` counts a slot per connection (see ``registry/slots.py``).
     """
 
     async def register(

@@ -20,7 +20,7 @@ would otherwise hang every look-up of the master). What a failover costs and
 what the history promises across one: docs/operations.md, "Redis Sentinel".
 
 ``redis_layer()`` selects :class:`~channel_registry.redis.layer.BatchedRedisChannelLayer`
-(channels_redis with a batched receive path, see ``redis_layer.py``) with its
+(channels_redis with a batched receive path, see ``redis/layer.py``) with its
 ``capacity`` of 5,000 messages per server process; ``backend=STOCK_LAYER`` keeps
 channels_redis's own class (and its capacity of 100).
 """

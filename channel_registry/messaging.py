@@ -110,7 +110,7 @@ class DirectMessages:
 
     async def recipient(self, direct: Direct) -> tuple[Any, list[str] | None, Head | None]:
         """Who receives ``direct``, their live channels, and their history's head as seen before
-        the lookup (see ``pipeline.py``); ``ProtocolError`` if refused. The way is ``lookup()``'s."""
+        the lookup (see ``delivery/pipeline.py``); ``ProtocolError`` if refused. The way is ``lookup()``'s."""
         return await self.lookup().find(self, direct)
 
     def lookup(self) -> RecipientLookup:

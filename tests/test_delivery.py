@@ -219,7 +219,7 @@ async def test_sharded_send_many_delivers_everything(two_servers, make_layer):
     assert len(plain) < 100, (
         "plain RedisChannelLayer.send delivered all 100 messages on two hosts: "
         "channels_redis#221 looks fixed upstream. send_many is still correct; "
-        "update this comparison and the sharding note in delivery.py."
+        "update this comparison and the sharding note in delivery/fanout.py."
     )
 
 

@@ -49,7 +49,7 @@ async def nothing_arrives(layer, channel: str, within: float = 0.3) -> bool:
 def test_the_channels_redis_internals_it_relies_on_are_unchanged():
     """The layer reuses channels_redis's keys, message format, buffers and receive contract.
 
-    A new channels_redis may change any of them: review ``redis_layer.py``
+    A new channels_redis may change any of them: review ``redis/layer.py``
     against its ``core.py`` (``send``'s steps are in ``delivery.SEND_SCRIPT`` too),
     run this file, then record the new fingerprint here.
     """

@@ -73,7 +73,7 @@ class DeliveryStrategy:
 
         With ``recover``, the event is appended to each user's history and goes
         out carrying that user's position, in an order that loses it for no
-        connection (see ``cursor.py``); for one user, through the direct
+        connection (see ``history/cursor.py``); for one user, through the direct
         messages' pipeline (``pipeline.py``: on Redis, one script). ``sender`` is
         the user whose share of each history the event takes (a direct message's);
         raises ``HistoryShareExceeded``, sending nothing, when a history holds it already.
