@@ -245,13 +245,16 @@ class RegistryConsumerMixin:
 
     async def __call__(self, scope, receive, send):
         # The consumer reads the server's queue through the connection's inbound
-        # budget, which never stops reading it (see inbound.py).
+        # budget, which never stops reading it, and sends through it: nothing once
+        # the budget closed the connection (see inbound.py).
         limit = registry_settings().INBOUND_LIMIT
         self.inbound = gate = InboundGate(receive, send, limit) if limit else None
         # The other exits — an exception in a handler, or cancellation (daphne
         # cancels consumers on shutdown) — end here, so the row goes in all cases.
         try:
-            await cancellable(super().__call__(scope, gate.receive if gate else receive, send))
+            if gate:
+                receive, send = gate.receive, gate.send
+            await cancellable(super().__call__(scope, receive, send))
         finally:
             if gate:
                 gate.stop()

@@ -10,7 +10,7 @@ import json
 
 import pytest
 
-from channel_registry.inbound import FRAME_COST
+from channel_registry.inbound import FRAME_COST, IN_FLIGHT_SHARE
 from channel_registry.protocol import CLOSE_TOO_FAST
 
 from . import test_protocol
@@ -39,9 +39,9 @@ async def outputs(socket, count: int, wait: float = 5) -> list[dict]:
 
 def expected_answers(capacity: int, cost: int) -> tuple[int, int]:
     """(frames paid, frames refused) before a connection sending frames of ``cost`` back to back is closed:
-    paid while the bucket holds the cost, then refused (at least once) until a full bucket of debt."""
-    paid = capacity // cost
-    return paid, max(1, (capacity - paid * cost + capacity) // cost)
+    paid while the bucket holds the cost, then refused once, then while what it sent without waiting
+    stays within ``IN_FLIGHT_SHARE`` of the budget."""
+    return capacity // cost, 1 + int(capacity * IN_FLIGHT_SHARE // cost)
 
 
 async def everything(socket) -> list[dict]:
