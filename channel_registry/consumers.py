@@ -25,7 +25,7 @@ from .exceptions import (
 )
 from .groups import GroupStrategy
 from .history import history_for
-from .inbound import InboundGate
+from .inbound import InboundGate, user_bucket
 from .liveness import unwatch, watch
 from .mapping import MappingStrategy
 from .messaging import DirectMessages
@@ -156,6 +156,9 @@ class RegistryConsumerMixin:
             await self.refuse(CLOSE_UNAVAILABLE)
             return
         self.user_id = user.pk
+        user_limit = registry_settings().INBOUND_USER_LIMIT
+        if self.inbound and user_limit:
+            self.inbound.share(user_bucket(user.pk, user_limit))
         # The session may have ended since the middleware loaded it: a logout or
         # password change whose close went out before this registration.
         ended = await watch(self.channel_name, Access.of(user, self.session_key))

@@ -15,12 +15,17 @@ server reports the close, are dropped unread, and so is whatever the consumer
 would still send. On daphne and uvicorn the server stops reading the socket at
 once (``hangup.py``), so what the client sent after the close is not even parsed.
 
+Once the connection is registered, each frame is also charged to its user's bucket
+in this process (``INBOUND_USER_LIMIT``), shared by all of that user's connections
+here: a frame is paid only if both buckets hold its cost. Fifty sockets of one
+account otherwise bring fifty budgets, all read and parsed before any is closed.
+
 A refusal by another budget (the user's ``RATE_LIMIT`` or ``FANOUT_LIMIT``)
 charges the connection the wait it announced, up to a second's refill
 (:meth:`InboundGate.told_to_wait`), so sending on regardless ends the same way.
 
-The bucket lives in this process: a budget per connection needs no Redis round
-trip. It holds ``INBOUND_LIMIT[0]`` bytes and refills over ``INBOUND_LIMIT[1]``
+The buckets live in this process: they need no Redis round trip per frame. The
+connection's holds ``INBOUND_LIMIT[0]`` bytes and refills over ``INBOUND_LIMIT[1]``
 seconds; every frame costs its length plus ``FRAME_COST`` (a ping is not free).
 """
 
@@ -31,6 +36,7 @@ import contextlib
 import json
 import math
 import time
+import weakref
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -66,19 +72,34 @@ class InboundBucket:
         self.tokens = capacity
         self.stamp = time.monotonic()
 
-    def charge(self, cost: float) -> float | None:
-        """Charge ``cost``: ``None`` if the bucket paid it, else seconds until it would (nothing charged)."""
+    def wait(self, cost: float) -> float:
+        """Seconds until the bucket holds ``cost``; 0 if it does now."""
         now = time.monotonic()
         self.tokens = min(self.capacity, self.tokens + (now - self.stamp) * self.rate)
         self.stamp = now
-        if self.tokens >= cost:
-            self.tokens -= cost
-            return None
-        return math.ceil((cost - self.tokens) / self.rate * 1000) / 1000
+        return max(0.0, (cost - self.tokens) / self.rate)
+
+    def spend(self, cost: float) -> None:
+        self.tokens -= cost
 
     def owe(self, seconds: float) -> None:
         """Charge what ``seconds`` of waiting refills, at most ``OWED_WAIT_MAX`` seconds' worth."""
         self.tokens -= min(seconds, OWED_WAIT_MAX) * self.rate
+
+
+#: The ``INBOUND_USER_LIMIT`` buckets of users connected to this process, each kept while a connection holds it.
+_user_buckets: weakref.WeakValueDictionary[tuple[Any, tuple[float, float]], InboundBucket] = (
+    weakref.WeakValueDictionary()
+)
+
+
+def user_bucket(user_id: Any, limit: tuple[float, float]) -> InboundBucket:
+    """The bucket all of ``user_id``'s connections in this process share (one per ``limit``, should it change)."""
+    key = (user_id, (limit[0], limit[1]))  # a list from settings would not hash
+    bucket = _user_buckets.get(key)
+    if bucket is None:
+        bucket = _user_buckets[key] = InboundBucket(*limit)
+    return bucket
 
 
 def frame_cost(message: dict[str, Any]) -> int:
@@ -111,6 +132,8 @@ class InboundGate:
         self._server_receive = receive
         self._send = send
         self.bucket = InboundBucket(*limit)
+        #: The buckets a frame is charged to: the connection's, then its user's (``share``).
+        self.buckets = [self.bucket]
         #: Until when (``time.monotonic()``) the last refusal told the client to wait.
         self.wait_until = -math.inf
         #: Bytes of frames refused since then that arrived before it: sent without waiting.
@@ -141,6 +164,10 @@ class InboundGate:
     def stop(self) -> None:
         self._reader.cancel()
 
+    def share(self, bucket: InboundBucket) -> None:
+        """Charge every frame from now on to ``bucket`` too: the user's, once they are known."""
+        self.buckets.append(bucket)
+
     def told_to_wait(self, seconds: float) -> None:
         """Another budget refused a frame for ``seconds`` (``RATE_LIMIT``, ``FANOUT_LIMIT``).
 
@@ -165,7 +192,7 @@ class InboundGate:
 
     async def _meter(self, message: dict[str, Any]) -> None:
         cost = frame_cost(message)
-        retry_after = self.bucket.charge(cost)
+        retry_after = self._charge(cost)
         if retry_after is None:
             self._passed.put_nowait(message)
             return
@@ -182,6 +209,16 @@ class InboundGate:
             protocol.RATE_LIMITED, "too many frames on this connection; slow down", client_id_of(message), retry_after
         )
         await self._answer({"type": "websocket.send", "text": json.dumps(refusal)})
+
+    def _charge(self, cost: float) -> float | None:
+        """Charge ``cost`` to every bucket: ``None`` if they all held it, else seconds until they would
+        (nothing charged: a client that waits as told finds the frame paid)."""
+        wait = max(bucket.wait(cost) for bucket in self.buckets)
+        if wait > 0:
+            return math.ceil(wait * 1000) / 1000
+        for bucket in self.buckets:
+            bucket.spend(cost)
+        return None
 
     def _drop_passed_frames(self) -> None:
         """Frames paid for but not handled yet: not worth answering on a connection being closed."""
