@@ -531,8 +531,10 @@ async def test_a_frame_flood_from_the_maximum_sockets_is_closed_and_costs_bystan
     await stack.open_tab(server, bob)
     people = [(await stack.open_tab(server, user), user) for user in bystanders]
     pairs = list(zip(people[::2], people[1::2], strict=True))
-    # Every bystander sends 3 + 12 messages: within their own budget of 20.
-    quiet, acks = await converse(pairs, 6, "q.", gap=0.3)
+    # As many quiet samples as attacked ones (about 8 s each), so a p99 compares like with like on a
+    # machine whose background load comes and goes. Every bystander sends 12 + 12 messages, one per
+    # 0.6 s: within their own budget (20, and 2 a second).
+    quiet, acks = await converse(pairs, 24, "q.", gap=0.3)
 
     rss_before = server.rss_kb()
     async with RedisPings(stack.redis[0].url) as pings:
@@ -550,7 +552,7 @@ async def test_a_frame_flood_from_the_maximum_sockets_is_closed_and_costs_bystan
     assert closes.get("closed 4420", 0) >= 45 and set(closes) <= {"closed 4420", "closed 1006"}, flood.answers
     assert growth_mib <= 64
     assert p99(pings.samples) <= 20
-    assert [a.get("delivered") for a in acks] == [1] * len(acks) == [1] * 120
+    assert [a.get("delivered") for a in acks] == [1] * len(acks) == [1] * 192
     assert p99(loud) <= max(250, 3 * p99(quiet)), (sorted(quiet), sorted(loud))
     assert "Traceback" not in server.log_tail(10_000_000), "a consumer crashed"
 
