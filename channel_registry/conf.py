@@ -46,9 +46,9 @@ class RegistrySettings:
     #: each frame arrives (see ``inbound.py``); a frame costs its length plus 1 KiB.
     #: 128 KiB per 10 s: 7 frames of the largest size at once, or about 120 pings.
     #: Its size bounds what a flooding socket makes its process hold (paid frames wait
-    #: for the consumer). Over it a frame is refused; another full budget sent after
-    #: that closes the connection with 4420 (a quarter budget sent before the wait it
-    #: was told is over). ``None`` disables it.
+    #: for the consumer). Over it a frame is refused; more than a quarter budget sent
+    #: before the wait it was told is over closes the connection with 4420. ``None``
+    #: disables it.
     INBOUND_LIMIT: tuple[int, float] | None = (128 * 1024, 10)
     #: ``(bytes, seconds)``: what all of one user's connections in one process may send
     #: together, on top of each one's ``INBOUND_LIMIT``: opening more sockets does not buy

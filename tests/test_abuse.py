@@ -197,7 +197,7 @@ async def test_a_flood_into_many_tabs_is_bounded_and_bystanders_keep_their_laten
 
     With the defaults the flooder's budget is per user (20 messages / 10 s) and pays for
     every copy before it is sent (200 per 10 s): its messages are refused on its own
-    process, answered at once until the socket has sent on a budget's worth (then 4420),
+    process, answered at once until the socket has sent on a quarter budget without waiting (then 4420),
     and the bystanders' p99 stays within max(250 ms, 3x the quiet run), all delivered.
     "none" turns the limits off and shows the harm: copies multiply, and bystanders'
     messages are slow or acknowledged as reaching no tab (the queue was full).
@@ -248,10 +248,10 @@ async def test_a_flood_into_many_tabs_is_bounded_and_bystanders_keep_their_laten
     assert lost == 0 and [a["delivered"] for a in acks] == [1] * 96
     # Issue 17's bound. Refusals used to be held back 1 s, which kept the flooder near idle (within
     # 2x of quiet) but stalled its socket while the server kept buffering; now each of its sockets
-    # gets its refusals at once until it has sent on a budget's worth, and is closed.
+    # gets its refusals at once until it has sent on a quarter budget without waiting, and is closed.
     assert p99(loud) <= max(250, 3 * p99(quiet)), (sorted(quiet), sorted(loud))
-    # Answered at once, but no more frames than each socket's inbound budget pays for, plus the
-    # budget of debt it may run up once told (then it is closed), plus what refills meanwhile.
+    # Answered at once, but no more frames than each socket's inbound budget pays for, plus what it
+    # may send without waiting once told (a quarter budget: then it is closed), plus what refills meanwhile.
     capacity, per = RegistrySettings().INBOUND_LIMIT
     frame_cost = len(json.dumps(direct(bob, "x" * 200, "f9.999"))) + FRAME_COST
     assert sum(answers.values()) <= 10 * (phases * 2 * capacity + capacity / per * flood_seconds) / frame_cost
