@@ -52,8 +52,9 @@ OWED_WAIT_MAX = 1.0
 
 #: Share of the budget a connection may send, once refused, before the wait it was told is over:
 #: what was on its way when the refusal went out. More than that, and the sender is not listening.
-#: A quarter of the default budget is two frames of the largest size; a page never sends on
-#: without waiting for answers (the JS client sends one frame per call, and queues none).
+#: A quarter of the default budget (32 KiB) lets one frame of the largest size, or about 30 small
+#: ones, follow the first refusal; a page never sends on without waiting for answers (the JS client
+#: sends one frame per call, and queues none).
 IN_FLIGHT_SHARE = 0.25
 
 #: Put in the consumer's queue when the reader failed; ``receive`` raises the reader's error.
@@ -123,9 +124,9 @@ def client_id_of(message: dict[str, Any]) -> Any:
 
 
 class InboundGate:
-    """Reads the server's queue without pause; passes on the frames the bucket pays for.
+    """Reads the server's queue without pause; passes on the frames the buckets pay for.
 
-    ``receive`` is what the consumer reads instead of the server's own ``receive``.
+    ``receive`` and ``send`` are what the consumer uses instead of the server's own.
     """
 
     def __init__(self, receive: Receive, send: Send, limit: tuple[float, float]) -> None:
