@@ -158,12 +158,64 @@ def bucket_args(spends: Sequence[Spend]) -> list[Any]:
 
 
 async def _spend_redis(layer: Any, user_id: Any, spends: Sequence[Spend]) -> Verdict:
+    refusals = _refusals(layer)
+    refusal = (user_id, tuple((item.name, item.rate, item.per, item.need) for item in spends))
+    asked = time.monotonic()
+    wait = refusals.wait(refusal, asked)
+    if wait:
+        return Verdict(False, wait)
     keys, args = bucket_keys(layer, user_id, spends), bucket_args(spends)
     with layer_unavailable(layer):
         async with layer_slots():
             connection = layer.connection(bucket_shard(layer, user_id))
             allowed, wait_ms = await connection.register_script(SPEND_SCRIPT)(keys=keys, args=args)
+    if not allowed:
+        refusals.note(refusal, asked + wait_ms / 1000)
     return Verdict(bool(allowed), wait_ms / 1000)
+
+
+class Refusals:
+    """The spends Redis refused lately in this process, and until when: ``{(user, needs): deadline}``.
+
+    A refused spend takes nothing, and nothing but time fills a bucket, so the same
+    spend (same buckets, same needs) asked again before its ``retry_after`` is refused
+    again on every process: answered here, without a Redis round trip. A flooding
+    connection's frames that its inbound budget still pays for (``inbound.py``) are
+    then refused by ``RATE_LIMIT`` at the price of a dict lookup. The deadline counts
+    from when the spend was asked, before Redis answered, so it is never later than Redis's.
+    """
+
+    #: Most refusals kept; past it, expired ones go, and new ones are not kept while it is full.
+    KEEP = 10_000
+
+    def __init__(self) -> None:
+        self.until: dict[tuple[Any, tuple[Any, ...]], float] = {}
+
+    def wait(self, refusal: tuple[Any, tuple[Any, ...]], now: float) -> float:
+        """Seconds until ``refusal`` may succeed, rounded up to the millisecond as Redis does; 0 if it may now."""
+        left = self.until.get(refusal, now) - now
+        if left <= 0:
+            self.until.pop(refusal, None)
+            return 0
+        return math.ceil(left * 1000) / 1000
+
+    def note(self, refusal: tuple[Any, tuple[Any, ...]], until: float) -> None:
+        if len(self.until) >= self.KEEP:
+            now = time.monotonic()
+            self.until = {key: deadline for key, deadline in self.until.items() if deadline > now}
+            if len(self.until) >= self.KEEP:
+                return
+        self.until[refusal] = until
+
+
+_refused: weakref.WeakKeyDictionary[Any, Refusals] = weakref.WeakKeyDictionary()
+
+
+def _refusals(layer: Any) -> Refusals:
+    refusals = _refused.get(layer)
+    if refusals is None:
+        refusals = _refused[layer] = Refusals()
+    return refusals
 
 
 class LocalBuckets:

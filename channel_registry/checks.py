@@ -46,7 +46,8 @@ def check_options(app_configs: Any = None, **kwargs: Any) -> list[checks.CheckMe
         ))
     for name, unit in (
         ("RATE_LIMIT", "messages"), ("FANOUT_LIMIT", "copies"), ("INBOUND_LIMIT", "bytes"),
-        ("HISTORY_SENDER_LIMIT", "bytes"), ("HANDSHAKE_LIMIT", "handshakes"), ("RESUME_LIMIT", "resumes"),
+        ("INBOUND_USER_LIMIT", "bytes"), ("HISTORY_SENDER_LIMIT", "bytes"), ("HANDSHAKE_LIMIT", "handshakes"),
+        ("RESUME_LIMIT", "resumes"),
     ):  # fmt: skip
         rate = getattr(options, name)
         if rate is not None and not (

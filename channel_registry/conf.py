@@ -46,9 +46,15 @@ class RegistrySettings:
     #: each frame arrives (see ``inbound.py``); a frame costs its length plus 1 KiB.
     #: 128 KiB per 10 s: 7 frames of the largest size at once, or about 120 pings.
     #: Its size bounds what a flooding socket makes its process hold (paid frames wait
-    #: for the consumer). Over it a frame is refused; another full budget sent after
-    #: that closes the connection with 4420. ``None`` disables it.
+    #: for the consumer). Over it a frame is refused; more than a quarter budget sent
+    #: before the wait it was told is over closes the connection with 4420. ``None``
+    #: disables it.
     INBOUND_LIMIT: tuple[int, float] | None = (128 * 1024, 10)
+    #: ``(bytes, seconds)``: what all of one user's connections in one process may send
+    #: together, on top of each one's ``INBOUND_LIMIT``: opening more sockets does not buy
+    #: more. 512 KiB per 10 s: the user's 20 messages of the largest size and the pings of
+    #: 50 tabs fit. ``None`` disables it.
+    INBOUND_USER_LIMIT: tuple[int, float] | None = (512 * 1024, 10)
     #: ``(messages, seconds)``: direct messages per user, over all their connections
     #: and processes (a token bucket in Redis with channels_redis). ``None`` disables it.
     RATE_LIMIT: tuple[int, float] | None = (20, 10)
@@ -165,7 +171,8 @@ def registry_settings() -> RegistrySettings:
     """The effective settings; unknown keys are reported by the system check."""
     options = {k: v for k, v in _renamed(user_options()).items() if k in OPTION_NAMES}
     for name in (
-        "RATE_LIMIT", "FANOUT_LIMIT", "INBOUND_LIMIT", "HISTORY_SENDER_LIMIT", "HANDSHAKE_LIMIT", "RESUME_LIMIT",
+        "RATE_LIMIT", "FANOUT_LIMIT", "INBOUND_LIMIT", "INBOUND_USER_LIMIT", "HISTORY_SENDER_LIMIT",
+        "HANDSHAKE_LIMIT", "RESUME_LIMIT",
     ):  # fmt: skip
         if isinstance(options.get(name), list):
             options[name] = tuple(options[name])

@@ -25,7 +25,7 @@ from .exceptions import (
 )
 from .groups import GroupStrategy
 from .history import history_for
-from .inbound import InboundGate
+from .inbound import InboundGate, user_bucket
 from .liveness import unwatch, watch
 from .mapping import MappingStrategy
 from .messaging import DirectMessages
@@ -159,6 +159,9 @@ class RegistryConsumerMixin:
             await self.refuse(CLOSE_UNAVAILABLE)
             return
         self.user_id = user.pk
+        user_limit = registry_settings().INBOUND_USER_LIMIT
+        if self.inbound and user_limit:
+            self.inbound.share(user_bucket(user.pk, user_limit))
         # The session may have ended since the middleware loaded it: a logout or
         # password change whose close went out before this registration.
         ended = await watch(self.channel_name, Access.of(user, self.session_key))
@@ -248,13 +251,16 @@ class RegistryConsumerMixin:
 
     async def __call__(self, scope, receive, send):
         # The consumer reads the server's queue through the connection's inbound
-        # budget, which never stops reading it (see inbound.py).
+        # budget, which never stops reading it, and sends through it: nothing once
+        # the budget closed the connection (see inbound.py).
         limit = registry_settings().INBOUND_LIMIT
         self.inbound = gate = InboundGate(receive, send, limit) if limit else None
         # The other exits — an exception in a handler, or cancellation (daphne
         # cancels consumers on shutdown) — end here, so the row goes in all cases.
         try:
-            await cancellable(super().__call__(scope, gate.receive if gate else receive, send))
+            if gate:
+                receive, send = gate.receive, gate.send
+            await cancellable(super().__call__(scope, receive, send))
         finally:
             if gate:
                 gate.stop()

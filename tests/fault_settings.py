@@ -22,6 +22,7 @@ from the environment (``tests/processes.py`` writes it):
 ``CRF_RATE_LIMIT``    ``"messages,seconds"`` or ``"none"`` (default: the library's 20 per 10 s).
 ``CRF_FANOUT_LIMIT``  ``"copies,seconds"`` or ``"none"`` (default: the library's 200 per 10 s).
 ``CRF_HISTORY_SENDER_LIMIT`` / ``CRF_HISTORY_SENDER_SHARE``  ``"bytes,seconds"`` / a fraction, or ``"none"``.
+``CRF_INBOUND_USER_LIMIT``  ``"bytes,seconds"`` or ``"none"`` (default: the library's 512 KiB per 10 s).
 ``CRF_ACK_DELIVERED`` / ``CRF_REVEAL_REFUSALS``  ``0`` or ``1``.
 ``CRF_CAN_MESSAGE``   dotted path of a ``CAN_MESSAGE`` policy.
 ``CRF_HISTORY_SIZE``  ``HISTORY_SIZE`` and ``RECOVERY_LIMIT`` (default: the library's 300).
@@ -81,7 +82,7 @@ if os.environ.get("CRF_MAX_CONNECTIONS"):
     CHANNEL_REGISTRY["ON_LIMIT"] = os.environ.get("CRF_ON_LIMIT", "close_newest")
 if os.environ.get("CRF_HISTORY_SIZE"):
     CHANNEL_REGISTRY["HISTORY_SIZE"] = CHANNEL_REGISTRY["RECOVERY_LIMIT"] = int(os.environ["CRF_HISTORY_SIZE"])
-for _name in ("RATE_LIMIT", "FANOUT_LIMIT", "HISTORY_SENDER_LIMIT"):
+for _name in ("RATE_LIMIT", "FANOUT_LIMIT", "HISTORY_SENDER_LIMIT", "INBOUND_USER_LIMIT"):
     _rate = os.environ.get(f"CRF_{_name}")
     if _rate:
         CHANNEL_REGISTRY[_name] = None if _rate == "none" else tuple(float(x) for x in _rate.split(","))

@@ -197,7 +197,7 @@ async def test_a_flood_into_many_tabs_is_bounded_and_bystanders_keep_their_laten
 
     With the defaults the flooder's budget is per user (20 messages / 10 s) and pays for
     every copy before it is sent (200 per 10 s): its messages are refused on its own
-    process, answered at once until the socket has sent on a budget's worth (then 4420),
+    process, answered at once until the socket has sent on a quarter budget without waiting (then 4420),
     and the bystanders' p99 stays within max(250 ms, 3x the quiet run), all delivered.
     "none" turns the limits off and shows the harm: copies multiply, and bystanders'
     messages are slow or acknowledged as reaching no tab (the queue was full).
@@ -248,10 +248,10 @@ async def test_a_flood_into_many_tabs_is_bounded_and_bystanders_keep_their_laten
     assert lost == 0 and [a["delivered"] for a in acks] == [1] * 96
     # Issue 17's bound. Refusals used to be held back 1 s, which kept the flooder near idle (within
     # 2x of quiet) but stalled its socket while the server kept buffering; now each of its sockets
-    # gets its refusals at once until it has sent on a budget's worth, and is closed.
+    # gets its refusals at once until it has sent on a quarter budget without waiting, and is closed.
     assert p99(loud) <= max(250, 3 * p99(quiet)), (sorted(quiet), sorted(loud))
-    # Answered at once, but no more frames than each socket's inbound budget pays for, plus the
-    # budget of debt it may run up once told (then it is closed), plus what refills meanwhile.
+    # Answered at once, but no more frames than each socket's inbound budget pays for, plus what it
+    # may send without waiting once told (a quarter budget: then it is closed), plus what refills meanwhile.
     capacity, per = RegistrySettings().INBOUND_LIMIT
     frame_cost = len(json.dumps(direct(bob, "x" * 200, "f9.999"))) + FRAME_COST
     assert sum(answers.values()) <= 10 * (phases * 2 * capacity + capacity / per * flood_seconds) / frame_cost
@@ -513,18 +513,17 @@ async def test_a_frame_flood_from_the_maximum_sockets_is_closed_and_costs_bystan
     pushes 15 KB direct frames as fast as TCP takes them; meanwhile bystander pairs
     exchange messages. Each flooding socket is refused, then closed with 4420, and the
     server stops reading it at once (``hangup.py``); its slot comes back. The server's
-    RSS grows by MiB, not GiB, and Redis does not notice.
-
-    The bystanders feel the half second before the closes: 50 sockets' budgets, refusals
-    and paid frames parsed and answered. Their p99 is bounded at 1 s here, not at issue
-    17's max(250 ms, 3x quiet), which both servers miss now and then: on a quiet machine
-    daphne 61-312 ms (4 of 9 runs above 250 ms), uvicorn 22-317 ms (1 of 5); see the
-    docs' Security page.
+    RSS grows by MiB, not GiB, Redis does not notice, no consumer crashes, and the
+    bystanders' p99 stays within max(250 ms, 3x quiet): what each socket costs before
+    its close is its budget (8 frames) and a quarter budget sent without waiting (3 more),
+    its refusals by the user's budget answered in the process, not in Redis.
 
     The flooding client runs at ``nice`` 19: a remote attacker's CPU is not the server's,
     and this machine has 2 CPUs. Measured with the hang-up on daphne, at nice 0 the
     client's own work (about 0.3 s of CPU in the half second the flood lasts, plus the
-    loopback TCP it drives) took the server's CPU: bystanders' p99 490-740 ms.
+    loopback TCP it drives) took the server's CPU: bystanders' p99 490-740 ms. Starved
+    that way, the client may not have read a close frame when the hang-up resets its
+    connection a second later: it sees 1006 instead of 4420.
     """
     stack.start_redis()
     [server] = stack.daphnes(1, kind=kind)
@@ -532,8 +531,10 @@ async def test_a_frame_flood_from_the_maximum_sockets_is_closed_and_costs_bystan
     await stack.open_tab(server, bob)
     people = [(await stack.open_tab(server, user), user) for user in bystanders]
     pairs = list(zip(people[::2], people[1::2], strict=True))
-    # Every bystander sends 3 + 12 messages: within their own budget of 20.
-    quiet, acks = await converse(pairs, 6, "q.", gap=0.3)
+    # As many quiet samples as attacked ones (about 8 s each), so a p99 compares like with like on a
+    # machine whose background load comes and goes. Every bystander sends 12 + 12 messages, one per
+    # 0.6 s: within their own budget (20, and 2 a second).
+    quiet, acks = await converse(pairs, 24, "q.", gap=0.3)
 
     rss_before = server.rss_kb()
     async with RedisPings(stack.redis[0].url) as pings:
@@ -547,11 +548,13 @@ async def test_a_frame_flood_from_the_maximum_sockets_is_closed_and_costs_bystan
           f"bystander p50/p99 ms quiet {statistics.median(quiet):.1f}/{p99(quiet):.1f}, "
           f"flood {statistics.median(loud):.1f}/{p99(loud):.1f}; flooder {dict(flood.answers)}")  # fmt: skip
 
-    assert flood.answers["closed 4420"] == 50, flood.answers
+    closes = {answer: count for answer, count in flood.answers.items() if answer != "sent"}
+    assert closes.get("closed 4420", 0) >= 45 and set(closes) <= {"closed 4420", "closed 1006"}, flood.answers
     assert growth_mib <= 64
     assert p99(pings.samples) <= 20
-    assert [a.get("delivered") for a in acks] == [1] * len(acks) == [1] * 120
-    assert p99(loud) <= 1000, (sorted(quiet), sorted(loud))
+    assert [a.get("delivered") for a in acks] == [1] * len(acks) == [1] * 192
+    assert p99(loud) <= max(250, 3 * p99(quiet)), (sorted(quiet), sorted(loud))
+    assert "Traceback" not in server.log_tail(10_000_000), "a consumer crashed"
 
     async def flooder_gone() -> bool:
         return not await stack.rows(user=mallory)

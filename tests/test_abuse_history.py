@@ -167,7 +167,8 @@ async def test_one_account_spraying_recipients_keeps_a_bounded_share_of_each_his
 
     redis = aioredis.from_url(redis_server.url)
     memory_before = (await redis.info("memory"))["used_memory"]
-    # Five sockets: each has its own INBOUND_LIMIT, so the user's budgets are what paces the spray.
+    # Five sockets, each with its own INBOUND_LIMIT: the user's budgets (their INBOUND_USER_LIMIT in this
+    # process among them) are what paces the spray.
     sprays = [await stack.open_tab(server, mallory) for _ in range(5)]
     floats = [0.0] * 3_000  # 15 KB in the frame, 12 KB as compact JSON, 27 KB in msgpack
     stored = len(json.dumps(floats, separators=(",", ":")))

@@ -91,3 +91,35 @@ async def test_redis_budget_is_shared_by_every_process_and_refills():
         for layer in processes:
             await layer.flush()
             await layer.close_pools()
+
+
+@pytest.mark.skipif(not REAL, reason="the Redis script needs the real Redis (CR_TEST_STACK=real)")
+async def test_a_refusal_is_answered_in_the_process_until_its_wait_is_over_and_never_longer():
+    """A flooding connection's frames are refused by ``RATE_LIMIT`` without a Redis round trip each."""
+    from channels_redis.core import RedisChannelLayer
+
+    config = redis_layer(os.environ.get("REDIS_URL", "redis://127.0.0.1:6379"), prefix=f"crrefused{os.getpid()}")
+    process, other = RedisChannelLayer(**config["CONFIG"]), RedisChannelLayer(**config["CONFIG"])
+    asked = []
+    connection = process.connection
+    process.connection = lambda index: asked.append(index) or connection(index)
+    item = [Spend("messages", 2, 0.6)]  # a token every 0.3 s
+    try:
+        assert [(await spend(process, "u1", item)).allowed for _ in range(2)] == [True, True]
+        first = await spend(process, "u1", item)
+        again = [await spend(process, "u1", item) for _ in range(20)]
+        assert len(asked) == 3, "the refusals after the first were answered without Redis"
+        assert not any(verdict.allowed for verdict in [first, *again])
+        assert all(0 < verdict.retry_after <= first.retry_after for verdict in again)
+        # Another spend (other needs, another user) still asks Redis.
+        assert (await spend(process, "u2", item)).allowed and len(asked) == 4
+        assert not (await spend(process, "u1", [Spend("messages", 2, 0.6, need=2)])).allowed and len(asked) == 5
+        # Its wait over, the same spend succeeds, on this process and on any other.
+        await asyncio.sleep(again[-1].retry_after + 0.02)
+        assert (await spend(process, "u1", item)).allowed
+        await asyncio.sleep(0.3)
+        assert (await spend(other, "u1", item)).allowed
+    finally:
+        for layer in (process, other):
+            await layer.flush()
+            await layer.close_pools()

@@ -30,6 +30,7 @@ def test_default_test_settings_pass_every_check():
         ({"RATE_LIMIT": "20/10s"}, "channel_registry.E004"),
         ({"FANOUT_LIMIT": (200, 0)}, "channel_registry.E004"),
         ({"INBOUND_LIMIT": (512 * 1024,)}, "channel_registry.E004"),
+        ({"INBOUND_USER_LIMIT": (512 * 1024, -1)}, "channel_registry.E004"),
         ({"MAX_CONNECTIONS_PER_USER": 0}, "channel_registry.E007"),
         ({"MAX_CONNECTIONS_PER_USER": "50"}, "channel_registry.E007"),
         ({"ON_LIMIT": "close_random"}, "channel_registry.E005"),

@@ -10,7 +10,7 @@ import json
 
 import pytest
 
-from channel_registry.inbound import FRAME_COST
+from channel_registry.inbound import FRAME_COST, IN_FLIGHT_SHARE
 from channel_registry.protocol import CLOSE_TOO_FAST
 
 from . import test_protocol
@@ -23,9 +23,10 @@ open_as = test_protocol.open_as
 pytestmark = pytest.mark.django_db(transaction=True)
 
 PING = '{"type":"ping","id":"p"}'
-PINGS = [PING.replace('"p"', f'"{n}"') for n in range(4)]  # as long as PING
+PINGS = [PING.replace('"p"', f'"{n}"') for n in range(8)]  # as long as PING
+PING_COST = len(PING) + FRAME_COST
 #: Three pings fit; the fourth is refused. Refills in a second.
-THREE_PINGS = (3 * (len(PING) + FRAME_COST), 1)
+THREE_PINGS = (3 * PING_COST, 1)
 
 
 async def outputs(socket, count: int, wait: float = 5) -> list[dict]:
@@ -39,9 +40,9 @@ async def outputs(socket, count: int, wait: float = 5) -> list[dict]:
 
 def expected_answers(capacity: int, cost: int) -> tuple[int, int]:
     """(frames paid, frames refused) before a connection sending frames of ``cost`` back to back is closed:
-    paid while the bucket holds the cost, then refused (at least once) until a full bucket of debt."""
-    paid = capacity // cost
-    return paid, max(1, (capacity - paid * cost + capacity) // cost)
+    paid while the bucket holds the cost, then refused once, then while what it sent without waiting
+    stays within ``IN_FLIGHT_SHARE`` of the budget."""
+    return capacity // cost, 1 + int(capacity * IN_FLIGHT_SHARE // cost)
 
 
 async def everything(socket) -> list[dict]:
@@ -64,7 +65,7 @@ async def test_a_frame_over_the_connection_budget_is_refused_at_once_and_the_bud
 ):
     settings.CHANNEL_REGISTRY = {"INBOUND_LIMIT": THREE_PINGS}
     socket = await open_as(alice)
-    for ping in PINGS:
+    for ping in PINGS[:4]:
         await socket.send_to(text_data=ping)
     answers = await outputs(socket, 4)
     assert sorted(answers, key=str) == sorted([PONG] * 3 + [refused("3", within=1.0)], key=str)
@@ -73,6 +74,41 @@ async def test_a_frame_over_the_connection_budget_is_refused_at_once_and_the_bud
     await socket.send_to(text_data=PING)
     assert await outputs(socket, 1) == [PONG]  # a client that waits as told loses nothing else
     assert await socket.receive_nothing()
+
+
+async def test_frames_on_their_way_when_refused_are_refused_too_and_a_client_that_waits_is_never_closed(
+    consumer, open_as, alice, settings
+):
+    """A quarter budget (``IN_FLIGHT_SHARE``) of frames sent before the wait it was told is over
+    is refused, not closed on: they were on their way. Waiting as told starts afresh."""
+    settings.CHANNEL_REGISTRY = {"INBOUND_LIMIT": (4 * PING_COST, 4)}  # a quarter: one ping; a ping's refill a second
+    socket = await open_as(alice)
+    for ping in PINGS[:6]:
+        await socket.send_to(text_data=ping)
+    answers = await outputs(socket, 6)
+    assert sorted(answers, key=str) == sorted([PONG] * 4 + [refused("4", 1.1), refused("5", 1.1)], key=str)
+    for _ in range(2):
+        await asyncio.sleep(max(a.get("retry_after", 0) for a in answers))
+        for ping in PINGS[:3]:  # one the bucket holds again, then two more before the answers arrive
+            await socket.send_to(text_data=ping)
+        answers = await outputs(socket, 3)
+        assert sorted(answers, key=str) == sorted([PONG, refused("1", 1.1), refused("2", 1.1)], key=str)
+    assert await socket.receive_nothing()
+
+
+async def test_a_users_connections_in_one_process_share_one_inbound_budget(consumer, open_as, alice, bob, settings):
+    """``INBOUND_USER_LIMIT``: a second socket of the same user brings no second budget; another user's does."""
+    settings.CHANNEL_REGISTRY = {"INBOUND_LIMIT": (4 * PING_COST, 10), "INBOUND_USER_LIMIT": (6 * PING_COST, 10)}
+    first, second, bobs = await open_as(alice), await open_as(alice), await open_as(bob)
+    for ping in PINGS[:4]:
+        await first.send_to(text_data=ping)
+    assert await outputs(first, 4) == [PONG] * 4
+    for ping in PINGS[:3]:
+        await second.send_to(text_data=ping)
+    assert sorted(await outputs(second, 3), key=str) == sorted([PONG, PONG, refused("2", within=10)], key=str)
+    for ping in PINGS[:4]:
+        await bobs.send_to(text_data=ping)
+    assert await outputs(bobs, 4) == [PONG] * 4
 
 
 @pytest.mark.parametrize(
