@@ -342,6 +342,49 @@ async def test_a_head_moved_by_another_process_costs_a_call_never_a_wrong_positi
 
 
 @pytest.mark.django_db(transaction=True)
+async def test_a_copy_put_straight_into_a_local_buffer_overtakes_copies_still_in_redis_and_loses_none(
+    connect, alice, bob, monkeypatch
+):
+    """A copy for a channel of the sender's own process skips Redis, so it can arrive before
+    earlier events whose copies still travel through Redis: here another process's event
+    (seq 2) and a send of this process that found the head moved and went through Redis
+    (seq 3) are held in the reader until bob's tab has the local copy of seq 4. The tab
+    fills the gap from the history, in order, and drops the late copies."""
+    from channel_registry.mapping import MappingStrategy
+    from channel_registry.strategy import channel_layer
+
+    layer = channel_layer()
+    if not hasattr(layer, "put_local"):
+        pytest.skip("only a batched Redis layer puts copies into its own buffers")
+    sender, tab = await connect(alice), await connect(bob)
+    assert (await direct_to(sender, bob, 0))["delivered"] == 1
+    assert (await tab.receive_json_from(5))["seq"] == 1
+    held, two_held, fetched = [], asyncio.Event(), layer._buffer
+
+    def hold(process_channel, content):
+        held.append((process_channel, content))
+        if len(held) == 2:
+            two_held.set()
+
+    monkeypatch.setattr(layer, "_buffer", hold)
+    elsewhere = {"type": "registry.notify", "data": "elsewhere"}
+    positions = await RedisHistory(layer).append([bob.pk], elsewhere)  # another process: seq 2, sent...
+    await MappingStrategy().route([bob.pk], elsewhere, positions)  # ...through Redis
+    assert (await direct_to(sender, bob, 1))["delivered"] == 1  # seq 3: the head moved, sent through Redis
+    await asyncio.wait_for(two_held.wait(), 5)
+    assert (await direct_to(sender, bob, 2))["delivered"] == 1  # seq 4: straight into the tab's buffer
+
+    frames = [await tab.receive_json_from(5) for _ in range(3)]
+    assert [(frame.get("data") or frame["message"], frame["seq"]) for frame in frames] == [
+        ("elsewhere", 2), ("m1", 3), ("m2", 4)
+    ]
+    assert len(held) == 2  # seq 4 never went through the reader
+    for process_channel, content in held:
+        fetched(process_channel, content)
+    assert await tab.receive_nothing()
+
+
+@pytest.mark.django_db(transaction=True)
 async def test_a_fan_out_with_history_is_still_one_message_per_server_process(make_user, layer):
     """Each user's position rides in the process's one message; each connection reads its own."""
     from asgiref.sync import sync_to_async

@@ -107,6 +107,29 @@ async def test_capacity_is_per_process_and_refusals_are_reported(make_layer):
 
 
 @pytest.mark.asyncio
+async def test_local_copies_reach_only_this_process_s_buffers_and_a_full_buffer_refuses_them(make_layer):
+    """What ``put_local`` takes is what a send through Redis would have put there (a copy of the
+    message, in order), for the process's own channels while its reader serves this loop."""
+    layer, other_process = make_layer(buffer_capacity=2), make_layer()
+    waiting, busy, elsewhere = await layer.new_channel(), await layer.new_channel(), await other_process.new_channel()
+    assert layer.local_channels([waiting, busy]) == []  # no reader yet: through Redis
+    receive = asyncio.ensure_future(layer.receive(waiting))
+    await asyncio.wait_for(layer.send(waiting, {"type": "t", "n": 0}), 5)
+    assert (await asyncio.wait_for(receive, 5))["n"] == 0
+    receive = asyncio.ensure_future(layer.receive(waiting))  # waits on its buffer
+    assert layer.local_channels([waiting, elsewhere, busy, "general"]) == [waiting, busy]
+
+    message = {"type": "t", "n": 1, "items": (1, 2)}
+    assert layer.put_local([waiting, busy], message) == []
+    got = await asyncio.wait_for(receive, 5)
+    assert got == {"type": "t", "n": 1, "items": [1, 2]} and got is not message  # as msgpack returns it
+    assert layer.put_local([busy], {"type": "t", "n": 2}) == []
+    assert layer.put_local([busy], {"type": "t", "n": 3}) == [busy]  # its buffer holds 2: refused, as ChannelFull
+    assert await receive_in_order(layer, busy, 2) == [1, 2]
+    assert await nothing_arrives(layer, busy)
+
+
+@pytest.mark.asyncio
 async def test_messages_older_than_expiry_are_not_delivered(make_layer):
     receiver = make_layer(expiry=1)
     channel = await receiver.new_channel()

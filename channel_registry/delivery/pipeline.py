@@ -115,11 +115,13 @@ class Stepwise:
 
 #: KEYS: message buckets (ns), copy buckets (nc), history head and stream, queue keys (m).
 #: ARGV: ns, nc, m, keep ("1": over the copies budget, append without sending), the seen head's
-#: epoch, seq and joins, then ``spend``'s args for each bucket, ``appender``'s args and a new
-#: epoch, then ``send``'s args. Each phase commits before the next, as the stepwise calls do.
-#: Returns {"messages"|"copies", ms to wait}, {"share"}, or {"kept"|"unsent"|"sent", epoch,
-#: seq, joins, then for "sent" the 1-based positions of the full queues}. "unsent": appended,
-#: but the head was not the one seen (the messages carry a position the script did not hand out).
+#: epoch, seq and joins, predicted ("1": copies carry the position after the seen head, in the
+#: queues or to be put into this process's buffers), then ``spend``'s args for each bucket,
+#: ``appender``'s args and a new epoch, then ``send``'s args. Each phase commits before the next,
+#: as the stepwise calls do. Returns {"messages"|"copies", ms to wait}, {"share"}, or
+#: {"kept"|"unsent"|"sent", epoch, seq, joins, then for "sent" the 1-based positions of the full
+#: queues}. "unsent": appended, but the head was not the one seen (the copies carry a position
+#: the script did not hand out); nothing was sent.
 FOLD_SCRIPT = HEAD_SCRIPT + budget.SPEND_FUNCTION + APPEND_FUNCTION + SEND_FUNCTION + """
 local function slice(list, from, count)
     local out = {}
@@ -129,7 +131,7 @@ local function slice(list, from, count)
     return out
 end
 local ns, nc, m, keep = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3]), ARGV[4] == '1'
-local arg, now = 8, (ns + nc > 0) and clock_ms()
+local arg, now = 9, (ns + nc > 0) and clock_ms()
 if ns > 0 then
     local paid = spend(slice(KEYS, 1, ns), slice(ARGV, arg, 4 * ns), now)
     if paid[1] == 0 then
@@ -157,7 +159,7 @@ if not sending then
     return {'kept', epoch, seq, joins}
 end
 local same = epoch == ARGV[5] and joins == tonumber(ARGV[7])
-if not same or (m > 0 and seq ~= tonumber(ARGV[6]) + 1) then
+if not same or (ARGV[8] == '1' and seq ~= tonumber(ARGV[6]) + 1) then
     return {'unsent', epoch, seq, joins}
 end
 return {'sent', epoch, seq, joins, unpack(send(slice(KEYS, key + 3, m), slice(ARGV, arg + 11, 2 * m + 3)))}
@@ -165,7 +167,19 @@ return {'sent', epoch, seq, joins, unpack(send(slice(KEYS, key + 3, m), slice(AR
 
 
 class Folded(Stepwise):
-    """Redis: pay, record and send in one script when the message's keys share a shard."""
+    """Redis: pay, record and send in one script when the message's keys share a shard.
+
+    On a layer that can put a copy into this process's receive buffers
+    (``BatchedRedisChannelLayer.put_local``), the copies for this process's own
+    channels skip Redis: the script pays for them and appends the message, and
+    they go into the buffers when it answers "sent" (``cursor.py``: why the
+    order still holds).
+    """
+
+    def __init__(self, layer: Any) -> None:
+        super().__init__(layer)
+        #: Chosen once: whether copies for this process's channels can skip Redis.
+        self.local = callable(getattr(layer, "put_local", None))
 
     async def commit(self, out: Outgoing, strategy: DeliveryStrategy) -> Delivery:
         history = history_for(self.layer)
@@ -174,7 +188,9 @@ class Folded(Stepwise):
         shard, head_key, stream_key = history.keys(out.recipient)
         seen = out.seen or Head("", -1, -1)  # nothing seen: the script appends, the send goes stepwise
         predicted = stamped(out.event, {out.recipient: Position(seen.epoch, seen.seq + 1)})
-        queues = process_entries(self.layer, [(predicted, out.routes)] if out.seen else [])
+        local = self.local_channels(out.routes) if out.seen else []
+        remote = [channel for channel in out.routes if channel not in local]
+        queues = process_entries(self.layer, [(predicted, remote)] if out.seen else [])
         if {budget.bucket_shard(self.layer, out.sender), *(entry_shard for entry_shard, _ in queues)} != {shard}:
             return await super().commit(out, strategy)
         copies = [out.copies] if out.copies else []
@@ -185,6 +201,7 @@ class Folded(Stepwise):
         ]  # fmt: skip
         args = [
             len(out.sending), len(copies), len(entries), int(out.keep_unpaid), seen.epoch, seen.seq, seen.joins,
+            int(bool(entries or local)),
             *budget.bucket_args(out.sending), *budget.bucket_args(copies),
             *history.append_args(out.event, out.sender), new_epoch(),
             *(entry[1] for entry in entries), *(entry[2] for entry in entries), *send_tail(self.layer),
@@ -210,7 +227,13 @@ class Folded(Stepwise):
         if status == "unsent":
             return await self.send(out, head, strategy)
         failed = [channel for position in answer[4:] for channel in entries[position - 1][3]]
+        if local:
+            failed += self.layer.put_local(local, predicted)
         return metrics.copies(await strategy.account(len(out.routes), failed))
+
+    def local_channels(self, routes: list[str]) -> list[str]:
+        """The routes this process's own buffers receive, when its layer can put a copy there."""
+        return self.layer.local_channels(routes) if self.local else []
 
 
 _pipelines: weakref.WeakKeyDictionary[Any, Stepwise] = weakref.WeakKeyDictionary()

@@ -32,8 +32,22 @@ A history that cannot fill it (trimmed, lost) produces a ``reset``, never a
 silent gap. (Centrifugo's subscribe and Mercure's ``AddSubscriber`` close the
 same race with a buffer; here the consumer's queue is the buffer.)
 
+A copy for a channel of the sender's own process may skip Redis
+(``pipeline.Folded``: put straight into the receive buffer). It is made only when
+the script answered "sent", so under the same conditions as a copy through Redis
+(the channels found are complete, the position is the one the append handed
+out); the proof above never used how long a copy travels. It only makes the race
+of two senders more likely: the local copy of 7 can overtake a copy of 6 still
+queued in Redis (another process's, or this process's own that took the second
+lookup). 6 was appended before 7 was numbered, so before the local copy existed:
+the gap fill finds it, and the late copy is dropped. A local copy refused by a
+full buffer is a lost copy like one refused as ``ChannelFull``: the next event's
+gap or the next resume brings it back.
+
 ``tests/test_history.py::test_a_tab_that_joins_between_the_lookup_and_the_append_gets_the_message_live_once``
-makes the rare interleaving happen on purpose.
+makes the rare interleaving happen on purpose, and
+``tests/test_history.py::test_a_copy_put_straight_into_a_local_buffer_overtakes_copies_still_in_redis_and_loses_none``
+the overtaking.
 """
 
 from __future__ import annotations

@@ -172,6 +172,40 @@ class BatchedRedisChannelLayer(RedisChannelLayer):
             raise message.error
         return message
 
+    def local_channels(self, channels: list[str]) -> list[str]:
+        """Those of ``channels`` that this process's reader feeds in the running event loop.
+
+        A copy for one of them can skip Redis (``put_local``): the reader would
+        only fetch it back into the same buffer. Empty when the reader runs in
+        another event loop (a buffer is not thread-safe) or not at all (no receive
+        waits: the copy goes through Redis, where the next reader finds it).
+        """
+        reader = self._reader
+        if reader is None or reader.done() or reader.get_loop() is not asyncio.get_running_loop():
+            return []
+        own = self.client_prefix + "!"
+        return [channel for channel in channels if "!" in channel and self.non_local_name(channel).endswith(own)]
+
+    def put_local(self, channels: list[str], message: dict[str, Any]) -> list[str]:
+        """Put ``message`` into the buffers of ``channels`` (from ``local_channels``); those that were full.
+
+        What the receiving consumers get is what a trip through Redis gives them:
+        the message goes through the layer's serializer (its own copy, the same
+        types; all channels share it, as in ``_buffer``). A full buffer refuses the
+        copy, as a full Redis key refuses a send (``ChannelFull``), where the
+        reader would drop the buffer's oldest message. ``expiry`` has nothing to
+        trim: the copy is in the buffer at once, as a fetched one is.
+        """
+        copy = self.deserialize(self.serialize(message))
+        full = []
+        for channel in channels:
+            buffer = self.receive_buffer[channel]
+            if buffer.full():
+                full.append(channel)
+            else:
+                buffer.put_nowait(copy)
+        return full
+
     def _start_reader(self, process_channel: str) -> None:
         loop = asyncio.get_running_loop()
         reader = self._reader
