@@ -350,8 +350,8 @@ async def test_a_copy_put_straight_into_a_local_buffer_overtakes_copies_still_in
     (seq 2) and a send of this process that found the head moved and went through Redis
     (seq 3) are held in the reader until bob's tab has the local copy of seq 4. The tab
     fills the gap from the history, in order, and drops the late copies."""
-    from channel_registry.mapping import MappingStrategy
-    from channel_registry.strategy import channel_layer
+    from channel_registry.delivery.mapping import MappingStrategy
+    from channel_registry.delivery.strategy import channel_layer
 
     layer = channel_layer()
     if not hasattr(layer, "put_local"):
