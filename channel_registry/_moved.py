@@ -19,7 +19,7 @@ from importlib.machinery import ModuleSpec
 from types import ModuleType
 from typing import Any
 
-REMOVED_IN = "0.4"
+REMOVED_IN = "0.3"  # one release after the move, like every deprecation here
 
 MOVED = {
     "channel_registry.store": "channel_registry.registry.store",
