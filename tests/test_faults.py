@@ -51,12 +51,11 @@ from .processes import (
     Tab,
     await_until,
     close_all,
-    create_database,
     drop_database,
     http_request,
     login,
     logout,
-    migrate,
+    migrated_database,
     real_services_only,
     session_for,
     settings_env,
@@ -82,9 +81,8 @@ User = get_user_model()
 def demo_database(request):
     """``crfaults_<pid>_<module>`` on the shared PostgreSQL, migrated with the demo's apps; dropped after the module."""
     name = f"crfaults_{os.getpid()}_{request.module.__name__.rpartition('.')[2]}"
-    url = create_database(SHARED_POSTGRES, name)
+    url = migrated_database(SHARED_POSTGRES, name)
     try:
-        migrate(url)
         yield url
     finally:
         drop_database(SHARED_POSTGRES, name)
@@ -245,9 +243,7 @@ async def stack(request, demo_database, settings, django_db_blocker):
 def private_postgres():
     """A private PostgreSQL cluster with the demo's database migrated: (server, database URL)."""
     with PostgresServer() as server:
-        url = create_database(server.url, "demo")
-        migrate(url)
-        yield server, url
+        yield server, migrated_database(server.url, "demo")
 
 
 @pytest.fixture
@@ -787,8 +783,7 @@ async def test_sockets_closed_during_a_postgres_outage_are_forgotten(pg_stack):
 async def chicago_stack(request, private_postgres, settings, django_db_blocker):
     """A stack on a database of the private cluster whose ``timezone`` is America/Chicago."""
     server, _ = private_postgres
-    url = create_database(server.url, "demo_chicago")
-    migrate(url)
+    url = migrated_database(server.url, "demo_chicago")
     await asyncio.to_thread(_set_database_time_zone, url, "America/Chicago")
     async with stack_on(url, request, settings, django_db_blocker) as stack:
         yield stack
