@@ -29,6 +29,25 @@ pytest_plugins = ["channel_registry.pytest_plugin"]
 
 _names = itertools.count()
 
+#: Markers of tests that start server processes: their modules run first (see below).
+_PROCESS_MARKERS = {"faults", "browser", "abuse"}
+
+
+def pytest_collection_modifyitems(items):
+    """Long tests first, then the modules that start server processes, then the rest.
+
+    On a few xdist workers the run ends when the last worker does: a 50 s test handed out
+    last is the whole tail, while many short tests at the end even the workers out. Each
+    module's tests stay in order and together, so its module fixtures are made once a worker.
+    """
+
+    def rank(item) -> int:
+        if item.get_closest_marker("long"):
+            return 0
+        return 1 if _PROCESS_MARKERS & {mark.name for mark in item.iter_markers()} else 2
+
+    items.sort(key=rank)  # stable: collection order within each rank
+
 
 @pytest.fixture(scope="session", autouse=True)
 def close_async_connections(django_db_setup, django_db_blocker):

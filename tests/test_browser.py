@@ -23,7 +23,9 @@ from demo_site.inbox.management.commands.demo_users import PASSWORD
 sync_api = pytest.importorskip("playwright.sync_api")
 expect = sync_api.expect
 
-pytestmark = pytest.mark.browser
+# One xdist worker runs them all (make test-real-parallel: --dist loadgroup): the browser, the
+# database and the daphne processes below are set up once, not on every worker.
+pytestmark = [pytest.mark.browser, pytest.mark.xdist_group("browser")]
 
 ROOT = Path(__file__).resolve().parent.parent
 ARTIFACTS = ROOT / "tests" / "artifacts"

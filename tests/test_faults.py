@@ -357,6 +357,7 @@ def _process_key(stack: Stack, channel_name: str) -> str:
     return f"{stack.prefix}{channel_name.split('!', 1)[0]}!"
 
 
+@pytest.mark.long
 @pytest.mark.parametrize("server", SERVERS)
 async def test_kill_9_process_with_100_sockets(stack, offline_events, server):
     import redis
@@ -1022,6 +1023,7 @@ async def test_every_documented_close_code_reaches_a_real_client(stack):
     assert server.errors() == []
 
 
+@pytest.mark.long
 async def test_churn_against_a_fast_heartbeat_leaves_no_row_and_nobody_online(stack):
     """Tabs opening and closing at random next to tabs that stay open, on two processes whose
     heartbeat runs every 20 ms: after every round, once every tab closed, no row is left."""

@@ -13,6 +13,7 @@ import random
 import time
 from collections import Counter
 
+import pytest
 from websockets.exceptions import WebSocketException
 
 from channel_registry import ChannelLayerUnavailable, asend_to_user
@@ -186,6 +187,7 @@ class Client:
         self.position = position_of(frame)
 
 
+@pytest.mark.long
 async def test_random_drops_and_a_kill_9_lose_no_event_and_duplicate_none(stack, capsys):
     stack.start_redis()
     stack.configure(rate_limit="none")
