@@ -30,8 +30,8 @@ test: $(VENV)/.installed-test services
 	$(MAKE) --no-print-directory test-timing
 
 # Most real-services tests wait on sockets, heartbeats and server processes rather than compute:
-# three workers keep two CPUs busy. loadgroup hands tests out one at a time in the order
-# tests/conftest.py sets (the longest first) and keeps the browser tests on one worker.
+# three workers keep two CPUs busy. loadgroup hands tests out one at a time, in the order
+# tests/conftest.py sets (the longest first), and the browser tests to one worker (conftest.py).
 WORKERS ?= 3
 TIMING := timing
 

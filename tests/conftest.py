@@ -49,6 +49,31 @@ def pytest_collection_modifyitems(items):
     items.sort(key=rank)  # stable: collection order within each rank
 
 
+#: Modules whose tests one xdist worker runs together, as ``--dist loadgroup`` does for an ``xdist_group``:
+#: their module fixtures (a browser, its own database, daphne processes) are set up once, not per worker.
+ONE_WORKER_MODULES = ("tests/test_browser.py::",)
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config, log):
+    """``--dist loadgroup`` with :data:`ONE_WORKER_MODULES` as groups.
+
+    ``xdist_group`` marks cannot do it with pytest 9: pytest-xdist 3.8 names the group in
+    ``item._nodeid``, which pytest 9 no longer reads, so the marks are silently ignored.
+    """
+    if config.getvalue("dist") != "loadgroup":
+        return None
+    from xdist.scheduler import LoadGroupScheduling
+
+    class ModuleGroups(LoadGroupScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            if nodeid.startswith(ONE_WORKER_MODULES):
+                return nodeid.split("::", 1)[0]
+            return super()._split_scope(nodeid)
+
+    return ModuleGroups(config, log)
+
+
 @pytest.fixture(scope="session", autouse=True)
 def close_async_connections(django_db_setup, django_db_blocker):
     """Close the connection of asgiref's database thread, or the test database cannot be dropped."""

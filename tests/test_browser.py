@@ -23,9 +23,7 @@ from demo_site.inbox.management.commands.demo_users import PASSWORD
 sync_api = pytest.importorskip("playwright.sync_api")
 expect = sync_api.expect
 
-# One xdist worker runs them all (make test-real-parallel: --dist loadgroup): the browser, the
-# database and the daphne processes below are set up once, not on every worker.
-pytestmark = [pytest.mark.browser, pytest.mark.xdist_group("browser")]
+pytestmark = pytest.mark.browser
 
 ROOT = Path(__file__).resolve().parent.parent
 ARTIFACTS = ROOT / "tests" / "artifacts"

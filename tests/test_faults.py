@@ -478,8 +478,12 @@ async def test_sigterm_deletes_the_process_rows_before_it_exits(stack, server):
     assert (delivery.channels, delivery.sent) == (3, 3)
 
 
+@pytest.mark.timing
 async def test_a_burst_of_150_connections_on_one_process(stack):
-    """A page reload after a deploy: every client reconnects at the same moment."""
+    """A page reload after a deploy: every client reconnects at the same moment.
+
+    Timed: whether daphne drains its accept backlog before a client gives up depends on the
+    CPU it gets; next to other suites some handshakes fail with no HTTP response at all."""
     import redis
 
     [redis_server] = stack.start_redis()
