@@ -1051,7 +1051,7 @@ async def test_churn_against_a_fast_heartbeat_leaves_no_row_and_nobody_online(st
 
     rounds = int(os.environ.get("CR_CHURN_ROUNDS", "20"))
     for round_no in range(rounds):
-        steady = [await stack.open_tab(servers[i % 2], users[i % 8]) for i in range(16)]
+        steady = await bounded(stack.open_tab(servers[i % 2], users[i % 8]) for i in range(16))
         until = time.monotonic() + 1.0
         opened = await asyncio.gather(*(churn(user, until) for user in users[8:]))
         assert sum(opened) > 0
