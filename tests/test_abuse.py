@@ -438,6 +438,7 @@ async def test_a_page_on_another_port_cannot_hold_the_victims_stream_slots(stack
     own_stream.close()
 
 
+@pytest.mark.timing  # the copies budget refills with time: a slow machine sends every probe live
 async def test_with_private_acks_the_copies_budget_tells_a_sender_nothing_about_the_recipient(stack):
     """Issue 17, item 8: with ``ACK_DELIVERED`` off, a refused copies budget still answered a
     ``retry_after`` exact to the millisecond: the price of the recipient's connections. Shipped
