@@ -20,24 +20,27 @@ services:
 	bash tests/tools/ensure_services.sh
 
 # `make test` in two phases. First, side by side (output kept per target): lint, the real-services
-# suite without the abuse tests on $(WORKERS) pytest workers (this venv: Python 3.11 + Django 5.2),
+# suite without the timing tests on $(WORKERS) pytest workers (this venv: Python 3.11 + Django 5.2),
 # the in-memory suite on Python 3.13 + Django 6.1 (`make matrix`, noxfile.py), the JS client's tests,
-# the built wheel and the docs. Then, alone, the abuse tests (marker abuse): they measure bystanders' p99 and a
-# server's RSS, which mean nothing next to other suites. `make test-memory` runs the in-memory suite in
-# this venv; `make matrix-all` on every supported Python x Django.
+# the built wheel and the docs. Then, alone, the timing tests (marker timing): they bound bystanders' p99, a
+# server's RSS and Redis round trips, which mean nothing next to other suites. `make test-memory` runs
+# the in-memory suite in this venv; `make matrix-all` on every supported Python x Django.
 test: $(VENV)/.installed-test services
 	$(MAKE) --no-print-directory -j 5 --output-sync=target lint test-real-parallel test-js matrix test-wheel docs
 	$(MAKE) --no-print-directory test-timing
 
-WORKERS ?= 2
-TIMING := abuse
+# Most real-services tests wait on sockets, heartbeats and server processes rather than compute:
+# three workers keep two CPUs busy. loadgroup hands tests out one at a time, in the order
+# tests/conftest.py sets (the longest first), and the browser tests to one worker (conftest.py).
+WORKERS ?= 3
+TIMING := timing
 
 # The whole real-services suite in one process (what test-real-parallel + test-timing split).
 test-real: $(VENV)/.installed-test
 	CR_TEST_STACK=real $(BIN)/pytest $(PYTEST_ARGS)
 
 test-real-parallel: $(VENV)/.installed-test
-	CR_TEST_STACK=real $(BIN)/pytest -n $(WORKERS) -m "not ($(TIMING))" $(PYTEST_ARGS)
+	CR_TEST_STACK=real $(BIN)/pytest -n $(WORKERS) --dist loadgroup -m "not ($(TIMING))" $(PYTEST_ARGS)
 
 test-timing: $(VENV)/.installed-test
 	CR_TEST_STACK=real $(BIN)/pytest -m "$(TIMING)" $(PYTEST_ARGS)

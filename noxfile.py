@@ -121,9 +121,10 @@ def _run_suite(session: nox.Session, python: str, django: str) -> None:
     python_bin = str(where / "bin" / "python")
     session.run(python_bin, "-c", "import sys, django; print('Python', sys.version.split()[0], '+ Django', "
                 "django.get_version())", external=True)  # fmt: skip
+    # Two workers: the suite mostly waits (timeouts, heartbeats, the quick start's subprocesses).
     session.run(
         python_bin, "-m", "pytest", "-m", "not faults and not browser and not abuse", "-q", "-p", "no:cacheprovider",
-        *session.posargs, external=True, env={"CR_TEST_STACK": "memory"},
+        "-n", "2", *session.posargs, external=True, env={"CR_TEST_STACK": "memory"},
     )  # fmt: skip
 
 

@@ -29,6 +29,50 @@ pytest_plugins = ["channel_registry.pytest_plugin"]
 
 _names = itertools.count()
 
+#: Markers of tests that start server processes: their modules run first (see below).
+_PROCESS_MARKERS = {"faults", "browser", "abuse"}
+
+
+def pytest_collection_modifyitems(items):
+    """Long tests first, then the modules that start server processes, then the rest.
+
+    On a few xdist workers the run ends when the last worker does: a 50 s test handed out
+    last is the whole tail, while many short tests at the end even the workers out. Each
+    module's tests stay in order and together, so its module fixtures are made once a worker.
+    """
+
+    def rank(item) -> int:
+        if item.get_closest_marker("long"):
+            return 0
+        return 1 if _PROCESS_MARKERS & {mark.name for mark in item.iter_markers()} else 2
+
+    items.sort(key=rank)  # stable: collection order within each rank
+
+
+#: Modules whose tests one xdist worker runs together, as ``--dist loadgroup`` does for an ``xdist_group``:
+#: their module fixtures (a browser, its own database, daphne processes) are set up once, not per worker.
+ONE_WORKER_MODULES = ("tests/test_browser.py::",)
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config, log):
+    """``--dist loadgroup`` with :data:`ONE_WORKER_MODULES` as groups.
+
+    ``xdist_group`` marks cannot do it with pytest 9: pytest-xdist 3.8 names the group in
+    ``item._nodeid``, which pytest 9 no longer reads, so the marks are silently ignored.
+    """
+    if config.getvalue("dist") != "loadgroup":
+        return None
+    from xdist.scheduler import LoadGroupScheduling
+
+    class ModuleGroups(LoadGroupScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            if nodeid.startswith(ONE_WORKER_MODULES):
+                return nodeid.split("::", 1)[0]
+            return super()._split_scope(nodeid)
+
+    return ModuleGroups(config, log)
+
 
 @pytest.fixture(scope="session", autouse=True)
 def close_async_connections(django_db_setup, django_db_blocker):

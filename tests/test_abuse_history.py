@@ -14,6 +14,7 @@ import threading
 import time
 from collections import Counter
 
+import pytest
 import redis
 import redis.asyncio as aioredis
 
@@ -73,6 +74,7 @@ class ResumeStorm(ClientProcess):
         return self.result
 
 
+@pytest.mark.timing
 async def test_a_resume_storm_is_bounded_and_bystanders_keep_their_latency(stack):
     """Finding 2: 10 sockets of one account resumed a full history from its oldest position in a
     loop (399 resumes in 8 s, each an unbounded XRANGE of up to 11 MB): daphne's RSS went from 87 to
@@ -140,6 +142,7 @@ async def test_a_resume_storm_is_bounded_and_bystanders_keep_their_latency(stack
     assert p99(loud) <= max(250, 3 * p99(quiet)), (sorted(quiet), sorted(loud))
 
 
+@pytest.mark.timing
 async def test_one_account_spraying_recipients_keeps_a_bounded_share_of_each_history(stack):
     """Finding 3: every accepted direct went into the recipient's history, offline or not, with only
     the number of events capped: one account kept ~44 MB of Redis live and pushed victims' real

@@ -203,7 +203,7 @@ async def test_every_way_access_ends_closes_the_users_connections_within_two_hea
             close.cancel()
 
 
-@pytest.mark.abuse  # it measures bystanders' latency: run with the abuse tests, alone
+@pytest.mark.timing  # it measures bystanders' latency: run alone
 @pytest.mark.parametrize("change", [save_password, update_password])
 async def test_no_socket_survives_a_password_change_raced_by_eight_looping_handshakes(stack, change):
     """A cookie thief reconnects as fast as it can on two processes, to both strategies, while the

@@ -118,6 +118,7 @@ def read_receiver(tab: Tab) -> Receiver:
     return seen
 
 
+@pytest.mark.long
 @pytest.mark.parametrize("replica_missed_writes", [False, True], ids=["replica-in-sync", "replica-missed-writes"])
 async def test_kill_9_the_master_under_traffic_loses_no_acknowledged_message_silently(
     stack, sentinel_set, replica_missed_writes

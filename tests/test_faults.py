@@ -51,12 +51,11 @@ from .processes import (
     Tab,
     await_until,
     close_all,
-    create_database,
     drop_database,
     http_request,
     login,
     logout,
-    migrate,
+    migrated_database,
     real_services_only,
     session_for,
     settings_env,
@@ -82,9 +81,8 @@ User = get_user_model()
 def demo_database(request):
     """``crfaults_<pid>_<module>`` on the shared PostgreSQL, migrated with the demo's apps; dropped after the module."""
     name = f"crfaults_{os.getpid()}_{request.module.__name__.rpartition('.')[2]}"
-    url = create_database(SHARED_POSTGRES, name)
+    url = migrated_database(SHARED_POSTGRES, name)
     try:
-        migrate(url)
         yield url
     finally:
         drop_database(SHARED_POSTGRES, name)
@@ -245,9 +243,7 @@ async def stack(request, demo_database, settings, django_db_blocker):
 def private_postgres():
     """A private PostgreSQL cluster with the demo's database migrated: (server, database URL)."""
     with PostgresServer() as server:
-        url = create_database(server.url, "demo")
-        migrate(url)
-        yield server, url
+        yield server, migrated_database(server.url, "demo")
 
 
 @pytest.fixture
@@ -361,6 +357,7 @@ def _process_key(stack: Stack, channel_name: str) -> str:
     return f"{stack.prefix}{channel_name.split('!', 1)[0]}!"
 
 
+@pytest.mark.long
 @pytest.mark.parametrize("server", SERVERS)
 async def test_kill_9_process_with_100_sockets(stack, offline_events, server):
     import redis
@@ -481,8 +478,12 @@ async def test_sigterm_deletes_the_process_rows_before_it_exits(stack, server):
     assert (delivery.channels, delivery.sent) == (3, 3)
 
 
+@pytest.mark.timing
 async def test_a_burst_of_150_connections_on_one_process(stack):
-    """A page reload after a deploy: every client reconnects at the same moment."""
+    """A page reload after a deploy: every client reconnects at the same moment.
+
+    Timed: whether daphne drains its accept backlog before a client gives up depends on the
+    CPU it gets; next to other suites some handshakes fail with no HTTP response at all."""
     import redis
 
     [redis_server] = stack.start_redis()
@@ -787,8 +788,7 @@ async def test_sockets_closed_during_a_postgres_outage_are_forgotten(pg_stack):
 async def chicago_stack(request, private_postgres, settings, django_db_blocker):
     """A stack on a database of the private cluster whose ``timezone`` is America/Chicago."""
     server, _ = private_postgres
-    url = create_database(server.url, "demo_chicago")
-    migrate(url)
+    url = migrated_database(server.url, "demo_chicago")
     await asyncio.to_thread(_set_database_time_zone, url, "America/Chicago")
     async with stack_on(url, request, settings, django_db_blocker) as stack:
         yield stack
@@ -1027,6 +1027,7 @@ async def test_every_documented_close_code_reaches_a_real_client(stack):
     assert server.errors() == []
 
 
+@pytest.mark.long
 async def test_churn_against_a_fast_heartbeat_leaves_no_row_and_nobody_online(stack):
     """Tabs opening and closing at random next to tabs that stay open, on two processes whose
     heartbeat runs every 20 ms: after every round, once every tab closed, no row is left."""
@@ -1050,7 +1051,7 @@ async def test_churn_against_a_fast_heartbeat_leaves_no_row_and_nobody_online(st
 
     rounds = int(os.environ.get("CR_CHURN_ROUNDS", "20"))
     for round_no in range(rounds):
-        steady = [await stack.open_tab(servers[i % 2], users[i % 8]) for i in range(16)]
+        steady = await bounded(stack.open_tab(servers[i % 2], users[i % 8]) for i in range(16))
         until = time.monotonic() + 1.0
         opened = await asyncio.gather(*(churn(user, until) for user in users[8:]))
         assert sum(opened) > 0

@@ -13,6 +13,7 @@ import random
 import time
 from collections import Counter
 
+import pytest
 from websockets.exceptions import WebSocketException
 
 from channel_registry import ChannelLayerUnavailable, asend_to_user
@@ -186,6 +187,10 @@ class Client:
         self.position = position_of(frame)
 
 
+@pytest.mark.long
+# 10,000 events through two daphne processes: about 20 s on a quiet machine, several times that next
+# to the other suites of make test on 2 CPUs; the default 120 s is a hang guard, not a bound.
+@pytest.mark.timeout(300)
 async def test_random_drops_and_a_kill_9_lose_no_event_and_duplicate_none(stack, capsys):
     stack.start_redis()
     stack.configure(rate_limit="none")
