@@ -119,6 +119,11 @@ RECEIVE_BATCH = metric(
     "Messages one fetch of BatchedRedisChannelLayer took from Redis for this process.",
     buckets=(0, 1, 2, 5, 10, 20, 50, 100, 200),
 )
+LOCAL_COPIES = metric(
+    "Counter",
+    "local_copies_total",
+    "Copies BatchedRedisChannelLayer put straight into this process's buffers, without a Redis trip.",
+)
 BUFFERED = metric(
     "Gauge", "receive_buffered_messages", "Messages in BatchedRedisChannelLayer's buffers, not yet received."
 )
@@ -206,6 +211,12 @@ def receive_batch(layer: Any, count: int) -> None:
     """A batched layer fetched ``count`` messages for this process (its buffers are counted from now on)."""
     _buffering.add(layer)
     RECEIVE_BATCH.observe(count)
+
+
+def local_copies(layer: Any, count: int) -> None:
+    """A batched layer put ``count`` copies into this process's buffers (its buffers are counted from now on)."""
+    _buffering.add(layer)
+    LOCAL_COPIES.inc(count)
 
 
 def metrics_view(request: HttpRequest) -> HttpResponse:

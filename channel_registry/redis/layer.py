@@ -204,6 +204,7 @@ class BatchedRedisChannelLayer(RedisChannelLayer):
                 full.append(channel)
             else:
                 buffer.put_nowait(copy)
+        metrics.local_copies(self, len(channels) - len(full))
         return full
 
     def _start_reader(self, process_channel: str) -> None:
