@@ -19,7 +19,6 @@ from __future__ import annotations
 import asyncio
 import math
 import time
-import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -27,7 +26,7 @@ from typing import Any
 from .. import metrics
 from ..conf import registry_settings
 from ..exceptions import layer_unavailable
-from .fanout import is_redis_layer, layer_slots
+from .fanout import PerLayer, is_redis_layer, layer_slots
 
 #: ``spend(keys, args, now)``: keys the buckets, args per bucket rate, period (ms), cost, need;
 #: ``now`` from ``clock_ms()``, Redis's own clock, so every process sees the same time.
@@ -208,14 +207,7 @@ class Refusals:
         self.until[refusal] = until
 
 
-_refused: weakref.WeakKeyDictionary[Any, Refusals] = weakref.WeakKeyDictionary()
-
-
-def _refusals(layer: Any) -> Refusals:
-    refusals = _refused.get(layer)
-    if refusals is None:
-        refusals = _refused[layer] = Refusals()
-    return refusals
+_refusals = PerLayer(lambda layer: Refusals())
 
 
 class LocalBuckets:
@@ -265,12 +257,4 @@ class LocalBuckets:
                 del self.levels[key]
 
 
-_local: weakref.WeakKeyDictionary[Any, LocalBuckets] = weakref.WeakKeyDictionary()
-
-
-def _local_buckets(layer: Any) -> LocalBuckets:
-    """One set per layer instance: a new layer (a test, a reloaded configuration) starts full."""
-    buckets = _local.get(layer)
-    if buckets is None:
-        buckets = _local[layer] = LocalBuckets()
-    return buckets
+_local_buckets = PerLayer(lambda layer: LocalBuckets())  # a new layer's buckets start full

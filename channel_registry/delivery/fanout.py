@@ -16,7 +16,7 @@ import time
 import weakref
 from collections import defaultdict
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Any, TypeVar
+from typing import Any, Generic, TypeVar
 
 from channels.exceptions import ChannelFull
 
@@ -100,6 +100,21 @@ async def send_batches(layer: Any, batches: Sequence[Batch], *, concurrency: int
 def is_redis_layer(layer: Any) -> bool:
     """Whether ``layer`` is channels_redis's ``RedisChannelLayer`` (its keys and scripts are reachable)."""
     return RedisChannelLayer is not None and isinstance(layer, RedisChannelLayer)
+
+
+class PerLayer(Generic[T]):
+    """One ``T`` per channel layer instance, made on first use: a new layer (a test, a reloaded
+    configuration) starts afresh, and a layer's state goes with it (weak keys)."""
+
+    def __init__(self, make: Callable[[Any], T]) -> None:
+        self.make = make
+        self.values: weakref.WeakKeyDictionary[Any, T] = weakref.WeakKeyDictionary()
+
+    def __call__(self, layer: Any) -> T:
+        value = self.values.get(layer)
+        if value is None:
+            value = self.values[layer] = self.make(layer)
+        return value
 
 
 async def _send_each(layer: Any, batches: Sequence[Batch], concurrency: int) -> set[str]:

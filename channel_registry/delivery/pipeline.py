@@ -24,7 +24,6 @@ number.
 
 from __future__ import annotations
 
-import weakref
 from dataclasses import dataclass
 from typing import Any
 
@@ -32,7 +31,7 @@ from .. import metrics
 from ..exceptions import HistoryShareExceeded, layer_unavailable
 from ..history.log import APPEND_FUNCTION, HEAD_SCRIPT, Head, Position, RedisHistory, history_for, new_epoch, stamped
 from . import budget
-from .fanout import SEND_FUNCTION, is_redis_layer, layer_slots, process_entries, send_tail
+from .fanout import SEND_FUNCTION, PerLayer, is_redis_layer, layer_slots, process_entries, send_tail
 from .strategy import Delivery, DeliveryStrategy
 
 
@@ -236,12 +235,5 @@ class Folded(Stepwise):
         return self.layer.local_channels(routes) if self.local else []
 
 
-_pipelines: weakref.WeakKeyDictionary[Any, Stepwise] = weakref.WeakKeyDictionary()
-
-
-def pipeline_for(layer: Any) -> Stepwise:
-    """The way direct messages leave through ``layer``: chosen once per layer instance."""
-    pipeline = _pipelines.get(layer)
-    if pipeline is None:
-        pipeline = _pipelines[layer] = Folded(layer) if is_redis_layer(layer) else Stepwise(layer)
-    return pipeline
+#: The way direct messages leave through a layer: chosen once per layer instance.
+pipeline_for: PerLayer[Stepwise] = PerLayer(lambda layer: Folded(layer) if is_redis_layer(layer) else Stepwise(layer))
