@@ -251,7 +251,7 @@ describe("RegistrySocket", () => {
     FakeWebSocket.last.serverOpens();
     FakeWebSocket.last.serverCloses(4420);
     assert.equal(client.state, State.RECONNECTING);
-    assert.deepEqual([seen.at(-1)[1].delay, seen.at(-1)[1].code], [31000, undefined]);
+    assert.deepEqual([seen.at(-1)[1].delay, seen.at(-1)[1].code], [31000, 4420]);
     mock.timers.tick(30999);
     assert.equal(FakeWebSocket.all.length, 1, "no reconnect before the delay");
     mock.timers.tick(1);

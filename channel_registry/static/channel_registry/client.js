@@ -267,21 +267,24 @@ class Connection extends EventTarget {
       this.setState(State.RECONNECTING, { delay, retryAt: Date.now() + delay, code });
       this.retryTimer = setTimeout(() => this.reopen(), delay);
     } else if (code === CLOSE_RETRY_LATER) {
-      this.scheduleRetry(1000 * (Number.parseFloat(reason) || 0));
+      this.scheduleRetry(1000 * (Number.parseFloat(reason) || 0), code);
     } else {
-      this.scheduleRetry(code === CLOSE_TOO_FAST ? this.options.slowDownDelay : 0);
+      this.scheduleRetry(code === CLOSE_TOO_FAST ? this.options.slowDownDelay : 0, code);
     }
   }
 
-  /** @param {number} [minimum] ms waited before the backoff's own delay */
-  scheduleRetry(minimum = 0) {
+  /**
+   * @param {number} [minimum] ms waited before the backoff's own delay
+   * @param {number} [code] the close that made it retry, reported with the state
+   */
+  scheduleRetry(minimum = 0, code = undefined) {
     if (globalThis.navigator?.onLine === false) {
-      this.setState(State.OFFLINE);
+      this.setState(State.OFFLINE, { code });
       globalThis.addEventListener("online", this.whenOnline, { once: true });
       return;
     }
     const delay = minimum + backoffDelay(this.attempt++, this.options);
-    this.setState(State.RECONNECTING, { delay, retryAt: Date.now() + delay });
+    this.setState(State.RECONNECTING, { delay, retryAt: Date.now() + delay, code });
     this.retryTimer = setTimeout(() => this.reopen(), delay);
   }
 

@@ -46,6 +46,7 @@ function connect(name) {
   $("#presence-note").hidden = name !== "groups";
   connection = TRANSPORTS[name].open();
   connection.addEventListener("state", (event) => showState(event.detail));
+  connection.addEventListener("close", ({ detail }) => { $("#status").dataset.closeReason = detail.reason; });
   connection.addEventListener("open", () => refreshPresence());
   connection.addEventListener("message", (event) => receive(event.detail.data));
   connection.addEventListener("recovered", ({ detail }) => {
@@ -63,9 +64,11 @@ function showHistoryNote(text) {
   $("#history-note").textContent = text;
 }
 
-function showState({ state, retryAt }) {
+function showState({ state, retryAt, code }) {
   clearInterval(countdown);
   $("#status").dataset.state = state;
+  // The close that led here (4401 signed out, 4430 over a budget …): for whoever debugs a reconnect loop.
+  $("#status").dataset.closeCode = code ?? "";
   $("#online").classList.toggle("stale", state !== State.OPEN); // it updates only while connected
   const text = $("#status-text");
   if (state !== State.RECONNECTING) {
