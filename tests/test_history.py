@@ -262,7 +262,8 @@ async def test_both_consumers_resume_from_the_same_history(connect, alice, strat
     from channel_registry.consumers import GroupConsumer, RegistryConsumer
 
     consumer, dispatcher = {
-        "mapping": (RegistryConsumer, dispatch.mapping), "groups": (GroupConsumer, groups.groups),
+        "mapping": (RegistryConsumer, dispatch.mapping),
+        "groups": (GroupConsumer, groups.groups),
     }[strategy]
     tab = await connect(alice, consumer=consumer)
     epoch = tab.position["epoch"]
@@ -376,7 +377,9 @@ async def test_a_copy_put_straight_into_a_local_buffer_overtakes_copies_still_in
 
     frames = [await tab.receive_json_from(5) for _ in range(3)]
     assert [(frame.get("data") or frame["message"], frame["seq"]) for frame in frames] == [
-        ("elsewhere", 2), ("m1", 3), ("m2", 4)
+        ("elsewhere", 2),
+        ("m1", 3),
+        ("m2", 4),
     ]
     assert len(held) == 2  # seq 4 never went through the reader
     for process_channel, content in held:

@@ -201,8 +201,12 @@ def local_channels(make_user):
 @pytest.mark.parametrize("count", [10, 2000])
 def test_heartbeat_is_one_statement_whatever_the_connection_count(local_channels, count):
     local_channels(count)
-    UserChannel.objects.create(user_id=UserChannel.objects.first().user_id, channel_name="other!1", server="other",
-                               last_seen=timezone.now() - timedelta(seconds=200))
+    UserChannel.objects.create(
+        user_id=UserChannel.objects.first().user_id,
+        channel_name="other!1",
+        server="other",
+        last_seen=timezone.now() - timedelta(seconds=200),
+    )
     with CaptureQueriesContext(connection) as queries:
         assert beat() == count
     assert len(queries) == 1

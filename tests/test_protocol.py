@@ -124,8 +124,13 @@ class Between:
 def direct(sender, message, client_id=None) -> dict:
     """The frame every tab of the recipient receives, with its position in the recipient's history."""
     return {
-        "type": "direct", "from": sender.pk, "message": message, "id": client_id, "sent_at": SENT_AT,
-        "epoch": EPOCH, "seq": SEQ,
+        "type": "direct",
+        "from": sender.pk,
+        "message": message,
+        "id": client_id,
+        "sent_at": SENT_AT,
+        "epoch": EPOCH,
+        "seq": SEQ,
     }
 
 
