@@ -31,6 +31,7 @@ from channel_registry.history.log import (
 from channel_registry.protocol import POSITION_KEY, PROTOCOL_VERSION
 
 from . import test_delivery
+from .backends import GroupBackend, MappingBackend
 from .test_delivery import host
 
 make_layer = test_delivery.make_layer
@@ -255,33 +256,36 @@ async def test_send_batches_gives_each_user_their_own_message_on_one_process_key
 # Through the consumers: the same history serves both strategies ------------------------
 
 
-@pytest.mark.django_db(transaction=True)
-@pytest.mark.parametrize("strategy", ["mapping", "groups"])
-async def test_both_consumers_resume_from_the_same_history(connect, alice, strategy):
-    from channel_registry import dispatch, groups
-    from channel_registry.consumers import GroupConsumer, RegistryConsumer
+class ResumeContract:
+    """The same history serves every strategy: a subclass per strategy names its consumer and dispatcher."""
 
-    consumer, dispatcher = {
-        "mapping": (RegistryConsumer, dispatch.mapping),
-        "groups": (GroupConsumer, groups.groups),
-    }[strategy]
-    tab = await connect(alice, consumer=consumer)
-    epoch = tab.position["epoch"]
-    await tab.disconnect()
-    for n in range(3):
-        await dispatcher.anotify_user(alice, n)
-    await dispatcher.asend_to_user(alice, {"type": "registry.notify", "data": "typing"}, recover=False)
+    @pytest.mark.django_db(transaction=True)
+    async def test_both_consumers_resume_from_the_same_history(self, connect, alice):
+        tab = await connect(alice, consumer=self.consumer)
+        epoch = tab.position["epoch"]
+        await tab.disconnect()
+        for n in range(3):
+            await self.dispatcher.anotify_user(alice, n)
+        await self.dispatcher.asend_to_user(alice, {"type": "registry.notify", "data": "typing"}, recover=False)
 
-    back = await connect(alice, consumer=consumer, since=f"{epoch}:1")
-    frames = [await back.receive_json_from() for _ in range(3)]
-    assert frames == [
-        {"type": "notification", "data": 1, "epoch": epoch, "seq": 2},
-        {"type": "notification", "data": 2, "epoch": epoch, "seq": 3},
-        {"type": "recovered", "count": 2, "epoch": epoch, "seq": 3, "protocol": PROTOCOL_VERSION},
-    ]
-    await dispatcher.anotify_user(alice, "live")
-    assert await back.receive_json_from() == {"type": "notification", "data": "live", "epoch": epoch, "seq": 4}
-    assert await back.receive_nothing()
+        back = await connect(alice, consumer=self.consumer, since=f"{epoch}:1")
+        frames = [await back.receive_json_from() for _ in range(3)]
+        assert frames == [
+            {"type": "notification", "data": 1, "epoch": epoch, "seq": 2},
+            {"type": "notification", "data": 2, "epoch": epoch, "seq": 3},
+            {"type": "recovered", "count": 2, "epoch": epoch, "seq": 3, "protocol": PROTOCOL_VERSION},
+        ]
+        await self.dispatcher.anotify_user(alice, "live")
+        assert await back.receive_json_from() == {"type": "notification", "data": "live", "epoch": epoch, "seq": 4}
+        assert await back.receive_nothing()
+
+
+class TestMappingConsumer(MappingBackend, ResumeContract):
+    """``RegistryConsumer``, sent to through ``dispatch.mapping``."""
+
+
+class TestGroupConsumer(GroupBackend, ResumeContract):
+    """``GroupConsumer``, sent to through ``groups.groups``."""
 
 
 async def direct_to(sender, recipient, n: int) -> dict:

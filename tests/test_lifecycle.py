@@ -13,12 +13,12 @@ from django.test import Client
 from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
 
-from channel_registry import ChannelLayerUnavailable, adisconnect_user, asend_to_user
-from channel_registry.consumers import GroupConsumer
+from channel_registry import ChannelLayerUnavailable, asend_to_user
 from channel_registry.layers import redis_layer
 from channel_registry.models import UserChannel
 from channel_registry.registry.liveness import beat, forget_process, process
 
+from .backends import GroupBackend, MappingBackend
 from .conftest import at, rows
 from .redis_servers import RedisServer
 
@@ -35,27 +35,6 @@ async def closed_with(socket, code) -> bool:
     return closed
 
 
-@pytest.mark.parametrize("consumer", ["mapping", "groups"])
-async def test_disconnect_user_closes_every_tab(connect, alice, bob, consumer):
-    from channel_registry import groups
-
-    consumer_class, dispatcher = {
-        "mapping": (None, adisconnect_user),
-        "groups": (GroupConsumer, groups.adisconnect_user),
-    }[consumer]
-    kwargs = {"consumer": consumer_class} if consumer_class else {}
-    tabs = [await connect(alice, **kwargs) for _ in range(3)]
-    other = await connect(bob, **kwargs)
-
-    reached = await dispatcher(alice, code=4403)
-
-    # Mapping counts the tabs it reached; a group cannot be counted.
-    assert reached == (3 if consumer == "mapping" else None)
-    for tab in tabs:
-        assert await closed_with(tab, 4403)
-    assert await other.receive_nothing()
-
-
 def signed_in(user) -> tuple[Client, str]:
     """A test client logged in as ``user`` and its session key: one browser."""
     client = Client()
@@ -63,20 +42,40 @@ def signed_in(user) -> tuple[Client, str]:
     return client, client.session.session_key
 
 
-@pytest.mark.parametrize("consumer", [None, GroupConsumer], ids=["mapping", "groups"])
-async def test_logout_closes_the_tabs_of_that_session_only(connect, alice, consumer):
-    kwargs = {"consumer": consumer} if consumer else {}
-    (laptop, laptop_key), (_, phone_key) = [await sync_to_async(signed_in)(alice) for _ in range(2)]
-    laptop_tabs = [await connect(alice, session_key=laptop_key, **kwargs) for _ in range(2)]
-    phone_tab = await connect(alice, session_key=phone_key, **kwargs)
+class ClosingContract:
+    """Forced closes reach every tab they should, whatever the strategy: a subclass per strategy
+    declares what it can do."""
 
-    await sync_to_async(laptop.logout)()
+    async def test_disconnect_user_closes_every_tab(self, connect, alice, bob):
+        tabs = [await connect(alice, consumer=self.consumer) for _ in range(3)]
+        other = await connect(bob, consumer=self.consumer)
 
-    for tab in laptop_tabs:
-        assert await closed_with(tab, 4410)
-    assert await phone_tab.receive_nothing()
-    if consumer is None:
-        assert [r.channel_name for r in await rows(user=alice)] == [phone_tab.channel_name]
+        reached = await self.dispatcher.adisconnect_user(alice, code=4403)
+
+        assert reached == (3 if self.counts_tabs else None)
+        for tab in tabs:
+            assert await closed_with(tab, 4403)
+        assert await other.receive_nothing()
+
+    async def test_logout_closes_the_tabs_of_that_session_only(self, connect, alice):
+        (laptop, laptop_key), (_, phone_key) = [await sync_to_async(signed_in)(alice) for _ in range(2)]
+        laptop_tabs = [await connect(alice, session_key=laptop_key, consumer=self.consumer) for _ in range(2)]
+        phone_tab = await connect(alice, session_key=phone_key, consumer=self.consumer)
+
+        await sync_to_async(laptop.logout)()
+
+        for tab in laptop_tabs:
+            assert await closed_with(tab, 4410)
+        assert await phone_tab.receive_nothing()
+        assert [r.channel_name for r in await rows(user=alice)] == ([phone_tab.channel_name] if self.keeps_rows else [])
+
+
+class TestMappingConsumer(MappingBackend, ClosingContract):
+    """``RegistryConsumer`` tabs, closed through ``channel_registry.adisconnect_user``."""
+
+
+class TestGroupConsumer(GroupBackend, ClosingContract):
+    """``GroupConsumer`` tabs, closed through ``channel_registry.groups.adisconnect_user``."""
 
 
 @pytest.mark.parametrize(("option", "phone_closed"), [("user", True), (None, False)])
