@@ -32,6 +32,7 @@ from channel_registry.protocol import POSITION_KEY, PROTOCOL_VERSION
 
 from . import test_delivery
 from .backends import GroupBackend, MappingBackend
+from .processes import await_until
 from .test_delivery import host
 
 make_layer = test_delivery.make_layer
@@ -103,7 +104,7 @@ async def test_positions_that_cannot_be_honoured_say_why(history, case):
             await send(history, 1, 2)  # 6 behind, 5 kept: the one after it is gone
             reason = RESET_EXPIRED
         if case == "expired":
-            await asyncio.sleep(0.4)
+            await asyncio.sleep(0.4)  # past HISTORY_TTL
         recovery = await history.read(1, since)
     assert recovery.reset == reason
     assert recovery.events == []
@@ -541,10 +542,11 @@ async def test_a_redis_restarted_from_a_snapshot_behind_the_last_appends_starts_
 async def replicated(replica, head_key: str, seq: int) -> None:
     """Waits until the replica holds ``seq``. (``WAIT`` would not do: it counts the writes of the connection it is
     sent on, and the pool may send it on one that wrote nothing.)"""
-    deadline = asyncio.get_running_loop().time() + 10
-    while (await replica.hget(head_key, "seq") or b"0") != str(seq).encode():
-        assert asyncio.get_running_loop().time() < deadline, f"the replica never reached seq {seq}"
-        await asyncio.sleep(0.01)
+
+    async def holds_seq() -> bool:
+        return (await replica.hget(head_key, "seq") or b"0") == str(seq).encode()
+
+    await await_until(holds_seq, within=10, interval=0.01, message=f"the replica never reached seq {seq}")
 
 
 @pytest.mark.parametrize("replica_missed_writes", [True, False])

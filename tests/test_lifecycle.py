@@ -1,6 +1,5 @@
 """What keeps the registry true over time: heartbeat, forced disconnects, limits, dead processes, outages."""
 
-import asyncio
 import time
 from datetime import timedelta
 
@@ -20,6 +19,7 @@ from channel_registry.registry.liveness import beat, forget_process, process
 
 from .backends import GroupBackend, MappingBackend
 from .conftest import at, rows
+from .processes import await_until
 from .redis_servers import RedisServer
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -231,9 +231,12 @@ async def test_heartbeat_task_refreshes_rows_of_open_sockets(connect, alice, set
     socket = await connect(alice)
     old = timezone.now() - timedelta(seconds=60)
     await UserChannel.objects.filter(channel_name=socket.channel_name).aupdate(last_seen=old)
-    await asyncio.sleep(0.6)
-    [row] = await rows(channel_name=socket.channel_name)
-    assert row.last_seen > old + timedelta(seconds=50)
+
+    async def refreshed() -> bool:
+        [row] = await rows(channel_name=socket.channel_name)
+        return row.last_seen > old + timedelta(seconds=50)
+
+    await await_until(refreshed, within=5, message="no heartbeat refreshed the row")
 
 
 async def test_open_socket_survives_a_database_outage(connect, alice, layer, database_unreachable):
