@@ -19,11 +19,11 @@ from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
 
 from channel_registry.checks import check_session_engine
-from channel_registry.consumers import GroupConsumer
 from channel_registry.registry.liveness import process, revalidate
 from channel_registry.registry.sessions import Access, ended, live_sessions
 from channel_registry.views import EventStreamView
 
+from .backends import GroupBackend, MappingBackend
 from .conftest import rows
 from .test_lifecycle import closed_with
 from .test_sse import open_stream  # noqa: F401  (a fixture)
@@ -70,24 +70,50 @@ ENDINGS = [
 ENDING_IDS = [ending.__name__ for ending, _ in ENDINGS]
 
 
-@pytest.mark.parametrize("consumer", [None, GroupConsumer], ids=["mapping", "groups"])
-@pytest.mark.parametrize(("ending", "code"), ENDINGS, ids=ENDING_IDS)
-async def test_the_next_check_closes_a_socket_whose_access_ended(connect, alice, bob, consumer, ending, code):
-    kwargs = {"consumer": consumer} if consumer else {}
-    key, bob_key = await sync_to_async(signed_in)(alice), await sync_to_async(signed_in)(bob)
-    tabs = [await connect(alice, session_key=key, **kwargs) for _ in range(2)]
-    other = await connect(bob, session_key=bob_key, **kwargs)
+class AccessContract:
+    """Sockets of every strategy close when their access ends: a subclass per strategy declares what it can do."""
 
-    assert await revalidate() == {}  # nothing ended yet
-    await sync_to_async(ending)(alice, key)
-    closed = await revalidate()
+    @pytest.mark.parametrize(("ending", "code"), ENDINGS, ids=ENDING_IDS)
+    async def test_the_next_check_closes_a_socket_whose_access_ended(self, connect, alice, bob, ending, code):
+        key, bob_key = await sync_to_async(signed_in)(alice), await sync_to_async(signed_in)(bob)
+        tabs = [await connect(alice, session_key=key, consumer=self.consumer) for _ in range(2)]
+        other = await connect(bob, session_key=bob_key, consumer=self.consumer)
 
-    assert sorted(closed.values()) == [code, code]
-    for tab in tabs:
-        assert await closed_with(tab, code)
-    assert await other.receive_nothing()
-    assert [row.user_id for row in await rows()] == ([bob.pk] if consumer is None else [])  # groups keep no rows
-    assert list(process.watched.values()) == [Access.of(bob, bob_key)]
+        assert await revalidate() == {}  # nothing ended yet
+        await sync_to_async(ending)(alice, key)
+        closed = await revalidate()
+
+        assert sorted(closed.values()) == [code, code]
+        for tab in tabs:
+            assert await closed_with(tab, code)
+        assert await other.receive_nothing()
+        assert [row.user_id for row in await rows()] == ([bob.pk] if self.keeps_rows else [])
+        assert list(process.watched.values()) == [Access.of(bob, bob_key)]
+
+    @pytest.mark.parametrize(("ending", "code"), ENDINGS, ids=ENDING_IDS)
+    async def test_a_handshake_that_loaded_its_session_before_the_change_is_refused(
+        self, connect, make_user, ending, code
+    ):
+        """The middleware loaded the user and session, then the access ended, then the consumer
+        registered: a close sent at the change found no connection to close. No heartbeat runs here."""
+        alice = await sync_to_async(make_user)()
+        key = await sync_to_async(signed_in)(alice)
+        await sync_to_async(ending)(alice, key)
+
+        socket = await connect(alice, session_key=key, consumer=self.consumer)
+
+        if ending is delete_user and self.keeps_rows:
+            code = 4503  # the row of a user that is gone cannot be written: retried, it gets 4401
+        assert await closed_with(socket, code)
+        assert await rows() == [] and process.watched == {}
+
+
+class TestMappingConsumer(MappingBackend, AccessContract):
+    """``RegistryConsumer`` sockets: their rows go with them."""
+
+
+class TestGroupConsumer(GroupBackend, AccessContract):
+    """``GroupConsumer`` sockets: no rows to remove."""
 
 
 @pytest.mark.parametrize(("ending", "code"), ENDINGS, ids=ENDING_IDS)
@@ -100,26 +126,6 @@ async def test_the_next_check_ends_an_event_stream_whose_access_ended(open_strea
 
     assert (await stream.read_event())["data"] == {"type": "disconnect", "code": code}
     assert await stream.app.receive_output(3) == {"type": "http.response.body"}
-    assert await rows() == [] and process.watched == {}
-
-
-@pytest.mark.parametrize("consumer", [None, GroupConsumer], ids=["mapping", "groups"])
-@pytest.mark.parametrize(("ending", "code"), ENDINGS, ids=ENDING_IDS)
-async def test_a_handshake_that_loaded_its_session_before_the_change_is_refused(
-    connect, make_user, consumer, ending, code
-):
-    """The middleware loaded the user and session, then the access ended, then the consumer
-    registered: a close sent at the change found no connection to close. No heartbeat runs here."""
-    kwargs = {"consumer": consumer} if consumer else {}
-    alice = await sync_to_async(make_user)()
-    key = await sync_to_async(signed_in)(alice)
-    await sync_to_async(ending)(alice, key)
-
-    socket = await connect(alice, session_key=key, **kwargs)
-
-    if ending is delete_user and consumer is None:
-        code = 4503  # the row of a user that is gone cannot be written: retried, it gets 4401
-    assert await closed_with(socket, code)
     assert await rows() == [] and process.watched == {}
 
 

@@ -242,11 +242,11 @@ async def test_no_socket_survives_a_password_change_raced_by_eight_looping_hands
                 await tab.close()
 
     async def race() -> float:
-        await asyncio.sleep(1.5)  # every loop is reconnecting
+        await asyncio.sleep(1.5)  # the change comes mid-conversation, every loop reconnecting by then
         await sync_to_async(change)(victim)
         changed_at = time.monotonic()
         changed.set()
-        await asyncio.sleep(2 * HEARTBEAT)
+        await asyncio.sleep(2 * HEARTBEAT)  # the handshakes race on for the two heartbeats the server has
         return changed_at
 
     loops = [asyncio.ensure_future(loop(i)) for i in range(8)]

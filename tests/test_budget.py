@@ -117,7 +117,7 @@ async def test_a_refusal_is_answered_in_the_process_until_its_wait_is_over_and_n
         # Its wait over, the same spend succeeds, on this process and on any other.
         await asyncio.sleep(again[-1].retry_after + 0.02)
         assert (await spend(process, "u1", item)).allowed
-        await asyncio.sleep(0.3)
+        await asyncio.sleep(0.3)  # one more token
         assert (await spend(other, "u1", item)).allowed
     finally:
         for layer in (process, other):

@@ -251,7 +251,6 @@ async def test_pubsub_layer_receives():
     try:
         channels = [await layer.new_channel() for _ in range(3)]
         tasks = [asyncio.ensure_future(layer.receive(ch)) for ch in channels]
-        await asyncio.sleep(0)
 
         assert await send_many(layer, channels, MESSAGE) == []
         assert await asyncio.wait_for(asyncio.gather(*tasks), 5) == [MESSAGE] * 3
@@ -287,7 +286,7 @@ class CountingLayer:
         self.in_flight += 1
         self.peak = max(self.peak, self.in_flight)
         try:
-            await asyncio.sleep(0.002)
+            await asyncio.sleep(0.002)  # a send that takes a while, so that sends overlap
             if channel in self.broken:
                 raise ConnectionRefusedError(channel)
             if channel in self.full:
@@ -313,7 +312,7 @@ async def test_generic_path_transport_error_stops_sending():
     with pytest.raises(ChannelLayerUnavailable) as caught:
         await send_many(layer, [f"c.{i}" for i in range(1000)], MESSAGE, concurrency=4)
     assert isinstance(caught.value.__cause__, ConnectionRefusedError)
-    await asyncio.sleep(0.01)
+    await asyncio.sleep(0.01)  # sends the error did not stop would go on meanwhile
     assert len(layer.sent) < 20
 
 

@@ -148,10 +148,10 @@ async def test_kill_9_the_master_under_traffic_loses_no_acknowledged_message_sil
             await asyncio.sleep(SEND_EVERY)
 
     traffic = asyncio.ensure_future(send_directs())
-    await asyncio.sleep(1)
+    await asyncio.sleep(1)  # a second of traffic before the failover
     if replica_missed_writes:
         sentinel_set.client(sentinel_set.replica).client_pause(1000)  # its master link is held back too
-        await asyncio.sleep(0.4)
+        await asyncio.sleep(0.4)  # writes the replica misses
     old_master = sentinel_set.master.port
     killed_at = time.monotonic()
     sentinel_set.master.stop(kill=True)
@@ -162,7 +162,7 @@ async def test_kill_9_the_master_under_traffic_loses_no_acknowledged_message_sil
         lambda f: f["type"] == "ack" and sent_at[f["id"]] > promoted_at and f["delivered"] == 2, within=10
     )
     back_at = time.monotonic()
-    await asyncio.sleep(1)
+    await asyncio.sleep(1)  # and a second after it
     sending = False
     await traffic
 

@@ -625,7 +625,7 @@ async def test_redis_outage_errors_then_delivery_resumes_without_restart(stack):
             await asyncio.sleep(0.1)
 
     chat_task = asyncio.ensure_future(chat())
-    await asyncio.sleep(0.5)
+    await asyncio.sleep(0.5)  # the outage starts in the middle of the chatter
 
     redis_server.stop()
 
@@ -984,7 +984,7 @@ async def test_a_client_cannot_register_a_channel_for_another_user(stack):
     assert sorted(row.user_id for row in await stack.rows()) == [mallory.pk, mallory.pk]
     delivery = await asend_to_user(alice, {"type": NOTIFY, "data": "for alice only"})
     assert delivery.channels == 0
-    await asyncio.sleep(0.2)
+    await asyncio.sleep(0.2)  # a stray notification would have arrived by now
     assert all(tab.frames_of("notification") == [] for tab in tabs)
 
 

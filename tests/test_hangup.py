@@ -15,6 +15,8 @@ from channels.sessions import InstanceSessionWrapper
 from channel_registry import hangup
 from channel_registry.middleware import CloseOnDatabaseError
 
+from .processes import await_until
+
 
 class ServerProtocol(asyncio.Protocol):
     """uvicorn's shape: the application's ``send`` is a method of the protocol holding ``transport``."""
@@ -96,7 +98,7 @@ async def test_daphne_sends_through_a_partial_of_its_protocol(drop_after):
 
     assert hangup.hang_up(send)
     assert transport.calls == ["pauseProducing"]
-    await asyncio.sleep(drop_after + 0.1)
+    await await_until(lambda: len(transport.calls) > 1, within=drop_after + 5)
     assert transport.calls == ["pauseProducing", "abortConnection"]
 
 

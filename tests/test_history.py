@@ -31,6 +31,8 @@ from channel_registry.history.log import (
 from channel_registry.protocol import POSITION_KEY, PROTOCOL_VERSION
 
 from . import test_delivery
+from .backends import GroupBackend, MappingBackend
+from .processes import await_until
 from .test_delivery import host
 
 make_layer = test_delivery.make_layer
@@ -102,7 +104,7 @@ async def test_positions_that_cannot_be_honoured_say_why(history, case):
             await send(history, 1, 2)  # 6 behind, 5 kept: the one after it is gone
             reason = RESET_EXPIRED
         if case == "expired":
-            await asyncio.sleep(0.4)
+            await asyncio.sleep(0.4)  # past HISTORY_TTL
         recovery = await history.read(1, since)
     assert recovery.reset == reason
     assert recovery.events == []
@@ -255,32 +257,36 @@ async def test_send_batches_gives_each_user_their_own_message_on_one_process_key
 # Through the consumers: the same history serves both strategies ------------------------
 
 
-@pytest.mark.django_db(transaction=True)
-@pytest.mark.parametrize("strategy", ["mapping", "groups"])
-async def test_both_consumers_resume_from_the_same_history(connect, alice, strategy):
-    from channel_registry import dispatch, groups
-    from channel_registry.consumers import GroupConsumer, RegistryConsumer
+class ResumeContract:
+    """The same history serves every strategy: a subclass per strategy names its consumer and dispatcher."""
 
-    consumer, dispatcher = {
-        "mapping": (RegistryConsumer, dispatch.mapping), "groups": (GroupConsumer, groups.groups),
-    }[strategy]
-    tab = await connect(alice, consumer=consumer)
-    epoch = tab.position["epoch"]
-    await tab.disconnect()
-    for n in range(3):
-        await dispatcher.anotify_user(alice, n)
-    await dispatcher.asend_to_user(alice, {"type": "registry.notify", "data": "typing"}, recover=False)
+    @pytest.mark.django_db(transaction=True)
+    async def test_both_consumers_resume_from_the_same_history(self, connect, alice):
+        tab = await connect(alice, consumer=self.consumer)
+        epoch = tab.position["epoch"]
+        await tab.disconnect()
+        for n in range(3):
+            await self.dispatcher.anotify_user(alice, n)
+        await self.dispatcher.asend_to_user(alice, {"type": "registry.notify", "data": "typing"}, recover=False)
 
-    back = await connect(alice, consumer=consumer, since=f"{epoch}:1")
-    frames = [await back.receive_json_from() for _ in range(3)]
-    assert frames == [
-        {"type": "notification", "data": 1, "epoch": epoch, "seq": 2},
-        {"type": "notification", "data": 2, "epoch": epoch, "seq": 3},
-        {"type": "recovered", "count": 2, "epoch": epoch, "seq": 3, "protocol": PROTOCOL_VERSION},
-    ]
-    await dispatcher.anotify_user(alice, "live")
-    assert await back.receive_json_from() == {"type": "notification", "data": "live", "epoch": epoch, "seq": 4}
-    assert await back.receive_nothing()
+        back = await connect(alice, consumer=self.consumer, since=f"{epoch}:1")
+        frames = [await back.receive_json_from() for _ in range(3)]
+        assert frames == [
+            {"type": "notification", "data": 1, "epoch": epoch, "seq": 2},
+            {"type": "notification", "data": 2, "epoch": epoch, "seq": 3},
+            {"type": "recovered", "count": 2, "epoch": epoch, "seq": 3, "protocol": PROTOCOL_VERSION},
+        ]
+        await self.dispatcher.anotify_user(alice, "live")
+        assert await back.receive_json_from() == {"type": "notification", "data": "live", "epoch": epoch, "seq": 4}
+        assert await back.receive_nothing()
+
+
+class TestMappingConsumer(MappingBackend, ResumeContract):
+    """``RegistryConsumer``, sent to through ``dispatch.mapping``."""
+
+
+class TestGroupConsumer(GroupBackend, ResumeContract):
+    """``GroupConsumer``, sent to through ``groups.groups``."""
 
 
 async def direct_to(sender, recipient, n: int) -> dict:
@@ -376,7 +382,9 @@ async def test_a_copy_put_straight_into_a_local_buffer_overtakes_copies_still_in
 
     frames = [await tab.receive_json_from(5) for _ in range(3)]
     assert [(frame.get("data") or frame["message"], frame["seq"]) for frame in frames] == [
-        ("elsewhere", 2), ("m1", 3), ("m2", 4)
+        ("elsewhere", 2),
+        ("m1", 3),
+        ("m2", 4),
     ]
     assert len(held) == 2  # seq 4 never went through the reader
     for process_channel, content in held:
@@ -534,10 +542,11 @@ async def test_a_redis_restarted_from_a_snapshot_behind_the_last_appends_starts_
 async def replicated(replica, head_key: str, seq: int) -> None:
     """Waits until the replica holds ``seq``. (``WAIT`` would not do: it counts the writes of the connection it is
     sent on, and the pool may send it on one that wrote nothing.)"""
-    deadline = asyncio.get_running_loop().time() + 10
-    while (await replica.hget(head_key, "seq") or b"0") != str(seq).encode():
-        assert asyncio.get_running_loop().time() < deadline, f"the replica never reached seq {seq}"
-        await asyncio.sleep(0.01)
+
+    async def holds_seq() -> bool:
+        return (await replica.hget(head_key, "seq") or b"0") == str(seq).encode()
+
+    await await_until(holds_seq, within=10, interval=0.01, message=f"the replica never reached seq {seq}")
 
 
 @pytest.mark.parametrize("replica_missed_writes", [True, False])

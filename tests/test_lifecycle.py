@@ -1,6 +1,5 @@
 """What keeps the registry true over time: heartbeat, forced disconnects, limits, dead processes, outages."""
 
-import asyncio
 import time
 from datetime import timedelta
 
@@ -13,13 +12,14 @@ from django.test import Client
 from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
 
-from channel_registry import ChannelLayerUnavailable, adisconnect_user, asend_to_user
-from channel_registry.consumers import GroupConsumer
+from channel_registry import ChannelLayerUnavailable, asend_to_user
 from channel_registry.layers import redis_layer
 from channel_registry.models import UserChannel
 from channel_registry.registry.liveness import beat, forget_process, process
 
+from .backends import GroupBackend, MappingBackend
 from .conftest import at, rows
+from .processes import await_until
 from .redis_servers import RedisServer
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -35,27 +35,6 @@ async def closed_with(socket, code) -> bool:
     return closed
 
 
-@pytest.mark.parametrize("consumer", ["mapping", "groups"])
-async def test_disconnect_user_closes_every_tab(connect, alice, bob, consumer):
-    from channel_registry import groups
-
-    consumer_class, dispatcher = {
-        "mapping": (None, adisconnect_user),
-        "groups": (GroupConsumer, groups.adisconnect_user),
-    }[consumer]
-    kwargs = {"consumer": consumer_class} if consumer_class else {}
-    tabs = [await connect(alice, **kwargs) for _ in range(3)]
-    other = await connect(bob, **kwargs)
-
-    reached = await dispatcher(alice, code=4403)
-
-    # Mapping counts the tabs it reached; a group cannot be counted.
-    assert reached == (3 if consumer == "mapping" else None)
-    for tab in tabs:
-        assert await closed_with(tab, 4403)
-    assert await other.receive_nothing()
-
-
 def signed_in(user) -> tuple[Client, str]:
     """A test client logged in as ``user`` and its session key: one browser."""
     client = Client()
@@ -63,20 +42,40 @@ def signed_in(user) -> tuple[Client, str]:
     return client, client.session.session_key
 
 
-@pytest.mark.parametrize("consumer", [None, GroupConsumer], ids=["mapping", "groups"])
-async def test_logout_closes_the_tabs_of_that_session_only(connect, alice, consumer):
-    kwargs = {"consumer": consumer} if consumer else {}
-    (laptop, laptop_key), (_, phone_key) = [await sync_to_async(signed_in)(alice) for _ in range(2)]
-    laptop_tabs = [await connect(alice, session_key=laptop_key, **kwargs) for _ in range(2)]
-    phone_tab = await connect(alice, session_key=phone_key, **kwargs)
+class ClosingContract:
+    """Forced closes reach every tab they should, whatever the strategy: a subclass per strategy
+    declares what it can do."""
 
-    await sync_to_async(laptop.logout)()
+    async def test_disconnect_user_closes_every_tab(self, connect, alice, bob):
+        tabs = [await connect(alice, consumer=self.consumer) for _ in range(3)]
+        other = await connect(bob, consumer=self.consumer)
 
-    for tab in laptop_tabs:
-        assert await closed_with(tab, 4410)
-    assert await phone_tab.receive_nothing()
-    if consumer is None:
-        assert [r.channel_name for r in await rows(user=alice)] == [phone_tab.channel_name]
+        reached = await self.dispatcher.adisconnect_user(alice, code=4403)
+
+        assert reached == (3 if self.counts_tabs else None)
+        for tab in tabs:
+            assert await closed_with(tab, 4403)
+        assert await other.receive_nothing()
+
+    async def test_logout_closes_the_tabs_of_that_session_only(self, connect, alice):
+        (laptop, laptop_key), (_, phone_key) = [await sync_to_async(signed_in)(alice) for _ in range(2)]
+        laptop_tabs = [await connect(alice, session_key=laptop_key, consumer=self.consumer) for _ in range(2)]
+        phone_tab = await connect(alice, session_key=phone_key, consumer=self.consumer)
+
+        await sync_to_async(laptop.logout)()
+
+        for tab in laptop_tabs:
+            assert await closed_with(tab, 4410)
+        assert await phone_tab.receive_nothing()
+        assert [r.channel_name for r in await rows(user=alice)] == ([phone_tab.channel_name] if self.keeps_rows else [])
+
+
+class TestMappingConsumer(MappingBackend, ClosingContract):
+    """``RegistryConsumer`` tabs, closed through ``channel_registry.adisconnect_user``."""
+
+
+class TestGroupConsumer(GroupBackend, ClosingContract):
+    """``GroupConsumer`` tabs, closed through ``channel_registry.groups.adisconnect_user``."""
 
 
 @pytest.mark.parametrize(("option", "phone_closed"), [("user", True), (None, False)])
@@ -201,8 +200,12 @@ def local_channels(make_user):
 @pytest.mark.parametrize("count", [10, 2000])
 def test_heartbeat_is_one_statement_whatever_the_connection_count(local_channels, count):
     local_channels(count)
-    UserChannel.objects.create(user_id=UserChannel.objects.first().user_id, channel_name="other!1", server="other",
-                               last_seen=timezone.now() - timedelta(seconds=200))
+    UserChannel.objects.create(
+        user_id=UserChannel.objects.first().user_id,
+        channel_name="other!1",
+        server="other",
+        last_seen=timezone.now() - timedelta(seconds=200),
+    )
     with CaptureQueriesContext(connection) as queries:
         assert beat() == count
     assert len(queries) == 1
@@ -228,9 +231,12 @@ async def test_heartbeat_task_refreshes_rows_of_open_sockets(connect, alice, set
     socket = await connect(alice)
     old = timezone.now() - timedelta(seconds=60)
     await UserChannel.objects.filter(channel_name=socket.channel_name).aupdate(last_seen=old)
-    await asyncio.sleep(0.6)
-    [row] = await rows(channel_name=socket.channel_name)
-    assert row.last_seen > old + timedelta(seconds=50)
+
+    async def refreshed() -> bool:
+        [row] = await rows(channel_name=socket.channel_name)
+        return row.last_seen > old + timedelta(seconds=50)
+
+    await await_until(refreshed, within=5, message="no heartbeat refreshed the row")
 
 
 async def test_open_socket_survives_a_database_outage(connect, alice, layer, database_unreachable):

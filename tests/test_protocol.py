@@ -1,10 +1,11 @@
 """The wire protocol, end to end, spoken identically by both consumers.
 
-Every test runs twice: through ``RegistryConsumer`` (the explicit mapping) and
-through ``GroupConsumer`` (per-user groups). They differ in two documented ways
-only, and the tests that touch them say so: the group strategy cannot count
-the channels a group reaches, so its ``ack`` carries ``"delivered": null``; and
-it keeps no rows, so it cannot tell presence.
+``ProtocolContract`` runs twice: as ``TestMappingConsumer`` through ``RegistryConsumer``
+(the explicit mapping) and as ``TestGroupConsumer`` through ``GroupConsumer`` (per-user
+groups). They differ in the documented ways ``tests/backends.py`` declares, and the tests
+that touch them read those declarations: the group strategy cannot count the channels a
+group reaches, so its ``ack`` carries ``"delivered": null`` and the copies budget cannot
+apply; and it keeps no rows, so it cannot tell presence.
 """
 
 from __future__ import annotations
@@ -22,11 +23,10 @@ from hypothesis import HealthCheck, given
 from hypothesis import settings as hypothesis_settings
 from hypothesis import strategies as st
 
-from channel_registry import anotify_user
 from channel_registry.conf import RegistrySettings
-from channel_registry.consumers import GroupConsumer, RegistryConsumer
 from channel_registry.messaging import HOOKS_FIRST, DirectMessages
 
+from .backends import GroupBackend, MappingBackend
 from .conftest import rows
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -124,18 +124,14 @@ class Between:
 def direct(sender, message, client_id=None) -> dict:
     """The frame every tab of the recipient receives, with its position in the recipient's history."""
     return {
-        "type": "direct", "from": sender.pk, "message": message, "id": client_id, "sent_at": SENT_AT,
-        "epoch": EPOCH, "seq": SEQ,
+        "type": "direct",
+        "from": sender.pk,
+        "message": message,
+        "id": client_id,
+        "sent_at": SENT_AT,
+        "epoch": EPOCH,
+        "seq": SEQ,
     }
-
-
-def ack(consumer, client_id, tabs: int) -> dict:
-    """The sender's ack when the recipient has ``tabs`` open tabs.
-
-    The mapping strategy counts the channels it sent to. The group strategy sends
-    one ``group_send`` and groups cannot be listed, so it cannot count: ``null``.
-    """
-    return {"type": "ack", "id": client_id, "delivered": tabs if consumer is RegistryConsumer else None}
 
 
 async def send_text(socket, text: str) -> None:
@@ -179,21 +175,6 @@ def nested(depth: int):
     return value
 
 
-@pytest.fixture(params=[RegistryConsumer, GroupConsumer], ids=["mapping", "groups"])
-def consumer(request):
-    return request.param
-
-
-@pytest.fixture
-def open_as(connect, consumer):
-    """Open a socket as ``user`` through the consumer under test."""
-
-    async def open_socket(user):
-        return await connect(user, consumer=consumer)
-
-    return open_socket
-
-
 @pytest.fixture
 def dave(make_user):
     """A deactivated account."""
@@ -204,7 +185,7 @@ def dave(make_user):
 class Chat:
     """Alice's socket, a tab of Bob's (her usual recipient) and Carol, who is never addressed."""
 
-    consumer: type
+    contract: ProtocolContract
     alice: object
     bob: object
     sender: WebsocketCommunicator
@@ -219,83 +200,12 @@ class Chat:
         """The socket answers the next frames, and the bad one reached no one."""
         await self.sender.send_json_to({"type": "ping"})
         assert await answer(self.sender) == PONG  # no second answer came before it
-        assert await self.send({"type": "direct", "to": self.bob.pk, "message": "still there?", "id": "next"}) == ack(
-            self.consumer, "next", 1
-        )
+        assert await self.send(
+            {"type": "direct", "to": self.bob.pk, "message": "still there?", "id": "next"}
+        ) == self.contract.ack("next", 1)
         # Bob's next frame is this one: the refused frame never reached him.
         assert await answer(self.recipient) == direct(self.alice, "still there?", "next")
         assert await self.bystander.receive_nothing()
-
-
-@pytest.fixture
-async def chat(consumer, open_as, alice, bob, carol):
-    return Chat(consumer, alice, bob, await open_as(alice), await open_as(bob), await open_as(carol))
-
-
-# Delivery
-
-
-async def test_direct_message_reaches_every_tab_of_the_recipient_and_no_one_else(consumer, open_as, alice, bob, carol):
-    sender, alice_other_tab = await open_as(alice), await open_as(alice)
-    bob_tabs = [await open_as(bob) for _ in range(3)]
-    bystander = await open_as(carol)
-
-    await sender.send_json_to({"type": "direct", "to": bob.pk, "message": {"text": "hi Bob"}, "id": "m1"})
-
-    assert await answer(sender) == ack(consumer, "m1", 3)
-    for tab in bob_tabs:
-        assert await answer(tab) == direct(alice, {"text": "hi Bob"}, "m1")
-    others = [sender, alice_other_tab, bystander, *bob_tabs]
-    assert all(await asyncio.gather(*(other.receive_nothing() for other in others)))
-
-
-async def test_ack_counts_the_recipients_tabs_on_mapping_and_is_null_on_groups(consumer, open_as, alice, bob):
-    """Per-user groups cannot be listed, so the group strategy cannot count what it reached."""
-    sender = await open_as(alice)
-    tabs = [await open_as(bob)]
-    await sender.send_json_to({"type": "direct", "to": bob.pk, "message": 1, "id": 1})
-    reply = await answer(sender)
-    if consumer is RegistryConsumer:
-        assert reply == {"type": "ack", "id": 1, "delivered": 1}
-    else:
-        assert reply == {"type": "ack", "id": 1, "delivered": None}
-
-    tabs += [await open_as(bob), await open_as(bob)]
-    await sender.send_json_to({"type": "direct", "to": bob.pk, "message": 2, "id": 2})
-    reply = await answer(sender)
-    if consumer is RegistryConsumer:
-        assert reply == {"type": "ack", "id": 2, "delivered": 3}
-    else:
-        assert reply == {"type": "ack", "id": 2, "delivered": None}
-    assert [(await answer(tabs[0]))["message"], (await answer(tabs[0]))["message"]] == [1, 2]
-    assert [(await answer(tab))["message"] for tab in tabs[1:]] == [2, 2]
-
-
-async def test_offline_recipient_is_acknowledged_not_refused(consumer, open_as, alice, bob):
-    """Offline is not an error: mapping says delivered 0; groups, which cannot count, say null."""
-    sender = await open_as(alice)
-    gone = await open_as(bob)
-    await gone.disconnect()
-
-    await sender.send_json_to({"type": "direct", "to": bob.pk, "message": "anyone?", "id": "m"})
-    reply = await answer(sender)
-    if consumer is RegistryConsumer:
-        assert reply == {"type": "ack", "id": "m", "delivered": 0}
-    else:
-        assert reply == {"type": "ack", "id": "m", "delivered": None}
-    # Nothing is queued for later: Bob's next tab starts empty.
-    assert await (await open_as(bob)).receive_nothing()
-
-
-async def test_only_the_mapping_strategy_records_connections_and_presence(consumer, open_as, alice, presence_events):
-    """The protocol is the same; groups keep no rows, so the group strategy cannot tell presence."""
-    await open_as(alice)
-    if consumer is RegistryConsumer:
-        assert len(await rows(user=alice)) == 1
-        assert presence_events == [("online", alice.pk)]
-    else:
-        assert await rows() == []
-        assert presence_events == []
 
 
 MESSAGES = [
@@ -313,225 +223,7 @@ MESSAGES = [
 ]
 
 
-async def test_message_may_be_any_json_value_and_arrives_unchanged(chat):
-    for n, message in enumerate(MESSAGES):
-        reply = await chat.send({"type": "direct", "to": chat.bob.pk, "message": message, "id": n})
-        assert reply == ack(chat.consumer, n, 1), message
-        assert await answer(chat.recipient) == direct(chat.alice, message, n)
-
-
-async def test_client_id_is_optional_and_echoed_exactly(chat):
-    for client_id in [None, "", "a" * 64, "ünïcode", 0, -7, 2**53 - 1]:
-        frame = {"type": "direct", "to": chat.bob.pk, "message": "x"}
-        if client_id is not None:
-            frame["id"] = client_id
-        assert await chat.send(frame) == ack(chat.consumer, client_id, 1)
-        assert await answer(chat.recipient) == direct(chat.alice, "x", client_id)
-
-
-async def test_sent_at_is_the_iso_8601_utc_time_of_sending(chat):
-    before = datetime.now(UTC)
-    await chat.send({"type": "direct", "to": chat.bob.pk, "message": "x"})
-    sent_at = (await answer(chat.recipient))["sent_at"]
-    assert sent_at.endswith("Z")
-    moment = datetime.fromisoformat(sent_at)
-    assert moment.utcoffset() == timedelta(0)
-    assert before - timedelta(milliseconds=1) <= moment <= datetime.now(UTC)
-
-
-async def test_sender_is_taken_from_the_connection_never_from_the_payload(chat, carol):
-    for claimed in [carol.pk, chat.bob.pk, "admin", None, {"id": carol.pk}]:
-        frame = {"type": "direct", "to": chat.bob.pk, "message": "it's me", "from": claimed}
-        assert await chat.send(frame) == ack(chat.consumer, None, 1)
-        assert await answer(chat.recipient) == direct(chat.alice, "it's me"), claimed
-
-
-async def test_ping_is_answered_with_pong_on_the_pinging_socket_only(chat):
-    await chat.sender.send_json_to({"type": "ping", "id": "p", "extra": [1]})
-    assert await answer(chat.sender) == PONG
-    assert await chat.recipient.receive_nothing()
-
-
-# Errors: each code comes from the input that should produce it, and the socket keeps working.
-
-
-@pytest.mark.parametrize(
-    "text",
-    [
-        "hello",
-        "",
-        "{",
-        '{"type": "ping",}',
-        "\ufeff{}",
-        '{"type": "ping", "n": NaN}',
-        '{"type": "direct", "to": 2, "message": 1e999}',
-        '{"type": "direct", "to": 2, "message": "\\ud800"}',
-        '{"type": "direct", "to": 2, "message": "\ud800"}',
-        '{"type": "ping", "x": ' + "[" * 5000 + "]" * 5000 + "}",
-    ],
-    ids=lambda text: repr(text)[:40],
-)
-async def test_text_that_is_not_json_is_invalid_json(chat, text):
-    await send_text(chat.sender, text)
-    assert await answer(chat.sender) == error("invalid_json")
-    await chat.nothing_leaked_and_still_works()
-
-
-@pytest.mark.parametrize("value", [[{"type": "ping"}], "ping", 42, None], ids=repr)
-async def test_json_that_is_not_an_object_is_invalid_json(chat, value):
-    await chat.sender.send_json_to(value)
-    assert await answer(chat.sender) == error("invalid_json")
-    await chat.nothing_leaked_and_still_works()
-
-
 BOB = object()  # replaced by Bob's id in the frames below
-
-
-@pytest.mark.parametrize(
-    ("field", "frame"),
-    [
-        ("to", {"message": "x"}),
-        ("to", {"to": "12", "message": "x"}),
-        ("to", {"to": True, "message": "x"}),
-        ("to", {"to": 0, "message": "x"}),
-        ("to", {"to": 2**53, "message": "x"}),
-        ("message", {"to": BOB}),
-        ("message", {"to": BOB, "message": nested(40)}),
-        ("message", {"to": BOB, "message": {"n": 2**64}}),
-        ("id", {"to": BOB, "message": "x", "id": "a" * 65}),
-        ("id", {"to": BOB, "message": "x", "id": 1.5}),
-        ("id", {"to": BOB, "message": "x", "id": True}),
-    ],
-    ids=lambda v: v if isinstance(v, str) else "-".join(f"{k}={str(x)[:12]}" for k, x in v.items()),
-)
-async def test_missing_or_wrong_typed_field_is_invalid_payload_naming_the_field(chat, field, frame):
-    frame = {"type": "direct", "id": "q1", **{k: chat.bob.pk if v is BOB else v for k, v in frame.items()}}
-    reply = await chat.send(frame)
-    # The id is echoed whenever it could be read, i.e. unless it is the bad field.
-    assert reply == error("invalid_payload", None if field == "id" else "q1")
-    assert f"'{field}'" in reply["detail"]
-    await chat.nothing_leaked_and_still_works()
-
-
-@pytest.mark.parametrize("data", [b"", b'{"type": "ping"}', bytes(20000)], ids=lambda data: repr(data)[:20])
-async def test_binary_frames_are_invalid_payload(chat, data):
-    await send_bytes(chat.sender, data)
-    assert await answer(chat.sender) == error("invalid_payload")
-    await chat.nothing_leaked_and_still_works()
-
-
-@pytest.mark.parametrize(
-    "kind",
-    [{"type": "shout"}, {"type": "Direct"}, {}, {"type": 42}],
-    ids=repr,
-)
-async def test_unknown_frame_type_is_unknown_type_with_the_id_echoed(chat, kind):
-    assert await chat.send({**kind, "to": chat.bob.pk, "message": "x", "id": "t1"}) == error("unknown_type", "t1")
-    await chat.nothing_leaked_and_still_works()
-
-
-@pytest.mark.parametrize("kind", [["direct"], {"name": "direct"}, []], ids=repr)
-async def test_a_list_or_object_as_type_is_unknown_type_not_a_crash(chat, kind):
-    assert await chat.send({"type": kind, "to": chat.bob.pk, "message": "x", "id": "t1"}) == error("unknown_type", "t1")
-    await chat.nothing_leaked_and_still_works()
-
-
-async def test_frame_of_16_kib_is_delivered_and_one_byte_more_is_too_large(chat):
-    await send_text(chat.sender, direct_text(chat.bob.pk, 16 * 1024, client_id="fits"))
-    assert await answer(chat.sender) == ack(chat.consumer, "fits", 1)
-    assert (await answer(chat.recipient))["id"] == "fits"
-
-    await send_text(chat.sender, direct_text(chat.bob.pk, 16 * 1024 + 1, client_id="over"))
-    assert await answer(chat.sender) == error("too_large")
-    await chat.nothing_leaked_and_still_works()
-
-
-async def test_the_size_limit_counts_utf8_bytes_not_characters(chat):
-    text = direct_text(chat.bob.pk, 16 * 1024 + 1, fill="é")
-    assert len(text) < 16 * 1024
-    await send_text(chat.sender, text)
-    assert await answer(chat.sender) == error("too_large")
-    await chat.nothing_leaked_and_still_works()
-
-
-async def test_too_large_applies_before_parsing_and_follows_max_message_bytes(consumer, open_as, alice, settings):
-    settings.CHANNEL_REGISTRY = {"MAX_MESSAGE_BYTES": 100}
-    sender = await open_as(alice)
-    await send_text(sender, "x" * 101)  # not JSON either: the size is what the client must fix first
-    assert await answer(sender) == error("too_large")
-    await send_text(sender, '{"type": "ping"}' + " " * 84)
-    assert await answer(sender) == PONG
-
-
-@pytest.mark.parametrize("recipient", ["no such id", "deactivated user", "beyond the id column", "largest safe id"])
-async def test_unknown_or_inactive_recipient_is_unknown_recipient(chat, open_as, make_user, recipient):
-    erin = await sync_to_async(make_user)("erin")
-    erin_tab = await open_as(erin)
-    await get_user_model().objects.filter(pk=erin.pk).aupdate(is_active=False)  # deactivated, a tab still open
-    to = {
-        "no such id": MISSING_USER_ID,
-        "deactivated user": erin.pk,
-        "beyond the id column": 2**31,
-        "largest safe id": 2**53 - 1,
-    }[recipient]
-    assert await chat.send({"type": "direct", "to": to, "message": "x", "id": "u"}) == error("unknown_recipient", "u")
-    assert await erin_tab.receive_nothing()
-    await chat.nothing_leaked_and_still_works()
-
-
-async def test_messaging_yourself_is_forbidden_by_default(chat, open_as):
-    own_tab = await open_as(chat.alice)
-    assert await chat.send({"type": "direct", "to": chat.alice.pk, "message": "note", "id": "s"}) == error(
-        "forbidden", "s"
-    )
-    assert await own_tab.receive_nothing()
-    await chat.nothing_leaked_and_still_works()
-
-
-async def test_allow_self_message_delivers_to_all_your_tabs_the_sending_one_included(
-    consumer, open_as, alice, settings
-):
-    settings.CHANNEL_REGISTRY = {"ALLOW_SELF_MESSAGE": True}
-    sender, other_tab = await open_as(alice), await open_as(alice)
-    await sender.send_json_to({"type": "direct", "to": alice.pk, "message": "note", "id": "s"})
-    # The ack and the message travel separately: their order on the sending socket is not defined.
-    replies = [await answer(sender), await answer(sender)]
-    assert sorted(replies, key=lambda frame: frame["type"]) == [ack(consumer, "s", 2), direct(alice, "note", "s")]
-    assert await answer(other_tab) == direct(alice, "note", "s")
-
-
-@pytest.mark.parametrize(
-    "policy", ["tests.test_protocol.same_last_name", "tests.test_protocol.asame_last_name"], ids=["sync", "async"]
-)
-async def test_can_message_policy_decides_and_a_refusal_looks_like_a_missing_account(
-    consumer, connect, make_user, settings, policy
-):
-    """Finding 6: ``forbidden`` for an existing id and ``unknown_recipient`` for a missing one
-    told any sender which accounts exist. By default both answer the same."""
-    settings.CHANNEL_REGISTRY = {"CAN_MESSAGE": policy}
-    make = sync_to_async(make_user)
-    ann, ben, cat = await make("ann", last_name="Lee"), await make("ben", last_name="Lee"), await make("cat")
-    sender = await connect(ann, consumer=consumer)
-    ben_tab, cat_tab = await connect(ben, consumer=consumer), await connect(cat, consumer=consumer)
-
-    await sender.send_json_to({"type": "direct", "to": cat.pk, "message": "hi", "id": "no"})
-    refused = await answer(sender)
-    await sender.send_json_to({"type": "direct", "to": MISSING_USER_ID, "message": "hi", "id": "no"})
-    missing = await answer(sender)
-    assert refused == error("unknown_recipient", "no")
-    assert {**refused, "detail": ""} == {**missing, "detail": ""}  # the detail only repeats the id sent
-    await sender.send_json_to({"type": "direct", "to": ben.pk, "message": "hi", "id": "yes"})
-    assert await answer(sender) == ack(consumer, "yes", 1)
-
-    assert await answer(ben_tab) == direct(ann, "hi", "yes")
-    assert await cat_tab.receive_nothing()
-
-    settings.CHANNEL_REGISTRY = {"CAN_MESSAGE": policy, "REVEAL_REFUSALS": True}
-    await sender.send_json_to({"type": "direct", "to": cat.pk, "message": "hi", "id": "no"})
-    assert await answer(sender) == error("forbidden", "no")
-    await sender.send_json_to({"type": "direct", "to": MISSING_USER_ID, "message": "hi", "id": "no"})
-    assert await answer(sender) == error("unknown_recipient", "no")
-    assert await cat_tab.receive_nothing()
 
 
 class OnlyStaffMessages(DirectMessages):
@@ -557,175 +249,9 @@ def hooks_detected():
     return LegacyOnlyStaff
 
 
-@pytest.mark.parametrize("messages", [hooks_declared, hooks_detected])
-async def test_a_get_recipient_hook_decides_who_receives(consumer, connect, make_user, messages):
-    hooked = type("HookedConsumer", (consumer,), {"messages_class": messages()})
-    make = sync_to_async(make_user)
-    ann, boss, cat = await make("ann"), await make("boss", is_staff=True), await make("cat")
-    sender = await connect(ann, consumer=hooked)
-    boss_tab, cat_tab = await connect(boss, consumer=hooked), await connect(cat, consumer=hooked)
-
-    await sender.send_json_to({"type": "direct", "to": cat.pk, "message": "hi", "id": "no"})
-    assert await answer(sender) == error("unknown_recipient", "no")
-    await sender.send_json_to({"type": "direct", "to": boss.pk, "message": "hi", "id": "yes"})
-    assert await answer(sender) == ack(consumer, "yes", 1)
-    assert await answer(boss_tab) == direct(ann, "hi", "yes")
-    assert await cat_tab.receive_nothing()
-
-
-async def test_ack_delivered_false_discloses_nothing_about_the_recipients_connections(
-    consumer, open_as, alice, bob, settings
-):
-    settings.CHANNEL_REGISTRY = {"ACK_DELIVERED": False}
-    sender = await open_as(alice)
-    await sender.send_json_to({"type": "direct", "to": bob.pk, "message": "offline", "id": 1})
-    offline = await answer(sender)
-    tabs = [await open_as(bob), await open_as(bob)]
-    await sender.send_json_to({"type": "direct", "to": bob.pk, "message": "online", "id": 1})
-    assert offline == await answer(sender) == {"type": "ack", "id": 1, "delivered": None}
-    assert [(await answer(tab))["message"] for tab in tabs] == ["online", "online"]
-
-
-async def test_with_private_acks_a_sender_over_the_copies_budget_cannot_tell_0_1_or_5_tabs_apart(
-    consumer, open_as, make_user, settings
-):
-    """Issue 17, item 8: a refused copies budget answered a ``retry_after`` exact to the millisecond,
-    the price of the recipient's connections: online or not, and on how many tabs. With
-    ``ACK_DELIVERED`` off every message gets the same ack; one over the budget is kept in the
-    recipient's history, not sent, and reaches their tabs with the next event sent to them."""
-    settings.CHANNEL_REGISTRY = {"ACK_DELIVERED": False, "RATE_LIMIT": None, "FANOUT_LIMIT": (4, 60)}
-    make = sync_to_async(make_user)
-    sender = await open_as(await make("sender"))
-    zero, one, five = await make("zero"), await make("one"), await make("five")
-    tabs = {zero: [], one: [await open_as(one)], five: [await open_as(five) for _ in range(5)]}
-
-    answers: dict = {user: [] for user in tabs}
-    for n in range(3):  # 1 copy to "one" each time, 5 to "five": the budget of 4 runs out at once
-        for user in tabs:
-            await sender.send_json_to({"type": "direct", "to": user.pk, "message": n, "id": "m"})
-            answers[user].append(await answer(sender))
-
-    assert answers[zero] == answers[one] == answers[five] == [{"type": "ack", "id": "m", "delivered": None}] * 3
-    assert [(await answer(tabs[one][0]))["message"] for _ in range(3)] == [0, 1, 2]
-    expected: list = [0, 1, 2]  # groups cannot count copies: there every message went out
-    if consumer is RegistryConsumer:
-        for tab in tabs[five]:
-            assert await tab.receive_nothing()
-        await anotify_user(five, "next")
-        expected.append("next")
-    for tab in tabs[five]:
-        got = [await answer(tab) for _ in expected]
-        assert [frame.get("message", frame.get("data")) for frame in got] == expected
-
-
-# Rate limit: token buckets per user, over all of their connections.
-
-
 def frames_to(user, count: int, start: int = 0) -> list[dict]:
     return [{"type": "direct", "to": user.pk, "message": n, "id": n} for n in range(start, start + count)]
 
-
-async def test_default_rate_limit_allows_20_messages_then_refuses(chat, settings):
-    """The shipped count, over an hour instead of 10 s: with the default refill (a token every
-    0.5 s) the outcome of the 21st frame would depend on how fast a loaded machine sends 21."""
-    messages, _ = RegistrySettings().RATE_LIMIT or (0, 0)
-    assert messages == 20
-    settings.CHANNEL_REGISTRY = {"RATE_LIMIT": (messages, 3600)}
-    for frame in frames_to(chat.bob, 20):
-        assert await chat.send(frame) == ack(chat.consumer, frame["id"], 1)
-    assert await chat.send(frames_to(chat.bob, 1, start=20)[0]) == rate_limited(20, within=180)
-    assert [(await answer(chat.recipient))["message"] for _ in range(20)] == list(range(20))
-    assert await chat.recipient.receive_nothing()
-
-
-async def test_rate_limit_trips_then_recovers_once_tokens_refill(consumer, open_as, alice, bob, settings):
-    settings.CHANNEL_REGISTRY = {"RATE_LIMIT": (3, 0.6)}  # one token every 0.2 s
-    sender, tab = await open_as(alice), await open_as(bob)
-    first, second = frames_to(bob, 4), frames_to(bob, 3, start=4)
-
-    for frame in first[:3]:
-        await sender.send_json_to(frame)
-        assert await answer(sender) == ack(consumer, frame["id"], 1)
-    await sender.send_json_to(first[3])
-    assert await answer(sender) == rate_limited(3, within=0.2)
-    await sender.send_json_to({"type": "ping"})
-    assert await answer(sender) == PONG  # the connection stays usable meanwhile
-
-    await asyncio.sleep(0.65)  # a full window: the bucket is full again
-    for frame in second:
-        await sender.send_json_to(frame)
-        assert await answer(sender) == ack(consumer, frame["id"], 1)
-    assert [(await answer(tab))["message"] for _ in range(6)] == [0, 1, 2, 4, 5, 6]
-    assert await tab.receive_nothing()
-
-
-async def test_rate_limit_is_per_user_over_all_their_connections(consumer, open_as, alice, bob, settings):
-    """Finding 2: ten sockets used to mean ten budgets."""
-    settings.CHANNEL_REGISTRY = {"RATE_LIMIT": (2, 60)}
-    first, second = await open_as(alice), await open_as(alice)
-    await open_as(bob)
-    for socket, frame in zip([first, second], frames_to(bob, 2), strict=True):
-        await socket.send_json_to(frame)
-        assert (await answer(socket))["type"] == "ack"
-    for socket in (first, second, await open_as(alice)):
-        await socket.send_json_to(frames_to(bob, 1, start=2)[0])
-        assert await answer(socket) == rate_limited(2, within=30)
-    bob_sender = await open_as(bob)
-    await bob_sender.send_json_to(frames_to(alice, 1, start=3)[0])
-    assert await answer(bob_sender) == ack(consumer, 3, 3)  # another user's budget is their own
-
-
-async def test_fanout_limit_charges_every_copy_to_the_sender_before_sending(
-    consumer, open_as, alice, bob, carol, settings
-):
-    settings.CHANNEL_REGISTRY = {"RATE_LIMIT": None, "FANOUT_LIMIT": (4, 60)}  # a copy every 15 s
-    sender = await open_as(alice)
-    bob_tabs = [await open_as(bob) for _ in range(3)]
-    carol_tab = await open_as(carol)
-    await sender.send_json_to(frames_to(bob, 1)[0])
-    assert await answer(sender) == ack(consumer, 0, 3)  # 3 copies paid: 1 left
-    await sender.send_json_to(frames_to(bob, 1, start=1)[0])
-    if consumer is RegistryConsumer:  # groups cannot count copies: there only RATE_LIMIT applies
-        assert await answer(sender) == rate_limited(1, within=30)  # 2 more copies: 30 s
-        await sender.send_json_to(frames_to(carol, 1, start=2)[0])
-        assert await answer(sender) == ack(consumer, 2, 1)  # one copy still fits
-        assert [(await answer(tab))["message"] for tab in bob_tabs] == [0, 0, 0]
-        assert (await answer(carol_tab))["message"] == 2
-        for tab in bob_tabs:
-            assert await tab.receive_nothing()  # the refused message made no copy at all
-    else:
-        assert await answer(sender) == ack(consumer, 1, 3)
-
-
-async def test_rate_limit_none_disables_it(consumer, open_as, alice, bob, settings):
-    settings.CHANNEL_REGISTRY = {"RATE_LIMIT": None}
-    sender = await open_as(alice)
-    for frame in frames_to(bob, 25):
-        await sender.send_json_to(frame)
-        assert (await answer(sender))["type"] == "ack"
-
-
-async def test_rate_limit_is_decided_without_the_database(
-    consumer, open_as, alice, bob, settings, database_unreachable
-):
-    settings.CHANNEL_REGISTRY = {"RATE_LIMIT": (1, 60)}
-    sender = await open_as(alice)
-    await sender.send_json_to({"type": "direct", "to": bob.pk, "message": 1})
-    assert (await answer(sender))["type"] == "ack"
-    async with database_unreachable():
-        # Reaching the database here would answer "unavailable".
-        await sender.send_json_to({"type": "direct", "to": bob.pk, "message": 2, "id": "x"})
-        assert await answer(sender, wait=10) == rate_limited("x", within=60)
-
-
-async def test_database_outage_answers_unavailable_and_the_socket_outlives_it(chat, database_unreachable):
-    async with database_unreachable():
-        reply = await chat.send({"type": "direct", "to": chat.bob.pk, "message": "x", "id": "d"})
-        assert reply == error("unavailable", "d")
-    await chat.nothing_leaked_and_still_works()
-
-
-# 1,000 random frames per strategy through one socket.
 
 FUZZ_MAX_BYTES = 4096
 ANY_CHAR = st.characters(codec=None, exclude_categories=[])  # lone surrogates included
@@ -892,56 +418,488 @@ def addresses(frame, user_id) -> bool:
     return isinstance(payload, dict) and payload.get("type") == "direct" and payload.get("to") == user_id
 
 
-async def test_1000_random_frames_never_crash_the_consumer_nor_reach_anyone_unaddressed(
-    consumer, connect, alice, bob, carol, dave, settings
-):
-    """Alice's one socket gets 1,000 random frames; Carol may be addressed, Bob never is."""
-    # One socket sends 1,000 frames back to back: no per-user or per-connection budget.
-    settings.CHANNEL_REGISTRY = {
-        "RATE_LIMIT": None, "INBOUND_LIMIT": None, "HISTORY_SENDER_LIMIT": None, "HISTORY_SENDER_SHARE": None,
-        "MAX_MESSAGE_BYTES": FUZZ_MAX_BYTES,
-    }  # fmt: skip
-    users = {"sender": alice.pk, "addressee": carol.pk, "inactive": dave.pk}
-    sockets = {"sender": await connect(alice, consumer=consumer)}
-    addressee, bystander = await connect(carol, consumer=consumer), await connect(bob, consumer=consumer)
-    delivered = []  # (id, message) of every acknowledged frame, all addressed to Carol
-    loop = asyncio.get_running_loop()
+class ProtocolContract:
+    """The protocol's tests, written once: a subclass per strategy declares what it can do
+    (``tests/backends.py``) and provides ``open_as``."""
 
-    async def exchange(frame) -> dict:
-        if sockets["sender"].future.done():  # a previous example crashed it: report, and go on with a new one
-            sockets["sender"] = await connect(alice, consumer=consumer)
-        sender = sockets["sender"]
-        await (send_bytes(sender, frame) if isinstance(frame, bytes) else send_text(sender, frame))
+    def ack(self, client_id, tabs: int) -> dict:
+        """The sender's ack when the recipient has ``tabs`` open tabs.
+
+        The mapping strategy counts the channels it sent to. The group strategy sends
+        one ``group_send`` and groups cannot be listed, so it cannot count: ``null``.
+        """
+        return {"type": "ack", "id": client_id, "delivered": tabs if self.counts_tabs else None}
+
+    @pytest.fixture
+    async def chat(self, open_as, alice, bob, carol):
+        return Chat(self, alice, bob, await open_as(alice), await open_as(bob), await open_as(carol))
+
+    # Delivery
+
+    async def test_direct_message_reaches_every_tab_of_the_recipient_and_no_one_else(self, open_as, alice, bob, carol):
+        sender, alice_other_tab = await open_as(alice), await open_as(alice)
+        bob_tabs = [await open_as(bob) for _ in range(3)]
+        bystander = await open_as(carol)
+
+        await sender.send_json_to({"type": "direct", "to": bob.pk, "message": {"text": "hi Bob"}, "id": "m1"})
+
+        assert await answer(sender) == self.ack("m1", 3)
+        for tab in bob_tabs:
+            assert await answer(tab) == direct(alice, {"text": "hi Bob"}, "m1")
+        others = [sender, alice_other_tab, bystander, *bob_tabs]
+        assert all(await asyncio.gather(*(other.receive_nothing() for other in others)))
+
+    async def test_ack_counts_the_recipients_tabs_on_mapping_and_is_null_on_groups(self, open_as, alice, bob):
+        """Per-user groups cannot be listed, so the group strategy cannot count what it reached."""
+        sender = await open_as(alice)
+        tabs = [await open_as(bob)]
+        await sender.send_json_to({"type": "direct", "to": bob.pk, "message": 1, "id": 1})
         reply = await answer(sender)
-        assert not sender.future.done(), "the socket closed after answering"
-        return reply
+        assert reply == self.ack(1, 1)
 
-    @hypothesis_settings(
-        max_examples=1000, deadline=None, database=None, suppress_health_check=list(HealthCheck), print_blob=True
+        tabs += [await open_as(bob), await open_as(bob)]
+        await sender.send_json_to({"type": "direct", "to": bob.pk, "message": 2, "id": 2})
+        reply = await answer(sender)
+        assert reply == self.ack(2, 3)
+        assert [(await answer(tabs[0]))["message"], (await answer(tabs[0]))["message"]] == [1, 2]
+        assert [(await answer(tab))["message"] for tab in tabs[1:]] == [2, 2]
+
+    async def test_offline_recipient_is_acknowledged_not_refused(self, open_as, alice, bob):
+        """Offline is not an error: mapping says delivered 0; groups, which cannot count, say null."""
+        sender = await open_as(alice)
+        gone = await open_as(bob)
+        await gone.disconnect()
+
+        await sender.send_json_to({"type": "direct", "to": bob.pk, "message": "anyone?", "id": "m"})
+        reply = await answer(sender)
+        assert reply == self.ack("m", 0)
+        # Nothing is queued for later: Bob's next tab starts empty.
+        assert await (await open_as(bob)).receive_nothing()
+
+    async def test_only_the_mapping_strategy_records_connections_and_presence(self, open_as, alice, presence_events):
+        """The protocol is the same; groups keep no rows, so the group strategy cannot tell presence."""
+        await open_as(alice)
+        assert [row.user_id for row in await rows()] == ([alice.pk] if self.keeps_rows else [])
+        assert presence_events == ([("online", alice.pk)] if self.keeps_rows else [])
+
+    async def test_message_may_be_any_json_value_and_arrives_unchanged(self, chat):
+        for n, message in enumerate(MESSAGES):
+            reply = await chat.send({"type": "direct", "to": chat.bob.pk, "message": message, "id": n})
+            assert reply == self.ack(n, 1), message
+            assert await answer(chat.recipient) == direct(chat.alice, message, n)
+
+    async def test_client_id_is_optional_and_echoed_exactly(self, chat):
+        for client_id in [None, "", "a" * 64, "ünïcode", 0, -7, 2**53 - 1]:
+            frame = {"type": "direct", "to": chat.bob.pk, "message": "x"}
+            if client_id is not None:
+                frame["id"] = client_id
+            assert await chat.send(frame) == self.ack(client_id, 1)
+            assert await answer(chat.recipient) == direct(chat.alice, "x", client_id)
+
+    async def test_sent_at_is_the_iso_8601_utc_time_of_sending(self, chat):
+        before = datetime.now(UTC)
+        await chat.send({"type": "direct", "to": chat.bob.pk, "message": "x"})
+        sent_at = (await answer(chat.recipient))["sent_at"]
+        assert sent_at.endswith("Z")
+        moment = datetime.fromisoformat(sent_at)
+        assert moment.utcoffset() == timedelta(0)
+        assert before - timedelta(milliseconds=1) <= moment <= datetime.now(UTC)
+
+    async def test_sender_is_taken_from_the_connection_never_from_the_payload(self, chat, carol):
+        for claimed in [carol.pk, chat.bob.pk, "admin", None, {"id": carol.pk}]:
+            frame = {"type": "direct", "to": chat.bob.pk, "message": "it's me", "from": claimed}
+            assert await chat.send(frame) == self.ack(None, 1)
+            assert await answer(chat.recipient) == direct(chat.alice, "it's me"), claimed
+
+    async def test_ping_is_answered_with_pong_on_the_pinging_socket_only(self, chat):
+        await chat.sender.send_json_to({"type": "ping", "id": "p", "extra": [1]})
+        assert await answer(chat.sender) == PONG
+        assert await chat.recipient.receive_nothing()
+
+    # Errors: each code comes from the input that should produce it, and the socket keeps working.
+
+    @pytest.mark.parametrize(
+        "text",
+        [
+            "hello",
+            "",
+            "{",
+            '{"type": "ping",}',
+            "\ufeff{}",
+            '{"type": "ping", "n": NaN}',
+            '{"type": "direct", "to": 2, "message": 1e999}',
+            '{"type": "direct", "to": 2, "message": "\\ud800"}',
+            '{"type": "direct", "to": 2, "message": "\ud800"}',
+            '{"type": "ping", "x": ' + "[" * 5000 + "]" * 5000 + "}",
+        ],
+        ids=lambda text: repr(text)[:40],
     )
-    @given(frame=frames(users).filter(lambda frame: not addresses(frame, bob.pk)))
-    def one_frame(frame):
-        reply = asyncio.run_coroutine_threadsafe(exchange(frame), loop).result(timeout=30)
-        kind = reply["code"] if reply["type"] == "error" else reply["type"]
-        assert kind in acceptable_replies(frame, users), reply
-        if reply["type"] == "error":
-            assert set(reply) <= {"type", "code", "detail", "id"} and reply["detail"] == SENTENCE
-        if "id" in reply and reply["id"] is not None:
-            assert reply["id"] == strict_json(frame)["id"]  # echoed only when read from the frame
-        if reply["type"] == "ack":
-            payload = strict_json(frame)
-            assert reply == ack(consumer, payload.get("id"), 1)
-            delivered.append((payload.get("id"), payload["message"]))
+    async def test_text_that_is_not_json_is_invalid_json(self, chat, text):
+        await send_text(chat.sender, text)
+        assert await answer(chat.sender) == error("invalid_json")
+        await chat.nothing_leaked_and_still_works()
 
-    await asyncio.to_thread(one_frame)  # hypothesis drives from a thread; the sockets live on this loop
+    @pytest.mark.parametrize("value", [[{"type": "ping"}], "ping", 42, None], ids=repr)
+    async def test_json_that_is_not_an_object_is_invalid_json(self, chat, value):
+        await chat.sender.send_json_to(value)
+        assert await answer(chat.sender) == error("invalid_json")
+        await chat.nothing_leaked_and_still_works()
 
-    assert delivered, "no random frame was valid: the generator is broken"
-    received = [await answer(addressee) for _ in delivered]
-    assert [(frame["id"], frame["message"]) for frame in received] == delivered
-    assert all(frame == direct(alice, frame["message"], frame["id"]) for frame in received)
-    sender = sockets["sender"]
-    await sender.send_json_to({"type": "direct", "to": carol.pk, "message": "the end", "id": "last"})
-    assert await answer(sender) == ack(consumer, "last", 1)
-    assert await answer(addressee) == direct(alice, "the end", "last")
-    for socket in (sender, addressee, bystander):
-        assert await socket.receive_nothing()
+    @pytest.mark.parametrize(
+        ("field", "frame"),
+        [
+            ("to", {"message": "x"}),
+            ("to", {"to": "12", "message": "x"}),
+            ("to", {"to": True, "message": "x"}),
+            ("to", {"to": 0, "message": "x"}),
+            ("to", {"to": 2**53, "message": "x"}),
+            ("message", {"to": BOB}),
+            ("message", {"to": BOB, "message": nested(40)}),
+            ("message", {"to": BOB, "message": {"n": 2**64}}),
+            ("id", {"to": BOB, "message": "x", "id": "a" * 65}),
+            ("id", {"to": BOB, "message": "x", "id": 1.5}),
+            ("id", {"to": BOB, "message": "x", "id": True}),
+        ],
+        ids=lambda v: v if isinstance(v, str) else "-".join(f"{k}={str(x)[:12]}" for k, x in v.items()),
+    )
+    async def test_missing_or_wrong_typed_field_is_invalid_payload_naming_the_field(self, chat, field, frame):
+        frame = {"type": "direct", "id": "q1", **{k: chat.bob.pk if v is BOB else v for k, v in frame.items()}}
+        reply = await chat.send(frame)
+        # The id is echoed whenever it could be read, i.e. unless it is the bad field.
+        assert reply == error("invalid_payload", None if field == "id" else "q1")
+        assert f"'{field}'" in reply["detail"]
+        await chat.nothing_leaked_and_still_works()
+
+    @pytest.mark.parametrize("data", [b"", b'{"type": "ping"}', bytes(20000)], ids=lambda data: repr(data)[:20])
+    async def test_binary_frames_are_invalid_payload(self, chat, data):
+        await send_bytes(chat.sender, data)
+        assert await answer(chat.sender) == error("invalid_payload")
+        await chat.nothing_leaked_and_still_works()
+
+    @pytest.mark.parametrize(
+        "kind",
+        [{"type": "shout"}, {"type": "Direct"}, {}, {"type": 42}],
+        ids=repr,
+    )
+    async def test_unknown_frame_type_is_unknown_type_with_the_id_echoed(self, chat, kind):
+        assert await chat.send({**kind, "to": chat.bob.pk, "message": "x", "id": "t1"}) == error("unknown_type", "t1")
+        await chat.nothing_leaked_and_still_works()
+
+    @pytest.mark.parametrize("kind", [["direct"], {"name": "direct"}, []], ids=repr)
+    async def test_a_list_or_object_as_type_is_unknown_type_not_a_crash(self, chat, kind):
+        assert await chat.send({"type": kind, "to": chat.bob.pk, "message": "x", "id": "t1"}) == error(
+            "unknown_type", "t1"
+        )
+        await chat.nothing_leaked_and_still_works()
+
+    async def test_frame_of_16_kib_is_delivered_and_one_byte_more_is_too_large(self, chat):
+        await send_text(chat.sender, direct_text(chat.bob.pk, 16 * 1024, client_id="fits"))
+        assert await answer(chat.sender) == self.ack("fits", 1)
+        assert (await answer(chat.recipient))["id"] == "fits"
+
+        await send_text(chat.sender, direct_text(chat.bob.pk, 16 * 1024 + 1, client_id="over"))
+        assert await answer(chat.sender) == error("too_large")
+        await chat.nothing_leaked_and_still_works()
+
+    async def test_the_size_limit_counts_utf8_bytes_not_characters(self, chat):
+        text = direct_text(chat.bob.pk, 16 * 1024 + 1, fill="é")
+        assert len(text) < 16 * 1024
+        await send_text(chat.sender, text)
+        assert await answer(chat.sender) == error("too_large")
+        await chat.nothing_leaked_and_still_works()
+
+    async def test_too_large_applies_before_parsing_and_follows_max_message_bytes(self, open_as, alice, settings):
+        settings.CHANNEL_REGISTRY = {"MAX_MESSAGE_BYTES": 100}
+        sender = await open_as(alice)
+        await send_text(sender, "x" * 101)  # not JSON either: the size is what the client must fix first
+        assert await answer(sender) == error("too_large")
+        await send_text(sender, '{"type": "ping"}' + " " * 84)
+        assert await answer(sender) == PONG
+
+    @pytest.mark.parametrize("recipient", ["no such id", "deactivated user", "beyond the id column", "largest safe id"])
+    async def test_unknown_or_inactive_recipient_is_unknown_recipient(self, chat, open_as, make_user, recipient):
+        erin = await sync_to_async(make_user)("erin")
+        erin_tab = await open_as(erin)
+        await get_user_model().objects.filter(pk=erin.pk).aupdate(is_active=False)  # deactivated, a tab still open
+        to = {
+            "no such id": MISSING_USER_ID,
+            "deactivated user": erin.pk,
+            "beyond the id column": 2**31,
+            "largest safe id": 2**53 - 1,
+        }[recipient]
+        assert await chat.send({"type": "direct", "to": to, "message": "x", "id": "u"}) == error(
+            "unknown_recipient", "u"
+        )
+        assert await erin_tab.receive_nothing()
+        await chat.nothing_leaked_and_still_works()
+
+    async def test_messaging_yourself_is_forbidden_by_default(self, chat, open_as):
+        own_tab = await open_as(chat.alice)
+        assert await chat.send({"type": "direct", "to": chat.alice.pk, "message": "note", "id": "s"}) == error(
+            "forbidden", "s"
+        )
+        assert await own_tab.receive_nothing()
+        await chat.nothing_leaked_and_still_works()
+
+    async def test_allow_self_message_delivers_to_all_your_tabs_the_sending_one_included(
+        self, open_as, alice, settings
+    ):
+        settings.CHANNEL_REGISTRY = {"ALLOW_SELF_MESSAGE": True}
+        sender, other_tab = await open_as(alice), await open_as(alice)
+        await sender.send_json_to({"type": "direct", "to": alice.pk, "message": "note", "id": "s"})
+        # The ack and the message travel separately: their order on the sending socket is not defined.
+        replies = [await answer(sender), await answer(sender)]
+        assert sorted(replies, key=lambda frame: frame["type"]) == [self.ack("s", 2), direct(alice, "note", "s")]
+        assert await answer(other_tab) == direct(alice, "note", "s")
+
+    @pytest.mark.parametrize(
+        "policy", ["tests.test_protocol.same_last_name", "tests.test_protocol.asame_last_name"], ids=["sync", "async"]
+    )
+    async def test_can_message_policy_decides_and_a_refusal_looks_like_a_missing_account(
+        self, connect, make_user, settings, policy
+    ):
+        """Finding 6: ``forbidden`` for an existing id and ``unknown_recipient`` for a missing one
+        told any sender which accounts exist. By default both answer the same."""
+        settings.CHANNEL_REGISTRY = {"CAN_MESSAGE": policy}
+        make = sync_to_async(make_user)
+        ann, ben, cat = await make("ann", last_name="Lee"), await make("ben", last_name="Lee"), await make("cat")
+        sender = await connect(ann, consumer=self.consumer)
+        ben_tab, cat_tab = await connect(ben, consumer=self.consumer), await connect(cat, consumer=self.consumer)
+
+        await sender.send_json_to({"type": "direct", "to": cat.pk, "message": "hi", "id": "no"})
+        refused = await answer(sender)
+        await sender.send_json_to({"type": "direct", "to": MISSING_USER_ID, "message": "hi", "id": "no"})
+        missing = await answer(sender)
+        assert refused == error("unknown_recipient", "no")
+        assert {**refused, "detail": ""} == {**missing, "detail": ""}  # the detail only repeats the id sent
+        await sender.send_json_to({"type": "direct", "to": ben.pk, "message": "hi", "id": "yes"})
+        assert await answer(sender) == self.ack("yes", 1)
+
+        assert await answer(ben_tab) == direct(ann, "hi", "yes")
+        assert await cat_tab.receive_nothing()
+
+        settings.CHANNEL_REGISTRY = {"CAN_MESSAGE": policy, "REVEAL_REFUSALS": True}
+        await sender.send_json_to({"type": "direct", "to": cat.pk, "message": "hi", "id": "no"})
+        assert await answer(sender) == error("forbidden", "no")
+        await sender.send_json_to({"type": "direct", "to": MISSING_USER_ID, "message": "hi", "id": "no"})
+        assert await answer(sender) == error("unknown_recipient", "no")
+        assert await cat_tab.receive_nothing()
+
+    @pytest.mark.parametrize("messages", [hooks_declared, hooks_detected])
+    async def test_a_get_recipient_hook_decides_who_receives(self, connect, make_user, messages):
+        hooked = type("HookedConsumer", (self.consumer,), {"messages_class": messages()})
+        make = sync_to_async(make_user)
+        ann, boss, cat = await make("ann"), await make("boss", is_staff=True), await make("cat")
+        sender = await connect(ann, consumer=hooked)
+        boss_tab, cat_tab = await connect(boss, consumer=hooked), await connect(cat, consumer=hooked)
+
+        await sender.send_json_to({"type": "direct", "to": cat.pk, "message": "hi", "id": "no"})
+        assert await answer(sender) == error("unknown_recipient", "no")
+        await sender.send_json_to({"type": "direct", "to": boss.pk, "message": "hi", "id": "yes"})
+        assert await answer(sender) == self.ack("yes", 1)
+        assert await answer(boss_tab) == direct(ann, "hi", "yes")
+        assert await cat_tab.receive_nothing()
+
+    async def test_ack_delivered_false_discloses_nothing_about_the_recipients_connections(
+        self, open_as, alice, bob, settings
+    ):
+        settings.CHANNEL_REGISTRY = {"ACK_DELIVERED": False}
+        sender = await open_as(alice)
+        await sender.send_json_to({"type": "direct", "to": bob.pk, "message": "offline", "id": 1})
+        offline = await answer(sender)
+        tabs = [await open_as(bob), await open_as(bob)]
+        await sender.send_json_to({"type": "direct", "to": bob.pk, "message": "online", "id": 1})
+        assert offline == await answer(sender) == {"type": "ack", "id": 1, "delivered": None}
+        assert [(await answer(tab))["message"] for tab in tabs] == ["online", "online"]
+
+    async def test_with_private_acks_a_sender_over_the_copies_budget_cannot_tell_0_1_or_5_tabs_apart(
+        self, open_as, make_user, settings
+    ):
+        """Issue 17, item 8: a refused copies budget answered a ``retry_after`` exact to the millisecond,
+        the price of the recipient's connections: online or not, and on how many tabs. With
+        ``ACK_DELIVERED`` off every message gets the same ack; one over the budget is kept in the
+        recipient's history, not sent, and reaches their tabs with the next event sent to them."""
+        settings.CHANNEL_REGISTRY = {"ACK_DELIVERED": False, "RATE_LIMIT": None, "FANOUT_LIMIT": (4, 60)}
+        make = sync_to_async(make_user)
+        sender = await open_as(await make("sender"))
+        zero, one, five = await make("zero"), await make("one"), await make("five")
+        tabs = {zero: [], one: [await open_as(one)], five: [await open_as(five) for _ in range(5)]}
+
+        answers: dict = {user: [] for user in tabs}
+        for n in range(3):  # 1 copy to "one" each time, 5 to "five": the budget of 4 runs out at once
+            for user in tabs:
+                await sender.send_json_to({"type": "direct", "to": user.pk, "message": n, "id": "m"})
+                answers[user].append(await answer(sender))
+
+        assert answers[zero] == answers[one] == answers[five] == [{"type": "ack", "id": "m", "delivered": None}] * 3
+        assert [(await answer(tabs[one][0]))["message"] for _ in range(3)] == [0, 1, 2]
+        expected: list = [0, 1, 2]  # without a copies budget every message went out
+        if self.copy_budget_applies:
+            for tab in tabs[five]:
+                assert await tab.receive_nothing()
+            await self.dispatcher.anotify_user(five, "next")
+            expected.append("next")
+        for tab in tabs[five]:
+            got = [await answer(tab) for _ in expected]
+            assert [frame.get("message", frame.get("data")) for frame in got] == expected
+
+    # Rate limit: token buckets per user, over all of their connections.
+
+    async def test_default_rate_limit_allows_20_messages_then_refuses(self, chat, settings):
+        """The shipped count, over an hour instead of 10 s: with the default refill (a token every
+        0.5 s) the outcome of the 21st frame would depend on how fast a loaded machine sends 21."""
+        messages, _ = RegistrySettings().RATE_LIMIT or (0, 0)
+        assert messages == 20
+        settings.CHANNEL_REGISTRY = {"RATE_LIMIT": (messages, 3600)}
+        for frame in frames_to(chat.bob, 20):
+            assert await chat.send(frame) == self.ack(frame["id"], 1)
+        assert await chat.send(frames_to(chat.bob, 1, start=20)[0]) == rate_limited(20, within=180)
+        assert [(await answer(chat.recipient))["message"] for _ in range(20)] == list(range(20))
+        assert await chat.recipient.receive_nothing()
+
+    async def test_rate_limit_trips_then_recovers_once_tokens_refill(self, open_as, alice, bob, settings):
+        settings.CHANNEL_REGISTRY = {"RATE_LIMIT": (3, 0.6)}  # one token every 0.2 s
+        sender, tab = await open_as(alice), await open_as(bob)
+        first, second = frames_to(bob, 4), frames_to(bob, 3, start=4)
+
+        for frame in first[:3]:
+            await sender.send_json_to(frame)
+            assert await answer(sender) == self.ack(frame["id"], 1)
+        await sender.send_json_to(first[3])
+        assert await answer(sender) == rate_limited(3, within=0.2)
+        await sender.send_json_to({"type": "ping"})
+        assert await answer(sender) == PONG  # the connection stays usable meanwhile
+
+        await asyncio.sleep(0.65)  # a full window: the bucket is full again
+        for frame in second:
+            await sender.send_json_to(frame)
+            assert await answer(sender) == self.ack(frame["id"], 1)
+        assert [(await answer(tab))["message"] for _ in range(6)] == [0, 1, 2, 4, 5, 6]
+        assert await tab.receive_nothing()
+
+    async def test_rate_limit_is_per_user_over_all_their_connections(self, open_as, alice, bob, settings):
+        """Finding 2: ten sockets used to mean ten budgets."""
+        settings.CHANNEL_REGISTRY = {"RATE_LIMIT": (2, 60)}
+        first, second = await open_as(alice), await open_as(alice)
+        await open_as(bob)
+        for socket, frame in zip([first, second], frames_to(bob, 2), strict=True):
+            await socket.send_json_to(frame)
+            assert (await answer(socket))["type"] == "ack"
+        for socket in (first, second, await open_as(alice)):
+            await socket.send_json_to(frames_to(bob, 1, start=2)[0])
+            assert await answer(socket) == rate_limited(2, within=30)
+        bob_sender = await open_as(bob)
+        await bob_sender.send_json_to(frames_to(alice, 1, start=3)[0])
+        assert await answer(bob_sender) == self.ack(3, 3)  # another user's budget is their own
+
+    async def test_fanout_limit_charges_every_copy_to_the_sender_before_sending(
+        self, open_as, alice, bob, carol, settings
+    ):
+        settings.CHANNEL_REGISTRY = {"RATE_LIMIT": None, "FANOUT_LIMIT": (4, 60)}  # a copy every 15 s
+        sender = await open_as(alice)
+        bob_tabs = [await open_as(bob) for _ in range(3)]
+        carol_tab = await open_as(carol)
+        await sender.send_json_to(frames_to(bob, 1)[0])
+        assert await answer(sender) == self.ack(0, 3)  # 3 copies paid: 1 left
+        await sender.send_json_to(frames_to(bob, 1, start=1)[0])
+        if self.copy_budget_applies:
+            assert await answer(sender) == rate_limited(1, within=30)  # 2 more copies: 30 s
+            to_bob = [0]  # the refused message made no copy at all
+        else:
+            assert await answer(sender) == self.ack(1, 3)
+            to_bob = [0, 1]
+        await sender.send_json_to(frames_to(carol, 1, start=2)[0])
+        assert await answer(sender) == self.ack(2, 1)  # one copy still fits
+        for tab in bob_tabs:
+            assert [(await answer(tab))["message"] for _ in to_bob] == to_bob
+            assert await tab.receive_nothing()
+        assert (await answer(carol_tab))["message"] == 2
+
+    async def test_rate_limit_none_disables_it(self, open_as, alice, bob, settings):
+        settings.CHANNEL_REGISTRY = {"RATE_LIMIT": None}
+        sender = await open_as(alice)
+        for frame in frames_to(bob, 25):
+            await sender.send_json_to(frame)
+            assert (await answer(sender))["type"] == "ack"
+
+    async def test_rate_limit_is_decided_without_the_database(
+        self, open_as, alice, bob, settings, database_unreachable
+    ):
+        settings.CHANNEL_REGISTRY = {"RATE_LIMIT": (1, 60)}
+        sender = await open_as(alice)
+        await sender.send_json_to({"type": "direct", "to": bob.pk, "message": 1})
+        assert (await answer(sender))["type"] == "ack"
+        async with database_unreachable():
+            # Reaching the database here would answer "unavailable".
+            await sender.send_json_to({"type": "direct", "to": bob.pk, "message": 2, "id": "x"})
+            assert await answer(sender, wait=10) == rate_limited("x", within=60)
+
+    async def test_database_outage_answers_unavailable_and_the_socket_outlives_it(self, chat, database_unreachable):
+        async with database_unreachable():
+            reply = await chat.send({"type": "direct", "to": chat.bob.pk, "message": "x", "id": "d"})
+            assert reply == error("unavailable", "d")
+        await chat.nothing_leaked_and_still_works()
+
+    # 1,000 random frames per strategy through one socket.
+
+    async def test_1000_random_frames_never_crash_the_consumer_nor_reach_anyone_unaddressed(
+        self, connect, alice, bob, carol, dave, settings
+    ):
+        """Alice's one socket gets 1,000 random frames; Carol may be addressed, Bob never is."""
+        # One socket sends 1,000 frames back to back: no per-user or per-connection budget.
+        settings.CHANNEL_REGISTRY = {
+            "RATE_LIMIT": None, "INBOUND_LIMIT": None, "HISTORY_SENDER_LIMIT": None, "HISTORY_SENDER_SHARE": None,
+            "MAX_MESSAGE_BYTES": FUZZ_MAX_BYTES,
+        }  # fmt: skip
+        users = {"sender": alice.pk, "addressee": carol.pk, "inactive": dave.pk}
+        sockets = {"sender": await connect(alice, consumer=self.consumer)}
+        addressee, bystander = await connect(carol, consumer=self.consumer), await connect(bob, consumer=self.consumer)
+        delivered = []  # (id, message) of every acknowledged frame, all addressed to Carol
+        loop = asyncio.get_running_loop()
+
+        async def exchange(frame) -> dict:
+            if sockets["sender"].future.done():  # a previous example crashed it: report, and go on with a new one
+                sockets["sender"] = await connect(alice, consumer=self.consumer)
+            sender = sockets["sender"]
+            await (send_bytes(sender, frame) if isinstance(frame, bytes) else send_text(sender, frame))
+            reply = await answer(sender)
+            assert not sender.future.done(), "the socket closed after answering"
+            return reply
+
+        @hypothesis_settings(
+            max_examples=1000, deadline=None, database=None, suppress_health_check=list(HealthCheck), print_blob=True
+        )
+        @given(frame=frames(users).filter(lambda frame: not addresses(frame, bob.pk)))
+        def one_frame(frame):
+            reply = asyncio.run_coroutine_threadsafe(exchange(frame), loop).result(timeout=30)
+            kind = reply["code"] if reply["type"] == "error" else reply["type"]
+            assert kind in acceptable_replies(frame, users), reply
+            if reply["type"] == "error":
+                assert set(reply) <= {"type", "code", "detail", "id"} and reply["detail"] == SENTENCE
+            if "id" in reply and reply["id"] is not None:
+                assert reply["id"] == strict_json(frame)["id"]  # echoed only when read from the frame
+            if reply["type"] == "ack":
+                payload = strict_json(frame)
+                assert reply == self.ack(payload.get("id"), 1)
+                delivered.append((payload.get("id"), payload["message"]))
+
+        await asyncio.to_thread(one_frame)  # hypothesis drives from a thread; the sockets live on this loop
+
+        assert delivered, "no random frame was valid: the generator is broken"
+        received = [await answer(addressee) for _ in delivered]
+        assert [(frame["id"], frame["message"]) for frame in received] == delivered
+        assert all(frame == direct(alice, frame["message"], frame["id"]) for frame in received)
+        sender = sockets["sender"]
+        await sender.send_json_to({"type": "direct", "to": carol.pk, "message": "the end", "id": "last"})
+        assert await answer(sender) == self.ack("last", 1)
+        assert await answer(addressee) == direct(alice, "the end", "last")
+        for socket in (sender, addressee, bystander):
+            assert await socket.receive_nothing()
+
+
+class TestMappingConsumer(MappingBackend, ProtocolContract):
+    """Through ``RegistryConsumer``: acks count tabs, rows are kept, every copy is charged."""
+
+
+class TestGroupConsumer(GroupBackend, ProtocolContract):
+    """Through ``GroupConsumer``: acks say ``null``, no rows, only ``RATE_LIMIT`` applies."""

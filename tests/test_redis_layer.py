@@ -15,6 +15,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from channel_registry.delivery.fanout import send_many
 from channel_registry.layers import redis_layer
 from channel_registry.redis.layer import BatchedRedisChannelLayer
+from tests.processes import await_until
 from tests.redis_servers import RedisServer
 
 SHARED_REDIS = "redis://127.0.0.1:6379"
@@ -36,6 +37,15 @@ def make_layer(redis_layers):
 
 async def receive_in_order(layer, channel: str, count: int, within: float = 5) -> list[int]:
     return [(await asyncio.wait_for(layer.receive(channel), within))["n"] for _ in range(count)]
+
+
+def blocking_pops(layer, channel: str, monkeypatch) -> list:
+    """The ``BZPOPMIN`` calls the reader feeding ``channel`` makes from now on: with one, it waits in Redis."""
+    client = layer.connection(layer.consistent_hash(layer.non_local_name(channel)))
+    pop = client.bzpopmin
+    calls: list = []
+    monkeypatch.setattr(client, "bzpopmin", lambda *args, **kwargs: calls.append(args) or pop(*args, **kwargs))
+    return calls
 
 
 async def nothing_arrives(layer, channel: str, within: float = 0.3) -> bool:
@@ -134,7 +144,7 @@ async def test_messages_older_than_expiry_are_not_delivered(make_layer):
     receiver = make_layer(expiry=1)
     channel = await receiver.new_channel()
     await receiver.send(channel, {"type": "t", "n": 1})
-    await asyncio.sleep(2.1)
+    await asyncio.sleep(2.1)  # past the expiry
     await receiver.send(channel, {"type": "t", "n": 2})  # trims what expired, as channels_redis's send does
     assert await receive_in_order(receiver, channel, 1) == [2]
     assert await nothing_arrives(receiver, channel)
@@ -189,26 +199,29 @@ async def test_receives_cancelled_at_random_points_lose_nothing(make_layer):
 
 
 @pytest.mark.asyncio
-async def test_a_receive_cancelled_while_waiting_leaves_the_next_message_for_the_next_receive(make_layer):
+async def test_a_receive_cancelled_while_waiting_leaves_the_next_message_for_the_next_receive(make_layer, monkeypatch):
     receiver = make_layer()
     channel = await receiver.new_channel()
+    pops = blocking_pops(receiver, channel, monkeypatch)
     waiting = asyncio.ensure_future(receiver.receive(channel))
-    await asyncio.sleep(0.2)  # the reader is blocked in BZPOPMIN now
+    await await_until(lambda: pops, within=5)  # the reader is blocked in BZPOPMIN now
     waiting.cancel()
     # The cancellation is never swallowed (Python 3.11's wait_for, CPython gh-86296): a receive only awaits a queue.
     with pytest.raises(asyncio.CancelledError):
         await asyncio.wait_for(waiting, 1)
     await receiver.send(channel, {"type": "t", "n": 1})
-    await asyncio.sleep(0.2)  # the reader, still blocked, takes it into the channel's buffer
+    # The reader, still blocked, takes it into the channel's buffer while no receive waits.
+    await await_until(lambda: channel in receiver.receive_buffer and not receiver.receive_buffer[channel].empty(), 5)
     assert await receive_in_order(receiver, channel, 1) == [1]
 
 
 @pytest.mark.asyncio
-async def test_closing_the_pools_fails_waiting_receives_and_the_next_receive_reads_again(make_layer):
+async def test_closing_the_pools_fails_waiting_receives_and_the_next_receive_reads_again(make_layer, monkeypatch):
     receiver = make_layer()
     channel = await receiver.new_channel()
+    pops = blocking_pops(receiver, channel, monkeypatch)
     waiting = asyncio.ensure_future(receiver.receive(channel))
-    await asyncio.sleep(0.2)  # the reader is blocked in BZPOPMIN
+    await await_until(lambda: pops, within=5)  # the reader is blocked in BZPOPMIN
     await receiver.close_pools()
     with pytest.raises(ConnectionError):  # a transport error RegistryConsumer retries on, not a hang
         await asyncio.wait_for(waiting, 2)
@@ -225,7 +238,11 @@ async def test_every_connection_pooled_before_a_redis_restart_works_after_it(mak
         # Ten commands at once: the pool now holds ten connections.
         await asyncio.gather(*(layer.send(channel, {"type": "t", "n": 1}) for channel in channels))
         server.restart()  # same port, empty data set
-        await asyncio.sleep(0.2)  # the loop has seen every pooled socket's EOF
+        pool = layer.connection(0).connection_pool
+        await await_until(  # the loop has seen every pooled socket's EOF
+            lambda: all(not pooled.is_connected or pooled._reader.at_eof() for pooled in pool._available_connections),
+            within=5,
+        )
 
         await asyncio.gather(*(layer.send(channel, {"type": "t", "n": 2}) for channel in channels))
         assert await send_many(layer, channels, {"type": "t", "n": 3}) == []
