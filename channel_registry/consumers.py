@@ -97,7 +97,7 @@ class RegistryConsumerMixin:
     """
 
     strategy: DeliveryStrategy = MappingStrategy()
-    #: The registered user's primary key; ``None`` until registration succeeded.
+    #: The registered user's primary key; ``None`` until the connection opened, and once it closes.
     user_id = None
     #: The unregistration started when the client's close arrived.
     _unregistering: asyncio.Future | None = None
