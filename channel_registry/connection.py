@@ -32,7 +32,7 @@ from .registry.sessions import Access
 
 logger = logging.getLogger(__name__)
 
-#: How the session awaits a registry call: as it is, or on another thread's terms (``views.on_shared_thread``).
+#: How the session awaits a registry call: as it is, or outside a request's thread (``views.on_shared_thread``).
 Hop = Callable[[Coroutine[Any, Any, Any]], Awaitable[Any]]
 
 
