@@ -16,30 +16,16 @@ from django.db import DatabaseError
 
 from . import metrics, protocol
 from .conf import registry_settings
-from .delivery import budget
+from .connection import ConnectionSession, Refused
 from .delivery.mapping import MappingStrategy
-from .delivery.strategy import DeliveryStrategy, channel_layer
-from .exceptions import (
-    LAYER_TRANSPORT_ERRORS,
-    ChannelLayerUnavailable,
-    ConnectionLimitExceeded,
-    layer_unavailable,
-)
+from .delivery.strategy import DeliveryStrategy
+from .exceptions import LAYER_TRANSPORT_ERRORS, ChannelLayerUnavailable, layer_unavailable
 from .groups import GroupStrategy
 from .history.cursor import HISTORY_EVENTS, Cursor
-from .history.log import history_for
-from .inbound import InboundGate, user_bucket
+from .inbound import InboundGate
 from .messaging import DirectMessages
 from .models import Transport
-from .protocol import (
-    CLOSE_FORBIDDEN,
-    CLOSE_RETRY_LATER,
-    CLOSE_TOO_MANY,
-    CLOSE_UNAUTHENTICATED,
-    CLOSE_UNAVAILABLE,
-    ProtocolError,
-)
-from .registry.liveness import unwatch, watch
+from .protocol import CLOSE_FORBIDDEN, CLOSE_UNAUTHENTICATED, CLOSE_UNAVAILABLE, ProtocolError
 from .registry.sessions import Access
 
 logger = logging.getLogger(__name__)
@@ -111,12 +97,12 @@ class RegistryConsumerMixin:
     """
 
     strategy: DeliveryStrategy = MappingStrategy()
-    #: The registered user's primary key; ``None`` until registration succeeded.
+    #: The registered user's primary key; ``None`` until the connection opened, and once it closes.
     user_id = None
     #: The unregistration started when the client's close arrived.
     _unregistering: asyncio.Future | None = None
-    #: Where this connection is in its user's history; ``None`` without one.
-    cursor: Cursor | None = None
+    #: The registry's side of this connection, from ``connect`` on.
+    connection_session: ConnectionSession | None = None
     #: What this connection may send (``INBOUND_LIMIT``); ``None`` without a limit.
     inbound: InboundGate | None = None
     #: Events whose handlers need no ``close_old_connections`` first. Channels runs it
@@ -143,61 +129,30 @@ class RegistryConsumerMixin:
         if user is None or not user.is_authenticated:
             await self.refuse(CLOSE_UNAUTHENTICATED)
             return
-        session = self.scope.get("session")
-        self.session_key = getattr(session, "session_key", None)
+        self.session_key = getattr(self.scope.get("session"), "session_key", None)
+        access = Access.of(user, self.session_key)
+        self.connection_session = ConnectionSession(
+            self.strategy, self.channel_name, access, Transport.SOCKET, self, inbound=self.inbound
+        )
         try:
-            resuming = query_param(self.scope, "since") is not None
-            verdict = await budget.spend(channel_layer(), user.pk, budget.connection_costs(resuming))
-            if not verdict.allowed:
-                await self.refuse(CLOSE_RETRY_LATER, reason=str(await budget.held_back(verdict)))
-                return
-            await self.strategy.register(user.pk, self.channel_name, self.session_key)
-        except ConnectionLimitExceeded:
-            await self.refuse(CLOSE_TOO_MANY)
-            return
-        except (DatabaseError, ChannelLayerUnavailable):
-            logger.exception("channel_registry: could not register %s", self.channel_name)
-            await self.refuse(CLOSE_UNAVAILABLE)
+            events = await self.connection_session.open(query_param(self.scope, "since"))
+        except Refused as refused:
+            await self.refuse(refused.code, reason=None if refused.retry_after is None else str(refused.retry_after))
             return
         self.user_id = user.pk
-        user_limit = registry_settings().INBOUND_USER_LIMIT
-        if self.inbound and user_limit:
-            self.inbound.share(user_bucket(user.pk, user_limit))
-        # The session may have ended since the middleware loaded it: a logout or
-        # password change whose close went out before this registration.
-        ended = await watch(self.channel_name, Access.of(user, self.session_key))
-        if ended is not None:
-            await self._unregister()
-            await self.refuse(ended)
-            return
         # Accepted only once registered: a client that sees "open" is reachable.
         await self.accept()
-        metrics.connection_opened(Transport.SOCKET, self)
-        await self.start_history()
-
-    async def start_history(self) -> None:
-        """Send the stream position, and what the client missed since the ``?since=`` it gave.
-
-        Read after registering, never before: see ``cursor.py`` for why that order
-        loses nothing.
-        """
-        history = history_for(channel_layer())
-        if history is None:
-            return
-        cursor = Cursor(history, self.user_id)
-        try:
-            events = await cursor.start(query_param(self.scope, "since"))
-        except ChannelLayerUnavailable:
-            logger.warning("channel_registry: history unavailable for %s", self.channel_name, exc_info=True)
-            await self.close(code=CLOSE_UNAVAILABLE)
-            return
-        self.cursor = cursor
         for event in events:
             await self.dispatch_one(event)
 
+    @property
+    def cursor(self) -> Cursor | None:
+        """Where this connection is in its user's history; ``None`` without one."""
+        return self.connection_session.cursor if self.connection_session else None
+
     async def dispatch(self, message) -> None:
-        # Recoverable events pass the cursor: duplicates dropped, gaps filled, in seq order.
-        for event in [message] if self.cursor is None else await self.cursor.admit(message):
+        session = self.connection_session
+        for event in [message] if session is None else await session.admit(message):
             await self.dispatch_one(event)
 
     async def dispatch_one(self, event) -> None:
@@ -245,9 +200,7 @@ class RegistryConsumerMixin:
         # its cancellation (CPython gh-86296), and Channels' dispatch loop then
         # waits for it in a ``finally`` until the server kills the consumer.
         # A task of its own, so the dispatch loop cancels that receive as early as before.
-        if self.user_id is not None:
-            metrics.connection_closed(Transport.SOCKET, self, message.get("code"))
-        self._unregistering = asyncio.ensure_future(self._unregister())
+        self._unregistering = asyncio.ensure_future(self._unregister(message.get("code")))
         await super().websocket_disconnect(message)
 
     async def __call__(self, scope, receive, send):
@@ -267,16 +220,10 @@ class RegistryConsumerMixin:
                 gate.stop()
             await (self._unregistering or self._unregister())
 
-    async def _unregister(self) -> None:
-        user_id, self.user_id = self.user_id, None
-        if user_id is None:
-            return
-        unwatch(self.channel_name)
-        try:
-            await self.strategy.unregister(user_id, self.channel_name, self.session_key)
-        except (DatabaseError, ChannelLayerUnavailable):
-            # The row turns stale and prune_channels removes it.
-            logger.warning("channel_registry: could not unregister %s", self.channel_name, exc_info=True)
+    async def _unregister(self, code: object = metrics.NO_CLOSE_CODE) -> None:
+        self.user_id = None
+        if self.connection_session is not None:
+            await self.connection_session.close(code)
 
     async def registry_disconnect(self, event) -> None:
         """Sent by ``disconnect_user`` and when a session ends: close this connection with the given code."""

@@ -15,21 +15,18 @@ from collections.abc import AsyncIterator
 from contextlib import aclosing
 
 from asgiref.sync import sync_to_async
-from django.db import DatabaseError, connections
+from django.db import connections
 from django.http import HttpResponse, StreamingHttpResponse
 from django.views import View
 
 from . import metrics, protocol
 from .conf import registry_settings
-from .delivery import budget
+from .connection import ConnectionSession, Refused
 from .delivery.mapping import MappingStrategy
 from .delivery.strategy import DeliveryStrategy, channel_layer
-from .exceptions import LAYER_TRANSPORT_ERRORS, ChannelLayerUnavailable, ConnectionLimitExceeded
-from .history.cursor import HISTORY_EVENTS, Cursor
-from .history.log import history_for
+from .history.cursor import HISTORY_EVENTS
 from .models import Transport
 from .origins import event_stream_allowed
-from .registry.liveness import unwatch, watch
 from .registry.sessions import Access
 
 logger = logging.getLogger(__name__)
@@ -38,14 +35,6 @@ logger = logging.getLogger(__name__)
 RETRY_MS = 2000
 #: Seconds a client should wait before opening a stream again when registration failed (503).
 UNAVAILABLE_RETRY_AFTER = 5
-
-
-class StreamRefused(Exception):
-    """The stream could not be registered: the response ``get`` answers instead (429 or 503)."""
-
-    def __init__(self, response: HttpResponse) -> None:
-        super().__init__(response.status_code)
-        self.response = response
 
 
 def sse_message(name: str, data, event_id: str | None = None) -> str:
@@ -95,6 +84,19 @@ def refusal(status: int, code: str, detail: str, retry_after: int | None = None)
     return response
 
 
+#: The close codes of a refused session that a stream answers with a status (and an ``error`` frame) instead
+#: of opening; any other (an access that ended) opens the stream with just a ``disconnect`` event.
+REFUSALS = {
+    protocol.CLOSE_RETRY_LATER: (
+        429,
+        protocol.RATE_LIMITED,
+        "too many connections opened; retry after Retry-After seconds",
+    ),
+    protocol.CLOSE_TOO_MANY: (429, protocol.TOO_MANY_CONNECTIONS, "too many open connections"),
+    protocol.CLOSE_UNAVAILABLE: (503, protocol.UNAVAILABLE, "the server cannot open event streams right now"),
+}
+
+
 def signed_in_access(request) -> Access | None:
     """What the request is let in with, or ``None`` when anonymous; sync, as ``request.auser()`` needs Django 5.0."""
     user = request.user
@@ -130,41 +132,23 @@ class EventStreamView(View):
         # The browser's own reconnects send Last-Event-ID; a client opening a new stream passes ?since=.
         since = request.headers.get("Last-Event-ID") or request.GET.get("since")
         try:
-            await self.pay_handshake(access.user_id, since is not None)
             events = await self.opened(self.stream(access, since))
-        except StreamRefused as refused:
-            return refused.response
+        except Refused as refused:
+            return refusal(*REFUSALS[refused.code], refused.retry_after)
         response = StreamingHttpResponse(events, content_type="text/event-stream")
         response["Cache-Control"] = "no-cache"
         # nginx buffers proxied responses by default, which would hold events back.
         response["X-Accel-Buffering"] = "no"
         return response
 
-    async def pay_handshake(self, user_id, resuming: bool) -> None:
-        """The user's handshake and resume budgets, as a socket pays them; ``StreamRefused`` (429, 503) if not."""
-        try:
-            verdict = await budget.spend(channel_layer(), user_id, budget.connection_costs(resuming))
-        except ChannelLayerUnavailable:
-            detail = "the server cannot open event streams right now"
-            raise StreamRefused(refusal(503, protocol.UNAVAILABLE, detail)) from None
-        if not verdict.allowed:
-            detail = "too many connections opened; retry after Retry-After seconds"
-            raise StreamRefused(refusal(429, protocol.RATE_LIMITED, detail, await budget.held_back(verdict)))
-
     async def opened(self, events: AsyncIterator[str]) -> AsyncIterator[str]:
-        """``events`` with its first step (registration) already run, so a refusal still gets a status.
+        """``events`` with its first step (opening the session) already run, so a refusal still gets a status.
 
-        Registered inside the generator, a stream over ``MAX_CONNECTIONS_PER_USER``
+        Opened inside the generator, a stream over ``MAX_CONNECTIONS_PER_USER``
         had already promised a 200: the client waited for a status line that
-        never came. Run here, the refusal becomes an answer the client can act on.
+        never came. Run here, the refusal (``Refused``) becomes an answer the client can act on.
         """
-        try:
-            first = await anext(events)
-        except StopAsyncIteration:
-            detail = "the server cannot open event streams right now"
-            raise StreamRefused(refusal(503, protocol.UNAVAILABLE, detail)) from None
-        except ConnectionLimitExceeded:
-            raise StreamRefused(refusal(429, protocol.TOO_MANY_CONNECTIONS, "too many open connections")) from None
+        first = await anext(events)
 
         async def resumed() -> AsyncIterator[str]:
             async with aclosing(events):
@@ -175,51 +159,40 @@ class EventStreamView(View):
         return resumed()
 
     async def stream(self, access: Access, since: str | None = None) -> AsyncIterator[str]:
-        """Register, relay events until the client leaves, and unregister in every case.
+        """Open a connection session, relay events until the client leaves, and close it in every case.
 
-        Registration happens here rather than in ``get`` so the generator that
+        The session opens here rather than in ``get`` so the generator that
         unregisters is the one that registered: a response never iterated leaves
-        no row behind. The client's "open" is the ``retry:`` line, sent once the
+        no row behind. A refusal ``get`` answers with a status is raised as
+        ``Refused``. The client's "open" is the ``retry:`` line, sent once the
         stream is reachable. A session that ended between the middleware and the
         registration gets that line and a ``disconnect`` event with the close code.
         """
-        user_id, session_key = access.user_id, access.session_key or None
         # Sessions and auth (in the middleware, or above) used this request's thread.
         await sync_to_async(connections.close_all)()
-        layer = channel_layer()
-        channel = await layer.new_channel()
+        channel = await channel_layer().new_channel()
+        session = ConnectionSession(
+            self.strategy, channel, access, Transport.STREAM, self, groups=self.groups, hop=on_shared_thread
+        )
         try:
-            await on_shared_thread(self.strategy.register(user_id, channel, session_key, Transport.STREAM))
-        except (DatabaseError, ChannelLayerUnavailable):
-            logger.exception("channel_registry: could not register event stream %s", channel)
-            return
-        try:
-            ended = await on_shared_thread(watch(channel, access))
-            if ended is not None:
+            try:
+                first = await session.open(since)
+            except Refused as refused:
+                if refused.code in REFUSALS:
+                    raise
                 yield f"retry: {RETRY_MS}\n\n"
-                yield disconnect_message(ended)
+                yield disconnect_message(refused.code)
                 return
-            for group in self.groups:
-                await layer.group_add(group, channel)
-            history = history_for(layer)
-            cursor = Cursor(history, user_id) if history else None
-            first = await cursor.start(since) if cursor else []
             yield f"retry: {RETRY_MS}\n\n"
             for event in first:
                 yield self.sse(event)
-            metrics.connection_opened(Transport.STREAM, self)
-            try:
-                async with aclosing(self.relay(layer, channel, cursor)) as chunks:
-                    async for chunk in chunks:
-                        yield chunk
-            finally:
-                metrics.connection_closed(Transport.STREAM, self, metrics.NO_CLOSE_CODE)
-        except ChannelLayerUnavailable:
-            logger.warning("channel_registry: history unavailable for event stream %s", channel, exc_info=True)
+            async with aclosing(self.relay(session)) as chunks:
+                async for chunk in chunks:
+                    yield chunk
         finally:
-            await self.leave(user_id, layer, channel, session_key)
+            await session.close()
 
-    async def relay(self, layer, channel: str, cursor: Cursor | None = None) -> AsyncIterator[str]:
+    async def relay(self, session: ConnectionSession) -> AsyncIterator[str]:
         """Events as SSE text, with a comment whenever ``SSE_HEARTBEAT`` seconds pass quietly.
 
         One ``receive`` stays pending across heartbeats: cancelling a layer's
@@ -228,7 +201,7 @@ class EventStreamView(View):
         pending = None
         try:
             while True:
-                pending = pending or asyncio.ensure_future(layer.receive(channel))
+                pending = pending or asyncio.ensure_future(session.layer.receive(session.channel_name))
                 done, _ = await asyncio.wait({pending}, timeout=registry_settings().SSE_HEARTBEAT)
                 if not done:
                     yield ": heartbeat\n\n"
@@ -237,7 +210,7 @@ class EventStreamView(View):
                 if event["type"] == protocol.DISCONNECT_EVENT:
                     yield disconnect_message(event.get("code", protocol.CLOSE_FORBIDDEN))
                     return
-                for admitted in await cursor.admit(event) if cursor else [event]:
+                for admitted in await session.admit(event):
                     yield self.sse(admitted)
         finally:
             if pending is not None:
@@ -260,14 +233,3 @@ class EventStreamView(View):
             frame = protocol.history_frame(event)
             return frame["type"], frame
         return event["type"], protocol.with_position(event, event)
-
-    async def leave(self, user_id, layer, channel: str, session_key: str | None) -> None:
-        """Unregister first: presence and delivery read the row; a group membership only expires."""
-        unwatch(channel)
-        try:
-            await on_shared_thread(self.strategy.unregister(user_id, channel, session_key))
-            for group in self.groups:
-                await layer.group_discard(group, channel)
-        except (DatabaseError, ChannelLayerUnavailable, *LAYER_TRANSPORT_ERRORS):
-            # The row turns stale and prune_channels removes it.
-            logger.warning("channel_registry: could not unregister event stream %s", channel, exc_info=True)
