@@ -72,13 +72,13 @@ from __future__ import annotations
 import json
 import secrets
 import time
-import weakref
 from collections import deque
 from collections.abc import Collection
 from dataclasses import dataclass, field
 from typing import Any
 
 from ..conf import registry_settings
+from ..delivery.fanout import PerLayer
 from ..exceptions import layer_unavailable
 from ..protocol import POSITION_KEY
 
@@ -645,22 +645,19 @@ def history_layer_types() -> tuple[type, ...]:
     return (InMemoryChannelLayer,) if RedisChannelLayer is None else (InMemoryChannelLayer, RedisChannelLayer)
 
 
-_histories: weakref.WeakKeyDictionary[Any, History] = weakref.WeakKeyDictionary()
+def _history_of(layer: Any) -> History | None:
+    from channels.layers import InMemoryChannelLayer
+
+    if isinstance(layer, InMemoryChannelLayer):
+        return MemoryHistory()
+    if RedisChannelLayer is not None and isinstance(layer, RedisChannelLayer):
+        return RedisHistory(layer)
+    return None
+
+
+_histories = PerLayer(_history_of)
 
 
 def history_for(layer: Any) -> History | None:
     """The history kept next to ``layer``, or ``None`` (``HISTORY`` off, or a layer without one)."""
-    if not registry_settings().HISTORY:
-        return None
-    history = _histories.get(layer)
-    if history is None:
-        from channels.layers import InMemoryChannelLayer
-
-        if isinstance(layer, InMemoryChannelLayer):
-            history = MemoryHistory()
-        elif RedisChannelLayer is not None and isinstance(layer, RedisChannelLayer):
-            history = RedisHistory(layer)
-        else:
-            return None
-        _histories[layer] = history
-    return history
+    return _histories(layer) if registry_settings().HISTORY else None
