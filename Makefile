@@ -11,10 +11,9 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 
-# Reinstall whenever the package metadata changes. --no-compile: pip would byte-compile every module
-# of every package (half its CPU time); Python compiles the ones that are imported, once.
+# Reinstall whenever the package metadata changes.
 $(VENV)/.installed-%: setup.cfg pyproject.toml | $(BIN)/python
-	$(BIN)/python -m pip install -q --no-compile -e '.[$*]'
+	$(BIN)/python -m pip install -q -e '.[$*]'
 	touch $@
 
 services:

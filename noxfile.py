@@ -101,7 +101,7 @@ def _venv(session: nox.Session, python: str, interpreter: str, django: str) -> P
     session.run(interpreter, "-m", "venv", str(where), external=True)
     pip = str(where / "bin" / "pip")
     session.run(pip, "install", "-q", "--upgrade", "pip", external=True)
-    session.run(pip, "install", "-q", "--no-compile", *requirements, external=True)
+    session.run(pip, "install", "-q", *requirements, external=True)
     (where / ".stamp").write_text(stamp)
     return where
 
@@ -182,7 +182,7 @@ def wheel(session: nox.Session) -> None:
     pip, python = str(where / "bin" / "pip"), str(where / "bin" / "python")
     session.run(pip, "install", "-q", "--upgrade", "pip", external=True)
     # As the README's quick start says, plus the test runner.
-    session.run(pip, "install", "-q", "--no-compile", f"{built}[redis,postgres]", "daphne", f"Django=={django}.*",
+    session.run(pip, "install", "-q", f"{built}[redis,postgres]", "daphne", f"Django=={django}.*",
                 "pytest", external=True)  # fmt: skip
 
     # The quick start test and the README it reads, away from the source tree: the package
