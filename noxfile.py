@@ -44,6 +44,8 @@ COMBINATIONS = [
 #: `make matrix-all` runs every combination.
 CI_COMBINATIONS = [("3.13", "6.1")]
 
+#: uv in the project's venv (``make`` installs it), or ``None``: then pip builds the venvs.
+UV = shutil.which("uv", path=str(Path(sys.executable).parent))
 #: Tools of the ``test`` extra that the in-memory suite does not need.
 NOT_FOR_THE_SUITE = {"playwright", "ruff", "mypy", "nox", "build", "twine", "sphinx", "furo", "myst-parser"}
 
@@ -98,12 +100,24 @@ def _venv(session: nox.Session, python: str, interpreter: str, django: str) -> P
         return where
     if where.exists():
         shutil.rmtree(where)
+    new_venv(session, interpreter, where, requirements)
+    (where / ".stamp").write_text(stamp)
+    return where
+
+
+def new_venv(session: nox.Session, interpreter: str, where: Path, requirements: list[str]) -> None:
+    """A virtualenv at ``where`` with ``requirements``: with uv when the project's venv has it
+    (``make`` installs it there), else with pip. Byte-compiled either way: where
+    ``PYTHONDONTWRITEBYTECODE`` is set, every process would otherwise compile what it imports."""
+    if UV:
+        session.run(UV, "venv", "-q", "--allow-existing", "--python", interpreter, str(where), external=True)
+        session.run(UV, "pip", "install", "-q", "--python", str(where / "bin" / "python"), "--compile-bytecode",
+                    *requirements, external=True)  # fmt: skip
+        return
     session.run(interpreter, "-m", "venv", str(where), external=True)
     pip = str(where / "bin" / "pip")
     session.run(pip, "install", "-q", "--upgrade", "pip", external=True)
     session.run(pip, "install", "-q", *requirements, external=True)
-    (where / ".stamp").write_text(stamp)
-    return where
 
 
 def _ids(combinations):
@@ -159,7 +173,8 @@ def wheel(session: nox.Session) -> None:
     (newest Python with the newest Django) and follow the README's quick start against it."""
     dist = Path(tempfile.mkdtemp(prefix="cr-dist-"))
     # The wheel is built from the sdist, so a file missing from the sdist is missing here too.
-    session.run(sys.executable, "-m", "build", "--outdir", str(dist), str(ROOT), external=True, silent=True)
+    installer = ["--installer", "uv"] if UV else []
+    session.run(sys.executable, "-m", "build", *installer, "--outdir", str(dist), str(ROOT), external=True, silent=True)
     [sdist] = dist.glob("*.tar.gz")
     [built] = dist.glob("*.whl")
     session.run(sys.executable, "-m", "twine", "check", "--strict", str(sdist), str(built), external=True)
@@ -178,12 +193,9 @@ def wheel(session: nox.Session) -> None:
     if django == "5.2":
         session.log(f"no Python 3.12/3.13 found: the wheel is installed with {interpreter} and Django 5.2")
     where = Path(tempfile.mkdtemp(prefix="cr-wheel-venv-"))
-    session.run(interpreter, "-m", "venv", str(where), external=True)
-    pip, python = str(where / "bin" / "pip"), str(where / "bin" / "python")
-    session.run(pip, "install", "-q", "--upgrade", "pip", external=True)
     # As the README's quick start says, plus the test runner.
-    session.run(pip, "install", "-q", f"{built}[redis,postgres]", "daphne", f"Django=={django}.*",
-                "pytest", external=True)  # fmt: skip
+    new_venv(session, interpreter, where, [f"{built}[redis,postgres]", "daphne", f"Django=={django}.*", "pytest"])
+    python = str(where / "bin" / "python")
 
     # The quick start test and the README it reads, away from the source tree: the package
     # can only be imported from the venv's site-packages.
