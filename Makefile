@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 PORT   ?= 8000
 PYTEST_ARGS ?=
 
-.PHONY: docs test test-real test-real-parallel test-timing test-memory test-js test-wheel matrix matrix-all lint demo demo-multi demo-uvicorn bench load services clean
+.PHONY: docs niced test test-real test-real-parallel test-timing test-memory test-js test-wheel matrix matrix-all lint demo demo-multi demo-uvicorn bench load services clean
 
 # uv (from PyPI) installs the same packages as pip in a fraction of its time, byte-compiling included
 # (PYTHONDONTWRITEBYTECODE, set on some machines, would make every process compile what it imports).
@@ -33,8 +33,13 @@ services:
 # server's RSS and Redis round trips, which mean nothing next to other suites. `make test-memory` runs
 # the in-memory suite in this venv; `make matrix-all` on every supported Python x Django.
 test: $(VENV)/.installed-test services
-	$(MAKE) --no-print-directory -j 5 --output-sync=target lint test-real-parallel test-js matrix test-wheel docs
+	$(MAKE) --no-print-directory -j 3 --output-sync=target test-real-parallel test-js niced
 	$(MAKE) --no-print-directory test-timing
+
+# The steps that wait on nothing but the CPU, at a lower priority: they take the CPU the real-services
+# suite leaves idle (it mostly waits on sockets and heartbeats) instead of slowing its servers down.
+niced:
+	nice -n 10 $(MAKE) --no-print-directory -j 4 --output-sync=target lint matrix test-wheel docs
 
 # Most real-services tests wait on sockets, heartbeats and server processes rather than compute:
 # three workers keep two CPUs busy. loadgroup hands tests out one at a time, in the order

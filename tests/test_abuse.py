@@ -536,16 +536,16 @@ async def test_a_frame_flood_from_the_maximum_sockets_is_closed_and_costs_bystan
     await stack.open_tab(server, bob)
     people = [(await stack.open_tab(server, user), user) for user in bystanders]
     pairs = list(zip(people[::2], people[1::2], strict=True))
-    # As many quiet samples as attacked ones (about 8 s each), so a p99 compares like with like on a
-    # machine whose background load comes and goes. Every bystander sends 12 + 12 messages, one per
-    # 0.6 s: within their own budget (20, and 2 a second).
-    quiet, acks = await converse(pairs, 24, "q.", gap=0.3)
+    # As many quiet samples as attacked ones (about 4.5 s each: the flood is over in 0.3-1 s), so a
+    # p99 compares like with like on a machine whose background load comes and goes. Every bystander
+    # sends 7 + 7 messages, one per 0.6 s: within their own budget (20, and 2 a second).
+    quiet, acks = await converse(pairs, 14, "q.", gap=0.3)
 
     rss_before = server.rss_kb()
     async with RedisPings(stack.redis[0].url) as pings:
         with Sampler(server.rss_kb, 0.05) as rss:
             async with Flood(server, mallory, bob, sockets=50, mode="blast", niceness=19) as flood:
-                loud, replies = await converse(pairs, 24, "l.", gap=0.3)  # about 8 s
+                loud, replies = await converse(pairs, 14, "l.", gap=0.3)  # about 4.5 s
     acks += replies
     growth_mib = (max(rss.samples) - rss_before) / 1024
     print(f"\n[{kind}] RSS {rss_before / 1024:.0f} MiB + {growth_mib:.1f} MiB; "
@@ -557,7 +557,7 @@ async def test_a_frame_flood_from_the_maximum_sockets_is_closed_and_costs_bystan
     assert closes.get("closed 4420", 0) >= 45 and set(closes) <= {"closed 4420", "closed 1006"}, flood.answers
     assert growth_mib <= 64
     assert p99(pings.samples) <= 20
-    assert [a.get("delivered") for a in acks] == [1] * len(acks) == [1] * 192
+    assert [a.get("delivered") for a in acks] == [1] * len(acks) == [1] * 112
     assert p99(loud) <= max(250, 3 * p99(quiet)), (sorted(quiet), sorted(loud))
     assert "Traceback" not in server.log_tail(10_000_000), "a consumer crashed"
 
