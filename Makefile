@@ -33,18 +33,18 @@ services:
 # server's RSS and Redis round trips, which mean nothing next to other suites. `make test-memory` runs
 # the in-memory suite in this venv; `make matrix-all` on every supported Python x Django.
 test: $(VENV)/.installed-test services
-	$(MAKE) --no-print-directory -j 3 --output-sync=target test-real-parallel test-js niced
+	$(MAKE) --no-print-directory -j 4 --output-sync=target test-real-parallel matrix test-js niced
 	$(MAKE) --no-print-directory test-timing
 
-# The steps that wait on nothing but the CPU, at a lower priority: they take the CPU the real-services
-# suite leaves idle (it mostly waits on sockets and heartbeats) instead of slowing its servers down.
+# The steps that wait on nothing but the CPU, at a lower priority: they take the CPU the two suites
+# leave idle (they mostly wait on sockets and heartbeats) instead of slowing their servers down.
 niced:
-	nice -n 10 $(MAKE) --no-print-directory -j 4 --output-sync=target lint matrix test-wheel docs
+	nice -n 10 $(MAKE) --no-print-directory -j 3 --output-sync=target lint test-wheel docs
 
 # Most real-services tests wait on sockets, heartbeats and server processes rather than compute:
-# three workers keep two CPUs busy. loadgroup hands tests out one at a time, in the order
+# four workers keep two CPUs busy. loadgroup hands tests out one at a time, in the order
 # tests/conftest.py sets (the longest first), and the browser tests to one worker (conftest.py).
-WORKERS ?= 3
+WORKERS ?= 4
 TIMING := timing
 
 # The whole real-services suite in one process (what test-real-parallel + test-timing split).
