@@ -407,7 +407,7 @@ async def compare_strategies(options: Options, progress: Progress, stop: asyncio
 
     Set ``stop`` (from a SIGINT handler) to end the run at the next round with ``Interrupted``,
     after the clean-up. Cancelling the task is not as safe: on Python 3.11 redis-py can lose a
-    cancellation (see ``consumers.cancellable``), and the run would go on.
+    cancellation (see ``cancellation.cancellable``), and the run would go on.
     """
     layer = channel_layer()
     check_layer(layer)

@@ -5,8 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections.abc import Awaitable
-from typing import Any, TypeVar
+from typing import Any
 from urllib.parse import parse_qs
 
 from channels.consumer import get_handler_name
@@ -15,6 +14,7 @@ from channels.layers import InMemoryChannelLayer
 from django.db import DatabaseError
 
 from . import metrics, protocol
+from .cancellation import cancellable
 from .conf import registry_settings
 from .connection import ConnectionSession, Refused
 from .delivery.mapping import MappingStrategy
@@ -29,34 +29,8 @@ from .protocol import CLOSE_FORBIDDEN, CLOSE_UNAUTHENTICATED, CLOSE_UNAVAILABLE,
 from .registry.sessions import Access
 
 logger = logging.getLogger(__name__)
-T = TypeVar("T")
 
 RECEIVE_RETRY_MAX = 10.0
-#: Seconds between two cancellations of a task that lost the previous one (see ``cancellable``).
-RECANCEL_INTERVAL = 0.5
-
-
-async def cancellable(awaitable: Awaitable[T]) -> T:
-    """``await awaitable``, except that cancelling the caller always ends the caller.
-
-    On Python 3.11 ``asyncio.wait_for`` returns the result instead of raising when a
-    cancellation and the result arrive together (CPython gh-86296), and redis-py
-    writes every command through it. A loop around Redis commands then carries on:
-    channels_redis's ``receive`` with its next ``BZPOPMIN`` (a loop only a message
-    ends), Channels' dispatch loop with the next event. A consumer that never ends
-    holds whatever waits for it — a server's shutdown, a test's event loop closing.
-    So ``awaitable`` runs in a task of its own, awaited through a shield: a cancelled
-    caller leaves at once, and the task is cancelled again until it has ended.
-    """
-    task = asyncio.ensure_future(awaitable)
-    try:
-        return await asyncio.shield(task)
-    except asyncio.CancelledError:
-        # Nobody awaits it now: what it ends with (often the ConnectionError of a pool
-        # closed under it) would be logged as "never retrieved" when it is collected.
-        task.add_done_callback(ignore_outcome)
-        cancel_until_done(task)
-        raise
 
 
 def receive_may_lose_cancellation(layer: Any) -> bool:
@@ -67,18 +41,6 @@ def receive_may_lose_cancellation(layer: Any) -> bool:
     those need no task of their own per message.
     """
     return not (isinstance(layer, InMemoryChannelLayer) or getattr(layer, "receive_keeps_cancellation", False))
-
-
-def ignore_outcome(task: asyncio.Future) -> None:
-    if not task.cancelled():
-        task.exception()
-
-
-def cancel_until_done(task: asyncio.Future) -> None:
-    """Cancel ``task``, and again every ``RECANCEL_INTERVAL`` seconds while it swallows that."""
-    if not task.done():
-        task.cancel()
-        asyncio.get_running_loop().call_later(RECANCEL_INTERVAL, cancel_until_done, task)
 
 
 def query_param(scope: dict, name: str) -> str | None:

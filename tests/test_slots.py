@@ -92,3 +92,26 @@ async def test_slots_of_a_process_that_died_are_free_after_stale_after_and_live_
     assert await alive.claim(alive_layer, "u1", "new.2") == []
     with pytest.raises(ConnectionLimitExceeded):  # "kept" still counts: 3 of 3
         await alive.claim(alive_layer, "u1", "new.3")
+
+
+async def test_the_refresh_ends_when_cancelled_even_if_a_redis_call_loses_the_cancellation(limit_of_three):
+    """On Python 3.11 redis-py may swallow a cancellation (CPython gh-86296): the refresh loop then
+    carried on for ever, and closing the event loop hung (a 120 s test timeout in a full run)."""
+    slots = Slots()
+    slots.held = {"c1": ("u1", "c1")}
+    refreshing = asyncio.Event()
+
+    async def refresh_losing_the_cancellation(layer) -> None:
+        refreshing.set()
+        try:
+            await asyncio.sleep(0.2)
+        except asyncio.CancelledError:
+            pass  # what redis-py's wait_for does when the reply and the cancellation arrive together
+
+    slots.refresh = refresh_losing_the_cancellation
+    task = asyncio.get_running_loop().create_task(slots._refresh_while_held(InMemoryChannelLayer()))
+    await asyncio.wait_for(refreshing.wait(), 2)
+    task.cancel()
+    await asyncio.wait({task}, timeout=2)
+    slots.held = {}  # without the fix the loop carries on: this lets it end after the test failed
+    assert task.cancelled()

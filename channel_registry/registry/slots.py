@@ -21,6 +21,7 @@ import weakref
 from collections import defaultdict
 from typing import Any
 
+from ..cancellation import cancellable
 from ..conf import registry_settings
 from ..delivery.fanout import is_redis_layer, layer_slots
 from ..exceptions import ChannelLayerUnavailable, ConnectionLimitExceeded, layer_unavailable
@@ -166,7 +167,8 @@ class Slots:
         while self.held:
             await asyncio.sleep(registry_settings().HEARTBEAT_INTERVAL)
             try:
-                await self.refresh(layer)
+                # A cancellation lost in redis-py would have this loop outlive its event loop.
+                await cancellable(self.refresh(layer))
             except ChannelLayerUnavailable:
                 logger.warning("channel_registry: could not refresh connection slots; retrying next interval")
 
