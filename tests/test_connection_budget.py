@@ -64,7 +64,8 @@ async def test_a_socket_over_the_handshake_budget_is_closed_with_4430_and_the_se
     for _ in range(2):
         await (await connect(alice)).disconnect()
     message = await first_answer(alice)
-    assert (message["code"], message["reason"]) == (CLOSE_RETRY_LATER, "29")  # a token every 30 s, 1 s waited
+    assert message["code"] == CLOSE_RETRY_LATER
+    assert 25 <= int(message["reason"]) <= 29  # a token every 30 s, 1 s held back, and whatever the spends took
 
 
 async def test_an_event_stream_over_the_handshake_budget_gets_429_with_retry_after(
@@ -76,6 +77,6 @@ async def test_an_event_stream_over_the_handshake_budget_gets_429_with_retry_aft
     refused = Stream(await sync_to_async(session_cookie)(alice))
     await refused.app.send_input({"type": "http.request", "body": b"", "more_body": False})
     head = await refused.app.receive_output(3)
-    assert head["status"] == 429 and (b"Retry-After", b"29") in head["headers"]
+    assert head["status"] == 429 and 25 <= int(dict(head["headers"])[b"Retry-After"]) <= 29  # as the socket's
     body = json.loads((await refused.app.receive_output(3))["body"])
     assert body["code"] == "rate_limited"
